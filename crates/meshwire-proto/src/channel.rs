@@ -1,0 +1,241 @@
+//! The secure channel: X3DH plus a Double Ratchet bound to both agents' DIDs.
+
+use crate::identity::{Did, Identity};
+use crate::keys::X25519PublicKey;
+use crate::prekeys::{PreKeyBundle, PreKeys};
+use crate::ratchet::{DecryptError, DoubleRatchet, EncryptError, EncryptedMessage};
+use crate::x3dh::{self, KdfDialect, X3dhError};
+use rand_core::CryptoRngCore;
+use std::fmt;
+
+/// What the initiator sends in its KNOCK: `{ik, ek, otk}`.
+pub type Establishment = x3dh::Initiation;
+
+/// Accepting an inbound session failed; the pre-keys are unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptError {
+    #[error(transparent)]
+    X3dh(#[from] X3dhError),
+    #[error("first message: {0}")]
+    Decrypt(#[from] DecryptError),
+}
+
+/// `utf8(initiator_did + "|" + responder_did) || IK_initiator || IK_responder`.
+pub fn mesh_associated_data(initiator: &Did, responder: &Did, x3dh_associated_data: &[u8; 64]) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(initiator.as_str().len() + 1 + responder.as_str().len() + 64);
+    ad.extend_from_slice(initiator.as_str().as_bytes());
+    ad.push(b'|');
+    ad.extend_from_slice(responder.as_str().as_bytes());
+    ad.extend_from_slice(x3dh_associated_data);
+    ad
+}
+
+/// An end-to-end encrypted session with one peer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecureChannel {
+    ratchet: DoubleRatchet,
+    associated_data: Vec<u8>,
+    local_identity_key: X25519PublicKey,
+    remote_identity_key: X25519PublicKey,
+    dialect: KdfDialect,
+}
+
+impl fmt::Debug for SecureChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecureChannel")
+            .field("remote_identity_key", &self.remote_identity_key)
+            .field("dialect", &self.dialect)
+            .field("ratchet", &self.ratchet)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SecureChannel {
+    /// Opens a session to the owner of `bundle`: verifies the bundle, runs
+    /// X3DH (the ephemeral key is 32 bytes of `rng`), then draws the first
+    /// ratchet key (32 more). Send the [`Establishment`] with the first
+    /// message.
+    pub fn initiate(
+        rng: &mut impl CryptoRngCore,
+        identity: &Identity,
+        responder: &Did,
+        bundle: &PreKeyBundle,
+        dialect: KdfDialect,
+    ) -> Result<(Self, Establishment), X3dhError> {
+        let (x3dh, establishment) = x3dh::initiate(rng, identity, bundle, dialect)?;
+        let ratchet = DoubleRatchet::init_sender(rng, &x3dh.shared_secret, &bundle.signed_pre_key)?;
+        let associated_data = mesh_associated_data(identity.did(), responder, &x3dh.associated_data);
+        Ok((Self::from_parts(ratchet, associated_data, *identity.x25519_public(), bundle.identity_key, dialect), establishment))
+    }
+
+    /// Accepts an inbound session from its first message. The one-time
+    /// pre-key it used is removed from `prekeys` only once that message
+    /// decrypted, so a forged establishment cannot burn it.
+    pub fn accept(
+        rng: &mut impl CryptoRngCore,
+        identity: &Identity,
+        prekeys: &mut PreKeys,
+        initiator: &Did,
+        establishment: &Establishment,
+        first_message: &EncryptedMessage,
+        dialect: KdfDialect,
+    ) -> Result<(Self, Vec<u8>), AcceptError> {
+        let mut channel = Self::respond(identity, prekeys, initiator, establishment, dialect)?;
+        let plaintext = channel.decrypt(rng, first_message)?;
+        if let Some(id) = establishment.one_time_key_id {
+            // respond() found the key, so it is there to remove.
+            let _ = prekeys.remove_one_time_key(id);
+        }
+        Ok((channel, plaintext))
+    }
+
+    /// The responder's channel before any message arrived, for runtimes
+    /// that need it (vector replay, foreign transports). Unlike
+    /// [`SecureChannel::accept`] it leaves the one-time key in `prekeys`: the
+    /// caller removes it after the first message decrypts.
+    pub fn respond(
+        identity: &Identity,
+        prekeys: &PreKeys,
+        initiator: &Did,
+        establishment: &Establishment,
+        dialect: KdfDialect,
+    ) -> Result<Self, X3dhError> {
+        let x3dh = x3dh::respond(identity, prekeys, establishment, dialect)?;
+        let ratchet = DoubleRatchet::init_receiver(&x3dh.shared_secret, prekeys.signed_pre_key().pair.clone());
+        let associated_data = mesh_associated_data(initiator, identity.did(), &x3dh.associated_data);
+        Ok(Self::from_parts(ratchet, associated_data, *identity.x25519_public(), establishment.identity_key, dialect))
+    }
+
+    pub(crate) fn from_parts(
+        ratchet: DoubleRatchet,
+        associated_data: Vec<u8>,
+        local_identity_key: X25519PublicKey,
+        remote_identity_key: X25519PublicKey,
+        dialect: KdfDialect,
+    ) -> Self {
+        Self { ratchet, associated_data, local_identity_key, remote_identity_key, dialect }
+    }
+
+    /// Encrypts `plaintext` (draws a 12-byte nonce).
+    pub fn encrypt(&mut self, rng: &mut impl CryptoRngCore, plaintext: &[u8]) -> Result<EncryptedMessage, EncryptError> {
+        self.ratchet.encrypt(rng, plaintext, &self.associated_data)
+    }
+
+    /// Decrypts `message`; on error the channel is unchanged.
+    pub fn decrypt(&mut self, rng: &mut impl CryptoRngCore, message: &EncryptedMessage) -> Result<Vec<u8>, DecryptError> {
+        self.ratchet.decrypt(rng, message, &self.associated_data)
+    }
+
+    pub fn ratchet(&self) -> &DoubleRatchet {
+        &self.ratchet
+    }
+
+    /// The mesh associated data every message authenticates.
+    pub fn associated_data(&self) -> &[u8] {
+        &self.associated_data
+    }
+
+    pub fn local_identity_key(&self) -> &X25519PublicKey {
+        &self.local_identity_key
+    }
+
+    pub fn remote_identity_key(&self) -> &X25519PublicKey {
+        &self.remote_identity_key
+    }
+
+    pub fn dialect(&self) -> KdfDialect {
+        self.dialect
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::OsRng;
+
+    struct Parties {
+        alice: Identity,
+        bob: Identity,
+        bob_keys: PreKeys,
+        bundle: PreKeyBundle,
+    }
+
+    fn parties() -> Parties {
+        let alice = Identity::generate(&mut OsRng);
+        let bob = Identity::generate(&mut OsRng);
+        let mut bob_keys = PreKeys::generate(&mut OsRng, &bob);
+        let ids = bob_keys.generate_one_time_keys(&mut OsRng, 3).unwrap();
+        let bundle = bob_keys.bundle(&bob, Some(ids[1]));
+        Parties { alice, bob, bob_keys, bundle }
+    }
+
+    #[test]
+    fn forged_knock_does_not_burn_the_one_time_key() {
+        let mut p = parties();
+        let (mut alice_ch, est) =
+            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::Spec).unwrap();
+        let first = alice_ch.encrypt(&mut OsRng, b"hi").unwrap();
+
+        // An attacker replays the establishment with a message of its own.
+        let mut forged = first.clone();
+        forged.ciphertext[20] ^= 1;
+        let err = SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &forged, KdfDialect::Spec)
+            .unwrap_err();
+        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
+        assert!(p.bob_keys.one_time_key(1).is_some());
+        // The wrong dialect fails the same way and also keeps the key.
+        let err = SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &first, KdfDialect::LegacyFfSalt)
+            .unwrap_err();
+        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
+        assert!(p.bob_keys.one_time_key(1).is_some());
+
+        let (mut bob_ch, text) =
+            SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &first, KdfDialect::Spec).unwrap();
+        assert_eq!(text, b"hi");
+        assert!(p.bob_keys.one_time_key(1).is_none());
+        assert_eq!(p.bob_keys.one_time_key_ids().collect::<Vec<_>>(), vec![0, 2]);
+        // The one-time key is gone: the same establishment cannot be accepted twice.
+        assert_eq!(
+            SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &first, KdfDialect::Spec)
+                .unwrap_err(),
+            AcceptError::X3dh(X3dhError::UnknownOneTimeKey(1))
+        );
+        let reply = bob_ch.encrypt(&mut OsRng, b"hello").unwrap();
+        assert_eq!(alice_ch.decrypt(&mut OsRng, &reply).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn associated_data_binds_both_dids() {
+        let mut p = parties();
+        let (mut alice_ch, est) =
+            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::Spec).unwrap();
+        let ad = alice_ch.associated_data().to_vec();
+        let prefix = format!("{}|{}", p.alice.did(), p.bob.did());
+        assert_eq!(&ad[..prefix.len()], prefix.as_bytes());
+        assert_eq!(&ad[prefix.len()..prefix.len() + 32], p.alice.x25519_public().as_bytes());
+        assert_eq!(&ad[prefix.len() + 32..], p.bob.x25519_public().as_bytes());
+        let first = alice_ch.encrypt(&mut OsRng, b"hi").unwrap();
+        let impostor = Did::parse("did:mesh:impostor").unwrap();
+        let err = SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, &impostor, &est, &first, KdfDialect::Spec)
+            .unwrap_err();
+        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
+    }
+
+    #[test]
+    fn channel_state_survives_export_import() {
+        let mut p = parties();
+        let (mut alice_ch, est) =
+            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::LegacyFfSalt).unwrap();
+        let first = alice_ch.encrypt(&mut OsRng, b"1").unwrap();
+        let (bob_ch, _) =
+            SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &first, KdfDialect::LegacyFfSalt)
+                .unwrap();
+        let exported = bob_ch.export_state();
+        let mut restored = SecureChannel::import_state(&exported).unwrap();
+        assert!(restored == bob_ch);
+        assert_eq!(*restored.export_state(), *exported);
+        let reply = restored.encrypt(&mut OsRng, b"2").unwrap();
+        assert_eq!(alice_ch.decrypt(&mut OsRng, &reply).unwrap(), b"2");
+        assert!(matches!(SecureChannel::import_state("{}"), Err(crate::StateError::Json(_))));
+    }
+}

@@ -1,0 +1,102 @@
+use super::{AeadError, CryptoProvider, NONCE_LEN, TAG_LEN};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use aws_lc_rs::{agreement, hkdf, hmac};
+use zeroize::Zeroize;
+
+/// aws-lc-rs provider: AWS-LC's assembly X25519 and ChaCha20-Poly1305.
+#[derive(Debug, Clone, Copy)]
+pub struct AwsLc;
+
+struct OutLen(usize);
+
+impl hkdf::KeyType for OutLen {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+impl CryptoProvider for AwsLc {
+    const NAME: &'static str = "aws-lc-rs";
+
+    fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let Ok(private) = agreement::PrivateKey::from_private_key(&agreement::X25519, secret) else {
+            return out;
+        };
+        let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, public);
+        // AWS-LC refuses low-order points; an all-zero result reports that to
+        // the caller exactly as the raw function would.
+        let _ = agreement::agree(&private, &peer, (), |shared| {
+            if shared.len() == 32 {
+                out.copy_from_slice(shared);
+            }
+            Ok(())
+        });
+        out
+    }
+
+    fn x25519_base(secret: &[u8; 32]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        if let Ok(private) = agreement::PrivateKey::from_private_key(&agreement::X25519, secret) {
+            if let Ok(public) = private.compute_public_key() {
+                if public.as_ref().len() == 32 {
+                    out.copy_from_slice(public.as_ref());
+                }
+            }
+        }
+        out
+    }
+
+    fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
+        let info = [info];
+        let filled = prk.expand(&info, OutLen(out.len())).and_then(|okm| okm.fill(out));
+        if filled.is_err() {
+            out.zeroize();
+        }
+    }
+
+    fn chain_step(chain_key: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, chain_key);
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        a.copy_from_slice(hmac::sign(&key, &[0x01]).as_ref());
+        b.copy_from_slice(hmac::sign(&key, &[0x02]).as_ref());
+        (a, b)
+    }
+
+    fn seal(key: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+        let Ok(unbound) = UnboundKey::new(&CHACHA20_POLY1305, key) else {
+            return;
+        };
+        let key = LessSafeKey::new(unbound);
+        let start = out.len();
+        out.reserve(plaintext.len() + TAG_LEN);
+        out.extend_from_slice(plaintext);
+        let body = out.get_mut(start..).unwrap_or_default();
+        match key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), body) {
+            Ok(tag) => out.extend_from_slice(tag.as_ref()),
+            Err(_) => out.truncate(start),
+        }
+    }
+
+    fn open(
+        key: &[u8; 32],
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        ciphertext_and_tag: &[u8],
+    ) -> Result<Vec<u8>, AeadError> {
+        if ciphertext_and_tag.len() < TAG_LEN {
+            return Err(AeadError);
+        }
+        let unbound = UnboundKey::new(&CHACHA20_POLY1305, key).map_err(|_| AeadError)?;
+        let key = LessSafeKey::new(unbound);
+        let mut buf = ciphertext_and_tag.to_vec();
+        let len = key
+            .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), &mut buf)
+            .map_err(|_| AeadError)?
+            .len();
+        buf.truncate(len);
+        Ok(buf)
+    }
+}
