@@ -147,7 +147,8 @@ impl Identity {
         self.x25519.public()
     }
 
-    pub(crate) fn x25519_secret(&self) -> &X25519Secret {
+    /// The X25519 identity private key (secret).
+    pub fn x25519_secret(&self) -> &X25519Secret {
         self.x25519.secret()
     }
 

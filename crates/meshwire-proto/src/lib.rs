@@ -38,9 +38,11 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+pub mod auth;
 pub mod channel;
 pub mod crypto;
 pub mod encoding;
+pub mod frames;
 pub mod identity;
 pub mod keys;
 pub mod prekeys;
