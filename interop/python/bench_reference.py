@@ -97,7 +97,8 @@ def bench_pingpong(seconds, warmup):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=2.0, help="timed duration per benchmark")
     args = ap.parse_args()
     s, w = args.seconds, min(0.3, args.seconds / 5)

@@ -62,10 +62,12 @@ def check(field, expected, got):
     if expected == got:
         return
     if isinstance(expected, bytes) and isinstance(got, bytes) and max(len(expected), len(got)) > 64:
-        at = next((k for k, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+        at = next((k for k, (a, b) in enumerate(zip(expected, got)) if a != b),
+                  min(len(expected), len(got)))
         lo = max(0, at - 8)
-        raise Mismatch(f"{field}: first difference at byte {at} (lengths {len(expected)} vs {len(got)}): "
-                       f"expected ...{expected[lo:at + 8].hex()}..., got ...{got[lo:at + 8].hex()}...")
+        raise Mismatch(f"{field}: first difference at byte {at} "
+                       f"(lengths {len(expected)} vs {len(got)}): expected "
+                       f"...{expected[lo:at + 8].hex()}..., got ...{got[lo:at + 8].hex()}...")
     raise Mismatch(f"{field}: expected {show(expected)}, got {show(got)}")
 
 
@@ -94,7 +96,8 @@ class RecordedRandomness:
 
     def draw(self, n=None):
         if not self.queue:
-            raise Mismatch(f"{self.stage}: package drew {n} random bytes but no recorded value is left")
+            raise Mismatch(f"{self.stage}: package drew {n} random bytes, "
+                           "no recorded value is left")
         value = self.queue.pop(0)
         if len(value) != n:
             raise Mismatch(f"{self.stage}: package drew {n} random bytes, "
@@ -245,30 +248,37 @@ def check_ratchet(c, x, rng):
     for who, ch in channels.items():
         check(f"associated_data ({who})", unhex(c["associated_data"]), ch._associated_data)
         check_state(f"initial_state.{who}", c["initial_state"][who], ch)
-    check("alice_ratchet_0_public", c["alice_ratchet_0_public"], hx(a_ch._ratchet.state.dh_self_public))
+    check("alice_ratchet_0_public", c["alice_ratchet_0_public"],
+          hx(a_ch._ratchet.state.dh_self_public))
 
     sent = {}
     for ev in c["events"]:
         where = rng.stage = f"event {ev['i']}"
+
+        def field(name, ev=ev, where=where):
+            return unhex(ev[name], f"{where} {name}")
+
         ch = channels[ev["party"]]
-        generated = [unhex(k, f"{where} generated_ratchet_private") for k in ev["generated_ratchet_private"]]
+        generated = [unhex(k, f"{where} generated_ratchet_private")
+                     for k in ev["generated_ratchet_private"]]
         if ev["op"] == "encrypt":
             chain_before = ch._ratchet.state.chain_key_send
-            rng.push(*generated, unhex(ev["nonce"], f"{where} nonce"))
-            msg = ch.send(unhex(ev["plaintext"], f"{where} plaintext"))
+            rng.push(*generated, field("nonce"))
+            msg = ch.send(field("plaintext"))
             rng.drained(where)
             hdr = ev["header"]
             check(f"{where} header.dh", hdr["dh"], msg.header.dh_public_key.hex())
             check(f"{where} header.pn", hdr["pn"], msg.header.previous_chain_length)
             check(f"{where} header.n", hdr["n"], msg.header.message_number)
-            check(f"{where} header_bytes", unhex(ev["header_bytes"], f"{where} header_bytes"), msg.header.serialize())
-            check(f"{where} ciphertext", unhex(ev["ciphertext"], f"{where} ciphertext"), msg.ciphertext)
+            check(f"{where} header_bytes", field("header_bytes"), msg.header.serialize())
+            check(f"{where} ciphertext", field("ciphertext"), msg.ciphertext)
             mk = hmac.new(chain_before, b"\x01", hashlib.sha256).digest()
-            check(f"{where} message_key", unhex(ev["message_key"], f"{where} message_key"), mk)
+            check(f"{where} message_key", field("message_key"), mk)
             sent[ev["i"]] = msg
         elif ev["op"] == "decrypt":
             if ev["message"] not in sent:
-                raise Mismatch(f"{where}: message {show(ev['message'])} is not an earlier encrypt event")
+                raise Mismatch(f"{where}: message {show(ev['message'])} "
+                               "is not an earlier encrypt event")
             msg = sent[ev["message"]]
             rng.push(*generated)
             if "expect_error" in ev:
@@ -291,7 +301,7 @@ def check_ratchet(c, x, rng):
             else:
                 plaintext = ch.receive(msg)
                 rng.drained(where)
-                check(f"{where} plaintext", unhex(ev["plaintext"], f"{where} plaintext"), plaintext)
+                check(f"{where} plaintext", field("plaintext"), plaintext)
         else:
             raise Mismatch(f"{where}: unknown op {show(ev['op'])}")
         check_state(f"{where} state_after ({ev['party']})", ev["state_after"], ch)
