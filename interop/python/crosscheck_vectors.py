@@ -423,14 +423,16 @@ class Runner:
             try:
                 if not isinstance(case, dict):
                     raise Mismatch("malformed case: not an object")
-                with kdf_mode(kdf), RecordedRandomness() as rng:
-                    if kind == "x3dh":
-                        check_x3dh(case, rng)
-                    elif kind == "ratchet":
-                        check_ratchet(case, self.find_x3dh_case(path, kdf, case["from_x3dh"]), rng)
-                    else:
-                        extra = check_identity(case)
-                        note = f" {extra}" if extra else ""
+                if kind == "identity":  # no X3DH involved: the file's kdf is irrelevant
+                    extra = check_identity(case)
+                    note = f" {extra}" if extra else ""
+                else:
+                    with kdf_mode(kdf), RecordedRandomness() as rng:
+                        if kind == "x3dh":
+                            check_x3dh(case, rng)
+                        else:
+                            x = self.find_x3dh_case(path, kdf, case["from_x3dh"])
+                            check_ratchet(case, x, rng)
             except Mismatch as e:
                 self.report("FAIL", case_label, f"{note}: {e}")
             except KeyError as e:

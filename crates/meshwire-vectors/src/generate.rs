@@ -24,7 +24,8 @@ fn label(case: &str, role: &str) -> [u8; 32] {
 }
 
 fn producer() -> String {
-    format!("meshwire {} ({})", env!("CARGO_PKG_VERSION"), meshwire_proto::crypto::active_provider_name())
+    // Both crypto providers write identical files, so the provider is not named.
+    format!("meshwire {}", env!("CARGO_PKG_VERSION"))
 }
 
 fn document(kind: &str, dialect: Option<KdfDialect>, cases: Vec<serde_json::Value>) -> Document {
