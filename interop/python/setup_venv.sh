@@ -9,8 +9,12 @@ venv="${AGT_VENV:-$repo/target/agt-venv}"
 py="$venv/bin/python"
 packages=("agent-governance-toolkit-core[api]==5.0.0" uvicorn websockets)
 
+mkdir -p "$(dirname "$venv")"
+# Several test binaries may ask for the venv at once: one installs, the others wait.
+exec 9>"$venv.lock"
+flock 9
+
 if [ ! -x "$py" ]; then
-    mkdir -p "$(dirname "$venv")"
     # Some distributions ship python3 without ensurepip: fall back to a venv
     # without pip and install into it with the host's pip below.
     python3 -m venv "$venv" >&2 || python3 -m venv --clear --without-pip "$venv" >&2

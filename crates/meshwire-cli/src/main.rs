@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "meshwire", version, about = "AgentMesh end-to-end encrypted messaging, in Rust")]
+#[command(
+    name = "meshwire",
+    version,
+    about = "AgentMesh end-to-end encrypted messaging, in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,8 +39,12 @@ enum VectorsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Vectors { command: VectorsCommand::Verify { paths } } => verify(&paths),
-        Command::Vectors { command: VectorsCommand::Generate { dir } } => match meshwire_vectors::generate::write_all(&dir) {
+        Command::Vectors {
+            command: VectorsCommand::Verify { paths },
+        } => verify(&paths),
+        Command::Vectors {
+            command: VectorsCommand::Generate { dir },
+        } => match meshwire_vectors::generate::write_all(&dir) {
             Ok(files) => {
                 for file in files {
                     println!("wrote {}", file.display());

@@ -21,7 +21,11 @@ pub enum AcceptError {
 }
 
 /// `utf8(initiator_did + "|" + responder_did) || IK_initiator || IK_responder`.
-pub fn mesh_associated_data(initiator: &Did, responder: &Did, x3dh_associated_data: &[u8; 64]) -> Vec<u8> {
+pub fn mesh_associated_data(
+    initiator: &Did,
+    responder: &Did,
+    x3dh_associated_data: &[u8; 64],
+) -> Vec<u8> {
     let mut ad = Vec::with_capacity(initiator.as_str().len() + 1 + responder.as_str().len() + 64);
     ad.extend_from_slice(initiator.as_str().as_bytes());
     ad.push(b'|');
@@ -64,8 +68,18 @@ impl SecureChannel {
     ) -> Result<(Self, Establishment), X3dhError> {
         let (x3dh, establishment) = x3dh::initiate(rng, identity, bundle, dialect)?;
         let ratchet = DoubleRatchet::init_sender(rng, &x3dh.shared_secret, &bundle.signed_pre_key)?;
-        let associated_data = mesh_associated_data(identity.did(), responder, &x3dh.associated_data);
-        Ok((Self::from_parts(ratchet, associated_data, *identity.x25519_public(), bundle.identity_key, dialect), establishment))
+        let associated_data =
+            mesh_associated_data(identity.did(), responder, &x3dh.associated_data);
+        Ok((
+            Self::from_parts(
+                ratchet,
+                associated_data,
+                *identity.x25519_public(),
+                bundle.identity_key,
+                dialect,
+            ),
+            establishment,
+        ))
     }
 
     /// Accepts an inbound session from its first message. The one-time
@@ -101,9 +115,19 @@ impl SecureChannel {
         dialect: KdfDialect,
     ) -> Result<Self, X3dhError> {
         let x3dh = x3dh::respond(identity, prekeys, establishment, dialect)?;
-        let ratchet = DoubleRatchet::init_receiver(&x3dh.shared_secret, prekeys.signed_pre_key().pair.clone());
-        let associated_data = mesh_associated_data(initiator, identity.did(), &x3dh.associated_data);
-        Ok(Self::from_parts(ratchet, associated_data, *identity.x25519_public(), establishment.identity_key, dialect))
+        let ratchet = DoubleRatchet::init_receiver(
+            &x3dh.shared_secret,
+            prekeys.signed_pre_key().pair.clone(),
+        );
+        let associated_data =
+            mesh_associated_data(initiator, identity.did(), &x3dh.associated_data);
+        Ok(Self::from_parts(
+            ratchet,
+            associated_data,
+            *identity.x25519_public(),
+            establishment.identity_key,
+            dialect,
+        ))
     }
 
     pub(crate) fn from_parts(
@@ -113,16 +137,30 @@ impl SecureChannel {
         remote_identity_key: X25519PublicKey,
         dialect: KdfDialect,
     ) -> Self {
-        Self { ratchet, associated_data, local_identity_key, remote_identity_key, dialect }
+        Self {
+            ratchet,
+            associated_data,
+            local_identity_key,
+            remote_identity_key,
+            dialect,
+        }
     }
 
     /// Encrypts `plaintext` (draws a 12-byte nonce).
-    pub fn encrypt(&mut self, rng: &mut impl CryptoRngCore, plaintext: &[u8]) -> Result<EncryptedMessage, EncryptError> {
+    pub fn encrypt(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+        plaintext: &[u8],
+    ) -> Result<EncryptedMessage, EncryptError> {
         self.ratchet.encrypt(rng, plaintext, &self.associated_data)
     }
 
     /// Decrypts `message`; on error the channel is unchanged.
-    pub fn decrypt(&mut self, rng: &mut impl CryptoRngCore, message: &EncryptedMessage) -> Result<Vec<u8>, DecryptError> {
+    pub fn decrypt(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+        message: &EncryptedMessage,
+    ) -> Result<Vec<u8>, DecryptError> {
         self.ratchet.decrypt(rng, message, &self.associated_data)
     }
 
@@ -166,38 +204,90 @@ mod tests {
         let mut bob_keys = PreKeys::generate(&mut OsRng, &bob);
         let ids = bob_keys.generate_one_time_keys(&mut OsRng, 3).unwrap();
         let bundle = bob_keys.bundle(&bob, Some(ids[1]));
-        Parties { alice, bob, bob_keys, bundle }
+        Parties {
+            alice,
+            bob,
+            bob_keys,
+            bundle,
+        }
     }
 
     #[test]
     fn forged_knock_does_not_burn_the_one_time_key() {
         let mut p = parties();
-        let (mut alice_ch, est) =
-            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::Spec).unwrap();
+        let (mut alice_ch, est) = SecureChannel::initiate(
+            &mut OsRng,
+            &p.alice,
+            p.bob.did(),
+            &p.bundle,
+            KdfDialect::Spec,
+        )
+        .unwrap();
         let first = alice_ch.encrypt(&mut OsRng, b"hi").unwrap();
 
         // An attacker replays the establishment with a message of its own.
         let mut forged = first.clone();
         forged.ciphertext[20] ^= 1;
-        let err = SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &forged, KdfDialect::Spec)
-            .unwrap_err();
-        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
+        let err = SecureChannel::accept(
+            &mut OsRng,
+            &p.bob,
+            &mut p.bob_keys,
+            p.alice.did(),
+            &est,
+            &forged,
+            KdfDialect::Spec,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            AcceptError::Decrypt(DecryptError::AuthenticationFailed)
+        );
         assert!(p.bob_keys.one_time_key(1).is_some());
         // The wrong dialect fails the same way and also keeps the key.
-        let err = SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &first, KdfDialect::LegacyFfSalt)
-            .unwrap_err();
-        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
+        let err = SecureChannel::accept(
+            &mut OsRng,
+            &p.bob,
+            &mut p.bob_keys,
+            p.alice.did(),
+            &est,
+            &first,
+            KdfDialect::LegacyFfSalt,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            AcceptError::Decrypt(DecryptError::AuthenticationFailed)
+        );
         assert!(p.bob_keys.one_time_key(1).is_some());
 
-        let (mut bob_ch, text) =
-            SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &first, KdfDialect::Spec).unwrap();
+        let (mut bob_ch, text) = SecureChannel::accept(
+            &mut OsRng,
+            &p.bob,
+            &mut p.bob_keys,
+            p.alice.did(),
+            &est,
+            &first,
+            KdfDialect::Spec,
+        )
+        .unwrap();
         assert_eq!(text, b"hi");
         assert!(p.bob_keys.one_time_key(1).is_none());
-        assert_eq!(p.bob_keys.one_time_key_ids().collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(
+            p.bob_keys.one_time_key_ids().collect::<Vec<_>>(),
+            vec![0, 2]
+        );
         // The one-time key is gone: the same establishment cannot be accepted twice.
         assert_eq!(
-            SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &first, KdfDialect::Spec)
-                .unwrap_err(),
+            SecureChannel::accept(
+                &mut OsRng,
+                &p.bob,
+                &mut p.bob_keys,
+                p.alice.did(),
+                &est,
+                &first,
+                KdfDialect::Spec
+            )
+            .unwrap_err(),
             AcceptError::X3dh(X3dhError::UnknownOneTimeKey(1))
         );
         let reply = bob_ch.encrypt(&mut OsRng, b"hello").unwrap();
@@ -207,35 +297,71 @@ mod tests {
     #[test]
     fn associated_data_binds_both_dids() {
         let mut p = parties();
-        let (mut alice_ch, est) =
-            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::Spec).unwrap();
+        let (mut alice_ch, est) = SecureChannel::initiate(
+            &mut OsRng,
+            &p.alice,
+            p.bob.did(),
+            &p.bundle,
+            KdfDialect::Spec,
+        )
+        .unwrap();
         let ad = alice_ch.associated_data().to_vec();
         let prefix = format!("{}|{}", p.alice.did(), p.bob.did());
         assert_eq!(&ad[..prefix.len()], prefix.as_bytes());
-        assert_eq!(&ad[prefix.len()..prefix.len() + 32], p.alice.x25519_public().as_bytes());
+        assert_eq!(
+            &ad[prefix.len()..prefix.len() + 32],
+            p.alice.x25519_public().as_bytes()
+        );
         assert_eq!(&ad[prefix.len() + 32..], p.bob.x25519_public().as_bytes());
         let first = alice_ch.encrypt(&mut OsRng, b"hi").unwrap();
         let impostor = Did::parse("did:mesh:impostor").unwrap();
-        let err = SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, &impostor, &est, &first, KdfDialect::Spec)
-            .unwrap_err();
-        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
+        let err = SecureChannel::accept(
+            &mut OsRng,
+            &p.bob,
+            &mut p.bob_keys,
+            &impostor,
+            &est,
+            &first,
+            KdfDialect::Spec,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            AcceptError::Decrypt(DecryptError::AuthenticationFailed)
+        );
     }
 
     #[test]
     fn channel_state_survives_export_import() {
         let mut p = parties();
-        let (mut alice_ch, est) =
-            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::LegacyFfSalt).unwrap();
+        let (mut alice_ch, est) = SecureChannel::initiate(
+            &mut OsRng,
+            &p.alice,
+            p.bob.did(),
+            &p.bundle,
+            KdfDialect::LegacyFfSalt,
+        )
+        .unwrap();
         let first = alice_ch.encrypt(&mut OsRng, b"1").unwrap();
-        let (bob_ch, _) =
-            SecureChannel::accept(&mut OsRng, &p.bob, &mut p.bob_keys, p.alice.did(), &est, &first, KdfDialect::LegacyFfSalt)
-                .unwrap();
+        let (bob_ch, _) = SecureChannel::accept(
+            &mut OsRng,
+            &p.bob,
+            &mut p.bob_keys,
+            p.alice.did(),
+            &est,
+            &first,
+            KdfDialect::LegacyFfSalt,
+        )
+        .unwrap();
         let exported = bob_ch.export_state();
         let mut restored = SecureChannel::import_state(&exported).unwrap();
         assert!(restored == bob_ch);
         assert_eq!(*restored.export_state(), *exported);
         let reply = restored.encrypt(&mut OsRng, b"2").unwrap();
         assert_eq!(alice_ch.decrypt(&mut OsRng, &reply).unwrap(), b"2");
-        assert!(matches!(SecureChannel::import_state("{}"), Err(crate::StateError::Json(_))));
+        assert!(matches!(
+            SecureChannel::import_state("{}"),
+            Err(crate::StateError::Json(_))
+        ));
     }
 }

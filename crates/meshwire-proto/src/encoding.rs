@@ -5,7 +5,9 @@
 //! or URL-safe alphabet, with or without padding.
 
 use base64::alphabet;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::{
+    GeneralPurpose, GeneralPurposeConfig, STANDARD, URL_SAFE_NO_PAD,
+};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
 
@@ -37,7 +39,11 @@ pub fn b64_url(bytes: &[u8]) -> String {
 /// Decodes either alphabet, padded or not.
 pub fn b64_decode(text: &str) -> Result<Vec<u8>, DecodeError> {
     let uses_url_alphabet = text.bytes().any(|b| b == b'-' || b == b'_');
-    let engine = if uses_url_alphabet { &URL_SAFE_LENIENT } else { &STANDARD_LENIENT };
+    let engine = if uses_url_alphabet {
+        &URL_SAFE_LENIENT
+    } else {
+        &STANDARD_LENIENT
+    };
     engine.decode(text).map_err(|_| DecodeError::Base64)
 }
 
@@ -71,7 +77,11 @@ mod tests {
         assert_eq!(b64_std(&bytes), "+/8BAg==");
         assert_eq!(b64_url(&bytes), "-_8BAg");
         assert_eq!(b64_decode("+/8BAg=").unwrap(), bytes);
-        assert_eq!(b64_decode("-/8BAg"), Err(DecodeError::Base64), "mixed alphabets");
+        assert_eq!(
+            b64_decode("-/8BAg"),
+            Err(DecodeError::Base64),
+            "mixed alphabets"
+        );
         assert_eq!(b64_decode("AB=C"), Err(DecodeError::Base64));
         assert_eq!(b64_decode("AB*C"), Err(DecodeError::Base64));
     }

@@ -45,7 +45,11 @@ pub struct FetchPendingFrame {
 
 impl FetchPendingFrame {
     pub fn new(identity: &Identity) -> Self {
-        Self { v: FRAME_VERSION, kind: "fetch_pending", from: identity.did().to_string() }
+        Self {
+            v: FRAME_VERSION,
+            kind: "fetch_pending",
+            from: identity.did().to_string(),
+        }
     }
 }
 

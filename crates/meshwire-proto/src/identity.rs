@@ -42,7 +42,10 @@ impl Did {
         if id.len() > MAX_DID_ID_LEN {
             return Err(DidError::TooLong);
         }
-        if let Some(bad) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        if let Some(bad) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
             return Err(DidError::InvalidCharacter(bad));
         }
         Ok(Self(text.to_owned()))
@@ -119,8 +122,14 @@ impl Identity {
         scalar[31] |= 64;
         let x25519 = KeyPair::from_secret(X25519Secret::from_bytes(scalar));
         scalar.zeroize();
-        let did = Did::from_public_key(&Ed25519PublicKey::from_bytes(signing.verifying_key().to_bytes()));
-        Self { signing, x25519, did }
+        let did = Did::from_public_key(&Ed25519PublicKey::from_bytes(
+            signing.verifying_key().to_bytes(),
+        ));
+        Self {
+            signing,
+            x25519,
+            did,
+        }
     }
 
     /// A new identity from 32 bytes of `rng`.
@@ -169,8 +178,14 @@ impl fmt::Debug for Identity {
 
 /// Verifies an Ed25519 `signature` of `message` by `key` (strict RFC 8032
 /// checks: no malleable or small-order signatures).
-pub fn verify_signature(key: &Ed25519PublicKey, message: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
-    let signature: [u8; 64] = signature.try_into().map_err(|_| SignatureError::InvalidLength(signature.len()))?;
+pub fn verify_signature(
+    key: &Ed25519PublicKey,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), SignatureError> {
+    let signature: [u8; 64] = signature
+        .try_into()
+        .map_err(|_| SignatureError::InvalidLength(signature.len()))?;
     let key = VerifyingKey::from_bytes(key.as_bytes()).map_err(|_| SignatureError::InvalidKey)?;
     key.verify(message, &ed25519_dalek::Signature::from_bytes(&signature))
         .map_err(|_| SignatureError::Mismatch)
@@ -186,9 +201,18 @@ mod tests {
         assert!(Did::parse("did:mesh:alice").is_ok());
         assert_eq!(Did::parse("did:web:x"), Err(DidError::WrongMethod));
         assert_eq!(Did::parse("did:mesh:"), Err(DidError::Empty));
-        assert_eq!(Did::parse("did:mesh:a|b"), Err(DidError::InvalidCharacter('|')));
-        assert_eq!(Did::parse(&format!("did:mesh:{}", "a".repeat(129))), Err(DidError::TooLong));
-        assert_eq!(Did::parse("did:mesh:é"), Err(DidError::InvalidCharacter('é')));
+        assert_eq!(
+            Did::parse("did:mesh:a|b"),
+            Err(DidError::InvalidCharacter('|'))
+        );
+        assert_eq!(
+            Did::parse(&format!("did:mesh:{}", "a".repeat(129))),
+            Err(DidError::TooLong)
+        );
+        assert_eq!(
+            Did::parse("did:mesh:é"),
+            Err(DidError::InvalidCharacter('é'))
+        );
     }
 
     #[test]
@@ -205,8 +229,14 @@ mod tests {
         let id = Identity::from_seed(&[1u8; 32]);
         let sig = id.sign(b"msg");
         verify_signature(&id.ed25519_public(), b"msg", &sig).unwrap();
-        assert_eq!(verify_signature(&id.ed25519_public(), b"msh", &sig), Err(SignatureError::Mismatch));
-        assert_eq!(verify_signature(&id.ed25519_public(), b"msg", &sig[..63]), Err(SignatureError::InvalidLength(63)));
+        assert_eq!(
+            verify_signature(&id.ed25519_public(), b"msh", &sig),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify_signature(&id.ed25519_public(), b"msg", &sig[..63]),
+            Err(SignatureError::InvalidLength(63))
+        );
         assert!(Did::from_public_key(&id.ed25519_public()).is_derived_from(&id.ed25519_public()));
     }
 }

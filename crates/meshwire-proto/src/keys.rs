@@ -20,7 +20,10 @@ pub enum KeyError {
 }
 
 pub(crate) fn array32(bytes: &[u8]) -> Result<[u8; 32], KeyError> {
-    bytes.try_into().map_err(|_| KeyError::InvalidLength { expected: 32, actual: bytes.len() })
+    bytes.try_into().map_err(|_| KeyError::InvalidLength {
+        expected: 32,
+        actual: bytes.len(),
+    })
 }
 
 macro_rules! public_key_type {
@@ -204,7 +207,9 @@ impl KeyPair {
 
 impl fmt::Debug for KeyPair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyPair").field("public", &self.public).finish_non_exhaustive()
+        f.debug_struct("KeyPair")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
     }
 }
 
@@ -235,19 +240,26 @@ mod tests {
     fn low_order_public_is_refused() {
         let secret = X25519Secret::from_bytes([1u8; 32]);
         assert_eq!(
-            secret.diffie_hellman(&X25519PublicKey::from_bytes([0u8; 32])).unwrap_err(),
+            secret
+                .diffie_hellman(&X25519PublicKey::from_bytes([0u8; 32]))
+                .unwrap_err(),
             KeyError::NonContributory
         );
         let mut one = [0u8; 32];
         one[0] = 1;
-        assert!(secret.diffie_hellman(&X25519PublicKey::from_bytes(one)).is_err());
+        assert!(secret
+            .diffie_hellman(&X25519PublicKey::from_bytes(one))
+            .is_err());
     }
 
     #[test]
     fn lengths_are_checked() {
         assert_eq!(
             X25519PublicKey::from_slice(&[0u8; 31]).unwrap_err(),
-            KeyError::InvalidLength { expected: 32, actual: 31 }
+            KeyError::InvalidLength {
+                expected: 32,
+                actual: 31
+            }
         );
         assert!(X25519Secret::from_slice(&[0u8; 33]).is_err());
     }

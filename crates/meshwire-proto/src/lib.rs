@@ -36,7 +36,15 @@
 //! assert_eq!(to_bob.decrypt(&mut OsRng, &reply).unwrap(), b"hi alice");
 //! ```
 #![forbid(unsafe_code)]
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 pub mod auth;
 pub mod channel;

@@ -20,7 +20,11 @@ pub enum BundleError {
     #[error("{field} is not valid base64")]
     Encoding { field: &'static str },
     #[error("{field} must be {expected} bytes, got {actual}")]
-    Length { field: &'static str, expected: usize, actual: usize },
+    Length {
+        field: &'static str,
+        expected: usize,
+        actual: usize,
+    },
     #[error("bundle has no Ed25519 identity key to verify the signed pre-key with")]
     MissingSigningKey,
     #[error("the Ed25519 identity key is not a valid point")]
@@ -64,7 +68,11 @@ impl fmt::Debug for PreKeyBundle {
 }
 
 fn fixed<const N: usize>(field: &'static str, bytes: &[u8]) -> Result<[u8; N], BundleError> {
-    bytes.try_into().map_err(|_| BundleError::Length { field, expected: N, actual: bytes.len() })
+    bytes.try_into().map_err(|_| BundleError::Length {
+        field,
+        expected: N,
+        actual: bytes.len(),
+    })
 }
 
 fn decode_fixed<const N: usize>(field: &'static str, text: &str) -> Result<[u8; N], BundleError> {
@@ -106,12 +114,18 @@ impl PreKeyBundle {
     ) -> Result<Self, BundleError> {
         Ok(Self {
             identity_key: X25519PublicKey::from_bytes(fixed("identity_key", identity_key)?),
-            identity_key_ed: Ed25519PublicKey::from_bytes(fixed("identity_key_ed", identity_key_ed)?),
+            identity_key_ed: Ed25519PublicKey::from_bytes(fixed(
+                "identity_key_ed",
+                identity_key_ed,
+            )?),
             signed_pre_key_id,
             signed_pre_key: X25519PublicKey::from_bytes(fixed("signed_pre_key", signed_pre_key)?),
             signed_pre_key_signature: fixed("signed_pre_key_signature", signed_pre_key_signature)?,
             one_time_pre_key: match one_time_pre_key {
-                Some((id, key)) => Some((id, X25519PublicKey::from_bytes(fixed("one_time_pre_key", key)?))),
+                Some((id, key)) => Some((
+                    id,
+                    X25519PublicKey::from_bytes(fixed("one_time_pre_key", key)?),
+                )),
                 None => None,
             },
         })
@@ -120,17 +134,27 @@ impl PreKeyBundle {
     /// Parses the registry's bundle JSON (`GET /v1/agents/{did}/prekeys`):
     /// base64 in either alphabet, `one_time_pre_key` null or absent for 3-DH.
     pub fn from_json(text: &str) -> Result<Self, BundleError> {
-        let wire: WireBundle = serde_json::from_str(text).map_err(|e| BundleError::Json(e.to_string()))?;
+        let wire: WireBundle =
+            serde_json::from_str(text).map_err(|e| BundleError::Json(e.to_string()))?;
         let identity_key_ed = wire.identity_key_ed.ok_or(BundleError::MissingSigningKey)?;
         Ok(Self {
-            identity_key: X25519PublicKey::from_bytes(decode_fixed("identity_key", &wire.identity_key)?),
-            identity_key_ed: Ed25519PublicKey::from_bytes(decode_fixed("identity_key_ed", &identity_key_ed)?),
+            identity_key: X25519PublicKey::from_bytes(decode_fixed(
+                "identity_key",
+                &wire.identity_key,
+            )?),
+            identity_key_ed: Ed25519PublicKey::from_bytes(decode_fixed(
+                "identity_key_ed",
+                &identity_key_ed,
+            )?),
             signed_pre_key_id: wire.signed_pre_key.key_id,
             signed_pre_key: X25519PublicKey::from_bytes(decode_fixed(
                 "signed_pre_key",
                 &wire.signed_pre_key.public_key,
             )?),
-            signed_pre_key_signature: decode_fixed("signed_pre_key_signature", &wire.signed_pre_key.signature)?,
+            signed_pre_key_signature: decode_fixed(
+                "signed_pre_key_signature",
+                &wire.signed_pre_key.signature,
+            )?,
             one_time_pre_key: match wire.one_time_pre_key {
                 Some(otk) => Some((
                     otk.key_id,
@@ -144,7 +168,9 @@ impl PreKeyBundle {
     /// The registry's bundle JSON, base64url without padding.
     pub fn to_json(&self) -> String {
         let otk = match &self.one_time_pre_key {
-            Some((id, key)) => serde_json::json!({"key_id": id, "public_key": b64_url(key.as_bytes())}),
+            Some((id, key)) => {
+                serde_json::json!({"key_id": id, "public_key": b64_url(key.as_bytes())})
+            }
             None => serde_json::Value::Null,
         };
         serde_json::json!({
@@ -162,11 +188,17 @@ impl PreKeyBundle {
 
     /// Checks the signed pre-key signature against the Ed25519 identity key.
     pub fn verify(&self) -> Result<(), BundleError> {
-        verify_signature(&self.identity_key_ed, self.signed_pre_key.as_bytes(), &self.signed_pre_key_signature)
-            .map_err(|e| match e {
-                SignatureError::InvalidKey => BundleError::InvalidSigningKey,
-                SignatureError::InvalidLength(_) | SignatureError::Mismatch => BundleError::BadSignature,
-            })
+        verify_signature(
+            &self.identity_key_ed,
+            self.signed_pre_key.as_bytes(),
+            &self.signed_pre_key_signature,
+        )
+        .map_err(|e| match e {
+            SignatureError::InvalidKey => BundleError::InvalidSigningKey,
+            SignatureError::InvalidLength(_) | SignatureError::Mismatch => {
+                BundleError::BadSignature
+            }
+        })
     }
 }
 
@@ -180,7 +212,10 @@ pub struct SignedPreKey {
 
 impl fmt::Debug for SignedPreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SignedPreKey").field("id", &self.id).field("pair", &self.pair).finish_non_exhaustive()
+        f.debug_struct("SignedPreKey")
+            .field("id", &self.id)
+            .field("pair", &self.pair)
+            .finish_non_exhaustive()
     }
 }
 
@@ -217,7 +252,15 @@ impl PreKeys {
     pub fn with_signed_pre_key(identity: &Identity, id: u32, secret: X25519Secret) -> Self {
         let pair = KeyPair::from_secret(secret);
         let signature = identity.sign(pair.public().as_bytes());
-        Self { signed: SignedPreKey { id, pair, signature }, one_time: BTreeMap::new(), next_one_time_id: 0 }
+        Self {
+            signed: SignedPreKey {
+                id,
+                pair,
+                signature,
+            },
+            one_time: BTreeMap::new(),
+            next_one_time_id: 0,
+        }
     }
 
     /// Draws `count` one-time pre-keys with fresh ids and returns the ids.
@@ -237,7 +280,11 @@ impl PreKeys {
 
     /// Adds a known one-time key secret under `id`, which must be greater
     /// than every id handed out before.
-    pub fn add_one_time_key(&mut self, id: OneTimeKeyId, secret: X25519Secret) -> Result<(), PreKeyError> {
+    pub fn add_one_time_key(
+        &mut self,
+        id: OneTimeKeyId,
+        secret: X25519Secret,
+    ) -> Result<(), PreKeyError> {
         if id < self.next_one_time_id {
             return Err(PreKeyError::IdReused(id));
         }
@@ -248,7 +295,10 @@ impl PreKeys {
 
     /// Forgets a one-time key once a session established with it.
     pub fn remove_one_time_key(&mut self, id: OneTimeKeyId) -> Result<(), PreKeyError> {
-        self.one_time.remove(&id).map(drop).ok_or(PreKeyError::Unknown(id))
+        self.one_time
+            .remove(&id)
+            .map(drop)
+            .ok_or(PreKeyError::Unknown(id))
     }
 
     pub fn signed_pre_key(&self) -> &SignedPreKey {
@@ -277,7 +327,8 @@ impl PreKeys {
             signed_pre_key_id: self.signed.id,
             signed_pre_key: *self.signed.pair.public(),
             signed_pre_key_signature: self.signed.signature,
-            one_time_pre_key: otk.and_then(|id| self.one_time.get(&id).map(|pair| (id, *pair.public()))),
+            one_time_pre_key: otk
+                .and_then(|id| self.one_time.get(&id).map(|pair| (id, *pair.public()))),
         }
     }
 }
@@ -318,27 +369,56 @@ mod tests {
         value["signed_pre_key"]["public_key"] = "AAAA".into();
         assert_eq!(
             PreKeyBundle::from_json(&value.to_string()),
-            Err(BundleError::Length { field: "signed_pre_key", expected: 32, actual: 3 })
+            Err(BundleError::Length {
+                field: "signed_pre_key",
+                expected: 32,
+                actual: 3
+            })
         );
         value["signed_pre_key"]["public_key"] = "!!".into();
         assert_eq!(
             PreKeyBundle::from_json(&value.to_string()),
-            Err(BundleError::Encoding { field: "signed_pre_key" })
+            Err(BundleError::Encoding {
+                field: "signed_pre_key"
+            })
         );
         value["identity_key_ed"] = serde_json::Value::Null;
-        assert_eq!(PreKeyBundle::from_json(&value.to_string()), Err(BundleError::MissingSigningKey));
-        assert!(matches!(PreKeyBundle::from_json("{"), Err(BundleError::Json(_))));
+        assert_eq!(
+            PreKeyBundle::from_json(&value.to_string()),
+            Err(BundleError::MissingSigningKey)
+        );
+        assert!(matches!(
+            PreKeyBundle::from_json("{"),
+            Err(BundleError::Json(_))
+        ));
         assert!(matches!(
             PreKeyBundle::from_parts(&[0; 32], &[0; 31], 0, &[0; 32], &[0; 64], None),
-            Err(BundleError::Length { field: "identity_key_ed", expected: 32, actual: 31 })
+            Err(BundleError::Length {
+                field: "identity_key_ed",
+                expected: 32,
+                actual: 31
+            })
         ));
         assert!(matches!(
             PreKeyBundle::from_parts(&[0; 32], &[0; 32], 0, &[0; 32], &[0; 63], None),
-            Err(BundleError::Length { field: "signed_pre_key_signature", .. })
+            Err(BundleError::Length {
+                field: "signed_pre_key_signature",
+                ..
+            })
         ));
         assert!(matches!(
-            PreKeyBundle::from_parts(&[0; 32], &[0; 32], 0, &[0; 32], &[0; 64], Some((1, &[0; 33]))),
-            Err(BundleError::Length { field: "one_time_pre_key", .. })
+            PreKeyBundle::from_parts(
+                &[0; 32],
+                &[0; 32],
+                0,
+                &[0; 32],
+                &[0; 64],
+                Some((1, &[0; 33]))
+            ),
+            Err(BundleError::Length {
+                field: "one_time_pre_key",
+                ..
+            })
         ));
     }
 
@@ -348,10 +428,15 @@ mod tests {
         keys.remove_one_time_key(1).unwrap();
         assert_eq!(keys.remove_one_time_key(1), Err(PreKeyError::Unknown(1)));
         assert_eq!(keys.generate_one_time_keys(&mut OsRng, 1).unwrap(), vec![2]);
-        assert_eq!(keys.add_one_time_key(1, X25519Secret::from_bytes([3; 32])), Err(PreKeyError::IdReused(1)));
-        keys.add_one_time_key(10, X25519Secret::from_bytes([3; 32])).unwrap();
+        assert_eq!(
+            keys.add_one_time_key(1, X25519Secret::from_bytes([3; 32])),
+            Err(PreKeyError::IdReused(1))
+        );
+        keys.add_one_time_key(10, X25519Secret::from_bytes([3; 32]))
+            .unwrap();
         assert_eq!(keys.next_one_time_id(), 11);
         assert_eq!(keys.one_time_key_ids().collect::<Vec<_>>(), vec![0, 2, 10]);
-        keys.add_one_time_key(u32::MAX, X25519Secret::from_bytes([3; 32])).unwrap_err();
+        keys.add_one_time_key(u32::MAX, X25519Secret::from_bytes([3; 32]))
+            .unwrap_err();
     }
 }

@@ -6,7 +6,9 @@
 //! malformed message leaves the session exactly as it was.
 
 use crate::crypto::{Active, CryptoProvider, NONCE_LEN, TAG_LEN};
-use crate::keys::{ChainKey, KeyError, KeyPair, MessageKey, RootKey, SharedSecret, X25519PublicKey};
+use crate::keys::{
+    ChainKey, KeyError, KeyPair, MessageKey, RootKey, SharedSecret, X25519PublicKey,
+};
 use indexmap::IndexMap;
 use rand_core::CryptoRngCore;
 use std::fmt;
@@ -52,7 +54,11 @@ impl Header {
         let (dh, rest) = bytes.split_at(32);
         let (pn, n) = rest.split_at(4);
         let word = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap_or_default());
-        Ok(Self { dh: X25519PublicKey::from_slice(dh).map_err(|_| HeaderError(bytes.len()))?, pn: word(pn), n: word(n) })
+        Ok(Self {
+            dh: X25519PublicKey::from_slice(dh).map_err(|_| HeaderError(bytes.len()))?,
+            pn: word(pn),
+            n: word(n),
+        })
     }
 }
 
@@ -195,7 +201,10 @@ impl DoubleRatchet {
     ) -> Result<Self, KeyError> {
         let dh_self = KeyPair::generate(rng);
         let dh = dh_self.secret().diffie_hellman(remote_signed_pre_key)?;
-        let (root_key, chain_send) = kdf_root(&RootKey::from_bytes(*shared_secret.as_bytes()), dh.as_bytes());
+        let (root_key, chain_send) = kdf_root(
+            &RootKey::from_bytes(*shared_secret.as_bytes()),
+            dh.as_bytes(),
+        );
         Ok(Self {
             dh_self,
             dh_remote: Some(*remote_signed_pre_key),
@@ -232,15 +241,31 @@ impl DoubleRatchet {
         plaintext: &[u8],
         associated_data: &[u8],
     ) -> Result<EncryptedMessage, EncryptError> {
-        let chain = self.chain_send.as_ref().ok_or(EncryptError::NoSendingChain)?;
-        let next_n = self.n_send.checked_add(1).ok_or(EncryptError::CounterExhausted)?;
+        let chain = self
+            .chain_send
+            .as_ref()
+            .ok_or(EncryptError::NoSendingChain)?;
+        let next_n = self
+            .n_send
+            .checked_add(1)
+            .ok_or(EncryptError::CounterExhausted)?;
         let (mk, next_chain) = chain_step(chain);
-        let header = Header { dh: *self.dh_self.public(), pn: self.pn, n: self.n_send };
+        let header = Header {
+            dh: *self.dh_self.public(),
+            pn: self.pn,
+            n: self.n_send,
+        };
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill_bytes(&mut nonce);
         let mut ciphertext = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
         ciphertext.extend_from_slice(&nonce);
-        Active::seal(mk.as_bytes(), &nonce, &aad(associated_data, &header), plaintext, &mut ciphertext);
+        Active::seal(
+            mk.as_bytes(),
+            &nonce,
+            &aad(associated_data, &header),
+            plaintext,
+            &mut ciphertext,
+        );
         self.chain_send = Some(next_chain);
         self.n_send = next_n;
         Ok(EncryptedMessage { header, ciphertext })
@@ -269,11 +294,17 @@ impl DoubleRatchet {
             return Ok(plaintext);
         }
 
-        let next_n = header.n.checked_add(1).ok_or(DecryptError::CounterOverflow)?;
+        let next_n = header
+            .n
+            .checked_add(1)
+            .ok_or(DecryptError::CounterOverflow)?;
         let mut new_skipped = Vec::new();
 
         if self.dh_remote == Some(header.dh) {
-            let chain = self.chain_recv.clone().ok_or(DecryptError::NoReceivingChain)?;
+            let chain = self
+                .chain_recv
+                .clone()
+                .ok_or(DecryptError::NoReceivingChain)?;
             if header.n < self.n_recv {
                 return Err(DecryptError::DuplicateOrExpired { n: header.n });
             }
@@ -384,7 +415,11 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_length_errors() {
-        let h = Header { dh: X25519PublicKey::from_bytes([7; 32]), pn: 0x01020304, n: 0xfffffffe };
+        let h = Header {
+            dh: X25519PublicKey::from_bytes([7; 32]),
+            pn: 0x01020304,
+            n: 0xfffffffe,
+        };
         let bytes = h.to_bytes();
         assert_eq!(hex::encode(&bytes[32..]), "01020304fffffffe");
         assert_eq!(Header::from_bytes(&bytes).unwrap(), h);
@@ -413,10 +448,18 @@ mod tests {
     #[test]
     fn responder_cannot_send_first() {
         let (_, mut b) = pair();
-        assert_eq!(b.encrypt(&mut OsRng, b"x", AD).unwrap_err(), EncryptError::NoSendingChain);
+        assert_eq!(
+            b.encrypt(&mut OsRng, b"x", AD).unwrap_err(),
+            EncryptError::NoSendingChain
+        );
     }
 
-    fn assert_rejected_unchanged(r: &mut DoubleRatchet, m: &EncryptedMessage, ad: &[u8], expected: DecryptError) {
+    fn assert_rejected_unchanged(
+        r: &mut DoubleRatchet,
+        m: &EncryptedMessage,
+        ad: &[u8],
+        expected: DecryptError,
+    ) {
         let before = r.clone();
         assert_eq!(r.decrypt(&mut OsRng, m, ad).unwrap_err(), expected);
         assert!(*r == before, "state changed after {expected:?}");
@@ -450,7 +493,12 @@ mod tests {
         // Forged message whose (dh, n) hits a cached skipped key: key kept.
         let mut forged_skipped = m0.clone();
         forged_skipped.ciphertext[12] ^= 0x80;
-        assert_rejected_unchanged(&mut b, &forged_skipped, AD, DecryptError::AuthenticationFailed);
+        assert_rejected_unchanged(
+            &mut b,
+            &forged_skipped,
+            AD,
+            DecryptError::AuthenticationFailed,
+        );
         assert_eq!(b.decrypt(&mut OsRng, &m0, AD).unwrap(), b"zero");
         // Replays.
         assert_rejected_unchanged(&mut b, &m0, AD, DecryptError::DuplicateOrExpired { n: 0 });
@@ -466,14 +514,24 @@ mod tests {
     #[test]
     fn skip_limits() {
         let (mut a, mut b) = pair();
-        let mut msgs: Vec<_> = (0..=102).map(|i| send(&mut a, format!("{i}").as_bytes())).collect();
-        assert_rejected_unchanged(&mut b, &msgs[101], AD, DecryptError::TooManySkipped { requested: 101 });
+        let mut msgs: Vec<_> = (0..=102)
+            .map(|i| send(&mut a, format!("{i}").as_bytes()))
+            .collect();
+        assert_rejected_unchanged(
+            &mut b,
+            &msgs[101],
+            AD,
+            DecryptError::TooManySkipped { requested: 101 },
+        );
         assert_eq!(b.decrypt(&mut OsRng, &msgs[100], AD).unwrap(), b"100");
         assert_eq!(b.skipped.len(), 100);
         let last = msgs.pop().unwrap();
         assert_eq!(b.decrypt(&mut OsRng, &last, AD).unwrap(), b"102");
         for i in (0..=101).rev().filter(|&i| i != 100) {
-            assert_eq!(b.decrypt(&mut OsRng, &msgs[i], AD).unwrap(), format!("{i}").as_bytes());
+            assert_eq!(
+                b.decrypt(&mut OsRng, &msgs[i], AD).unwrap(),
+                format!("{i}").as_bytes()
+            );
         }
         assert!(b.skipped.is_empty());
     }
@@ -493,9 +551,23 @@ mod tests {
         }
         assert_eq!(b.skipped.len(), MAX_SKIPPED_KEYS);
         let (evicted_first, evicted_last) = early[0].clone();
-        assert_rejected_unchanged(&mut b, &evicted_first, AD, DecryptError::AuthenticationFailed);
-        assert_rejected_unchanged(&mut b, &evicted_last, AD, DecryptError::AuthenticationFailed);
+        assert_rejected_unchanged(
+            &mut b,
+            &evicted_first,
+            AD,
+            DecryptError::AuthenticationFailed,
+        );
+        assert_rejected_unchanged(
+            &mut b,
+            &evicted_last,
+            AD,
+            DecryptError::AuthenticationFailed,
+        );
         assert_eq!(b.decrypt(&mut OsRng, &early[1].0, AD).unwrap(), b"m");
-        assert_eq!(b.skipped_key_ids().next().unwrap().1, 1, "oldest surviving key is round 1's n=1");
+        assert_eq!(
+            b.skipped_key_ids().next().unwrap().1,
+            1,
+            "oldest surviving key is round 1's n=1"
+        );
     }
 }

@@ -123,14 +123,20 @@ impl DoubleRatchet {
                 return Err(bad_id());
             }
             let n: u32 = n.parse().map_err(|_| bad_id())?;
-            skipped.insert((X25519PublicKey::from_bytes(dh), n), MessageKey::from_bytes(key32("skipped_keys", key)?));
+            skipped.insert(
+                (X25519PublicKey::from_bytes(dh), n),
+                MessageKey::from_bytes(key32("skipped_keys", key)?),
+            );
         }
         Ok(Self {
             dh_self: KeyPair::from_parts(secret, public),
-            dh_remote: opt_key32("dh_remote_public", &json.dh_remote_public)?.map(X25519PublicKey::from_bytes),
+            dh_remote: opt_key32("dh_remote_public", &json.dh_remote_public)?
+                .map(X25519PublicKey::from_bytes),
             root_key: RootKey::from_bytes(key32("root_key", &json.root_key)?),
-            chain_send: opt_key32("chain_key_send", &json.chain_key_send)?.map(ChainKey::from_bytes),
-            chain_recv: opt_key32("chain_key_recv", &json.chain_key_recv)?.map(ChainKey::from_bytes),
+            chain_send: opt_key32("chain_key_send", &json.chain_key_send)?
+                .map(ChainKey::from_bytes),
+            chain_recv: opt_key32("chain_key_recv", &json.chain_key_recv)?
+                .map(ChainKey::from_bytes),
             n_send: json.send_message_number,
             n_recv: json.recv_message_number,
             pn: json.previous_send_chain_length,
@@ -146,7 +152,8 @@ impl DoubleRatchet {
     /// The inverse of [`DoubleRatchet::export_state`]; also reads what the
     /// Python package's `to_dict` writes.
     pub fn import_state(text: &str) -> Result<Self, StateError> {
-        let json: RatchetJson = serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
+        let json: RatchetJson =
+            serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
         Self::from_json_struct(&json)
     }
 }
@@ -166,13 +173,26 @@ impl SecureChannel {
 
     /// The inverse of [`SecureChannel::export_state`].
     pub fn import_state(text: &str) -> Result<Self, StateError> {
-        let json: ChannelJson = serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
+        let json: ChannelJson =
+            serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
         let ratchet = DoubleRatchet::from_json_struct(&json.ratchet)?;
-        let associated_data = hex::decode(&json.associated_data).map_err(|_| StateError::InvalidAssociatedData)?;
-        let local = X25519PublicKey::from_bytes(key32("local_identity_key", &json.local_identity_key)?);
-        let remote = X25519PublicKey::from_bytes(key32("remote_identity_key", &json.remote_identity_key)?);
-        let dialect: KdfDialect = json.kdf.parse().map_err(|_| StateError::UnknownDialect(json.kdf.clone()))?;
-        Ok(SecureChannel::from_parts(ratchet, associated_data, local, remote, dialect))
+        let associated_data =
+            hex::decode(&json.associated_data).map_err(|_| StateError::InvalidAssociatedData)?;
+        let local =
+            X25519PublicKey::from_bytes(key32("local_identity_key", &json.local_identity_key)?);
+        let remote =
+            X25519PublicKey::from_bytes(key32("remote_identity_key", &json.remote_identity_key)?);
+        let dialect: KdfDialect = json
+            .kdf
+            .parse()
+            .map_err(|_| StateError::UnknownDialect(json.kdf.clone()))?;
+        Ok(SecureChannel::from_parts(
+            ratchet,
+            associated_data,
+            local,
+            remote,
+            dialect,
+        ))
     }
 }
 
@@ -187,7 +207,9 @@ mod tests {
         let spk = KeyPair::generate(&mut OsRng);
         let mut a = DoubleRatchet::init_sender(&mut OsRng, &ss, spk.public()).unwrap();
         let mut b = DoubleRatchet::init_receiver(&ss, spk);
-        let msgs: Vec<_> = (0..4).map(|_| a.encrypt(&mut OsRng, b"x", b"").unwrap()).collect();
+        let msgs: Vec<_> = (0..4)
+            .map(|_| a.encrypt(&mut OsRng, b"x", b"").unwrap())
+            .collect();
         b.decrypt(&mut OsRng, &msgs[3], b"").unwrap();
         (a, b)
     }
@@ -204,8 +226,15 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&b.export_state()).unwrap();
         let keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
         let mut expected = vec![
-            "dh_self_private", "dh_self_public", "dh_remote_public", "root_key", "chain_key_send",
-            "chain_key_recv", "send_message_number", "recv_message_number", "previous_send_chain_length",
+            "dh_self_private",
+            "dh_self_public",
+            "dh_remote_public",
+            "root_key",
+            "chain_key_send",
+            "chain_key_recv",
+            "send_message_number",
+            "recv_message_number",
+            "previous_send_chain_length",
             "skipped_keys",
         ];
         expected.sort();
@@ -226,23 +255,58 @@ mod tests {
             f(&mut v);
             DoubleRatchet::import_state(&v.to_string()).unwrap_err()
         };
-        assert_eq!(mutate(&|v| v["root_key"] = "00".into()), StateError::InvalidKey("root_key"));
-        assert_eq!(mutate(&|v| v["chain_key_send"] = "zz".repeat(32).into()), StateError::InvalidKey("chain_key_send"));
-        assert!(matches!(mutate(&|v| v["send_message_number"] = (-1).into()), StateError::Json(_)));
-        assert!(matches!(mutate(&|v| v["recv_message_number"] = 4294967296u64.into()), StateError::Json(_)));
-        assert!(matches!(mutate(&|v| { v.as_object_mut().unwrap().remove("root_key"); }), StateError::Json(_)));
-        assert_eq!(mutate(&|v| v["dh_self_public"] = "11".repeat(32).into()), StateError::KeyPairMismatch);
-        let bad_ids = ["nocolon", "aa:1", &format!("{}:-1", "aa".repeat(32)), &format!("{}:+1", "aa".repeat(32)), &format!("{}:", "aa".repeat(32))];
+        assert_eq!(
+            mutate(&|v| v["root_key"] = "00".into()),
+            StateError::InvalidKey("root_key")
+        );
+        assert_eq!(
+            mutate(&|v| v["chain_key_send"] = "zz".repeat(32).into()),
+            StateError::InvalidKey("chain_key_send")
+        );
+        assert!(matches!(
+            mutate(&|v| v["send_message_number"] = (-1).into()),
+            StateError::Json(_)
+        ));
+        assert!(matches!(
+            mutate(&|v| v["recv_message_number"] = 4294967296u64.into()),
+            StateError::Json(_)
+        ));
+        assert!(matches!(
+            mutate(&|v| {
+                v.as_object_mut().unwrap().remove("root_key");
+            }),
+            StateError::Json(_)
+        ));
+        assert_eq!(
+            mutate(&|v| v["dh_self_public"] = "11".repeat(32).into()),
+            StateError::KeyPairMismatch
+        );
+        let bad_ids = [
+            "nocolon",
+            "aa:1",
+            &format!("{}:-1", "aa".repeat(32)),
+            &format!("{}:+1", "aa".repeat(32)),
+            &format!("{}:", "aa".repeat(32)),
+        ];
         for id in bad_ids {
             let id = id.to_string();
             assert_eq!(
-                mutate(&|v| { v["skipped_keys"] = serde_json::json!({ id.clone(): "00".repeat(32) }); }),
+                mutate(&|v| {
+                    v["skipped_keys"] = serde_json::json!({ id.clone(): "00".repeat(32) });
+                }),
                 StateError::InvalidSkippedKeyId(id.clone())
             );
         }
-        let many: serde_json::Map<String, serde_json::Value> =
-            (0..2001).map(|i| (format!("{}:{i}", "aa".repeat(32)), "00".repeat(32).into())).collect();
-        assert_eq!(mutate(&|v| v["skipped_keys"] = many.clone().into()), StateError::TooManySkippedKeys(2001));
-        assert!(matches!(DoubleRatchet::import_state("[]"), Err(StateError::Json(_))));
+        let many: serde_json::Map<String, serde_json::Value> = (0..2001)
+            .map(|i| (format!("{}:{i}", "aa".repeat(32)), "00".repeat(32).into()))
+            .collect();
+        assert_eq!(
+            mutate(&|v| v["skipped_keys"] = many.clone().into()),
+            StateError::TooManySkippedKeys(2001)
+        );
+        assert!(matches!(
+            DoubleRatchet::import_state("[]"),
+            Err(StateError::Json(_))
+        ));
     }
 }

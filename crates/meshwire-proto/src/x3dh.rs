@@ -84,7 +84,9 @@ pub struct X3dhOutput {
 
 impl fmt::Debug for X3dhOutput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("X3dhOutput").field("associated_data", &hex::encode(self.associated_data)).finish_non_exhaustive()
+        f.debug_struct("X3dhOutput")
+            .field("associated_data", &hex::encode(self.associated_data))
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,7 +98,12 @@ pub struct Initiation {
     pub one_time_key_id: Option<OneTimeKeyId>,
 }
 
-fn derive(dialect: KdfDialect, dhs: &[SharedDh], initiator: &X25519PublicKey, responder: &X25519PublicKey) -> X3dhOutput {
+fn derive(
+    dialect: KdfDialect,
+    dhs: &[SharedDh],
+    initiator: &X25519PublicKey,
+    responder: &X25519PublicKey,
+) -> X3dhOutput {
     let mut ikm = Zeroizing::new(Vec::with_capacity(32 * 5));
     let salt = match dialect {
         KdfDialect::Spec => {
@@ -113,7 +120,11 @@ fn derive(dialect: KdfDialect, dhs: &[SharedDh], initiator: &X25519PublicKey, re
     let mut associated_data = [0u8; 64];
     associated_data[..32].copy_from_slice(initiator.as_bytes());
     associated_data[32..].copy_from_slice(responder.as_bytes());
-    X3dhOutput { shared_secret: SharedSecret::from_bytes(*secret), associated_data, dh_outputs: dhs.to_vec() }
+    X3dhOutput {
+        shared_secret: SharedSecret::from_bytes(*secret),
+        associated_data,
+        dh_outputs: dhs.to_vec(),
+    }
 }
 
 /// The initiator's side: verifies `bundle`, draws the ephemeral key (32 bytes
@@ -146,7 +157,12 @@ pub fn initiate_with_ephemeral(
     if let Some((_, otk)) = &bundle.one_time_pre_key {
         dhs.push(ek.diffie_hellman(otk)?);
     }
-    let output = derive(dialect, &dhs, identity.x25519_public(), &bundle.identity_key);
+    let output = derive(
+        dialect,
+        &dhs,
+        identity.x25519_public(),
+        &bundle.identity_key,
+    );
     let initiation = Initiation {
         identity_key: *identity.x25519_public(),
         ephemeral_key: *ephemeral.public(),
@@ -167,14 +183,23 @@ pub fn respond(
     let spk_secret = spk.pair.secret();
     let mut dhs = vec![
         spk_secret.diffie_hellman(&initiation.identity_key)?,
-        identity.x25519_secret().diffie_hellman(&initiation.ephemeral_key)?,
+        identity
+            .x25519_secret()
+            .diffie_hellman(&initiation.ephemeral_key)?,
         spk_secret.diffie_hellman(&initiation.ephemeral_key)?,
     ];
     if let Some(id) = initiation.one_time_key_id {
-        let otk = prekeys.one_time_key(id).ok_or(X3dhError::UnknownOneTimeKey(id))?;
+        let otk = prekeys
+            .one_time_key(id)
+            .ok_or(X3dhError::UnknownOneTimeKey(id))?;
         dhs.push(otk.secret().diffie_hellman(&initiation.ephemeral_key)?);
     }
-    Ok(derive(dialect, &dhs, &initiation.identity_key, identity.x25519_public()))
+    Ok(derive(
+        dialect,
+        &dhs,
+        &initiation.identity_key,
+        identity.x25519_public(),
+    ))
 }
 
 #[cfg(test)]
@@ -220,8 +245,18 @@ mod tests {
             ephemeral_key: *alice.x25519_public(),
             one_time_key_id: Some(5),
         };
-        assert_eq!(respond(&bob, &keys, &init, KdfDialect::Spec).unwrap_err(), X3dhError::UnknownOneTimeKey(5));
-        let low_order = Initiation { ephemeral_key: X25519PublicKey::from_bytes([0; 32]), one_time_key_id: None, ..init };
-        assert_eq!(respond(&bob, &keys, &low_order, KdfDialect::Spec).unwrap_err(), X3dhError::NonContributory);
+        assert_eq!(
+            respond(&bob, &keys, &init, KdfDialect::Spec).unwrap_err(),
+            X3dhError::UnknownOneTimeKey(5)
+        );
+        let low_order = Initiation {
+            ephemeral_key: X25519PublicKey::from_bytes([0; 32]),
+            one_time_key_id: None,
+            ..init
+        };
+        assert_eq!(
+            respond(&bob, &keys, &low_order, KdfDialect::Spec).unwrap_err(),
+            X3dhError::NonContributory
+        );
     }
 }

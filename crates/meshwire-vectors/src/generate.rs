@@ -4,14 +4,16 @@
 
 use crate::rng::{label_bytes, LabelRng, ScriptedRng};
 use crate::schema::{
-    Document, Event, HeaderJson, IdentityCase, PartyStates, RatchetCase, RelayConnect, X3dhCase, SCHEMA,
+    Document, Event, HeaderJson, IdentityCase, PartyStates, RatchetCase, RelayConnect, X3dhCase,
+    SCHEMA,
 };
 use crate::verify::{error_kind, snapshot};
 use meshwire_proto::channel::mesh_associated_data;
 use meshwire_proto::frames::{self, ConnectFrame, FetchPendingFrame};
 use meshwire_proto::ratchet::message_key_of;
 use meshwire_proto::{
-    auth, x3dh, DoubleRatchet, EncryptedMessage, Identity, KdfDialect, KeyPair, PreKeys, SharedSecret, X25519Secret,
+    auth, x3dh, DoubleRatchet, EncryptedMessage, Identity, KdfDialect, KeyPair, PreKeys,
+    SharedSecret, X25519Secret,
 };
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -39,7 +41,10 @@ fn document(kind: &str, dialect: Option<KdfDialect>, cases: Vec<serde_json::Valu
 }
 
 fn to_values<T: serde::Serialize>(cases: &[T]) -> Result<Vec<serde_json::Value>, String> {
-    cases.iter().map(|c| serde_json::to_value(c).map_err(|e| e.to_string())).collect()
+    cases
+        .iter()
+        .map(|c| serde_json::to_value(c).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// An X3DH case with the keys of its labels; `otk_id` None means 3-DH.
@@ -50,12 +55,15 @@ pub fn x3dh_case(name: &str, dialect: KdfDialect, otk_id: Option<u32>) -> Result
     let mut prekeys = PreKeys::with_signed_pre_key(&bob, 0, X25519Secret::from_bytes(spk_private));
     let otk_private = label(name, "bob/otk");
     if let Some(id) = otk_id {
-        prekeys.add_one_time_key(id, X25519Secret::from_bytes(otk_private)).map_err(|e| e.to_string())?;
+        prekeys
+            .add_one_time_key(id, X25519Secret::from_bytes(otk_private))
+            .map_err(|e| e.to_string())?;
     }
     let bundle = prekeys.bundle(&bob, otk_id);
     let ek = label(name, "alice/ek");
     let mut rng = ScriptedRng::new([ek.to_vec()]);
-    let (out, initiation) = x3dh::initiate(&mut rng, &alice, &bundle, dialect).map_err(|e| e.to_string())?;
+    let (out, initiation) =
+        x3dh::initiate(&mut rng, &alice, &bundle, dialect).map_err(|e| e.to_string())?;
     rng.finish()?;
     let dh = |i: usize| out.dh_outputs.get(i).map(|d| hex::encode(d.as_bytes()));
     Ok(X3dhCase {
@@ -85,7 +93,9 @@ pub fn x3dh_case(name: &str, dialect: KdfDialect, otk_id: Option<u32>) -> Result
         associated_data: hex::encode(out.associated_data),
         notes: Some(format!(
             "meshwire; kdf {dialect}; SPK id 0{}",
-            otk_id.map(|id| format!(", OTK id {id} from label bob/otk")).unwrap_or_else(|| ", no OTK".into())
+            otk_id
+                .map(|id| format!(", OTK id {id} from label bob/otk"))
+                .unwrap_or_else(|| ", no OTK".into())
         )),
     })
 }
@@ -127,20 +137,32 @@ struct Conversation {
 impl Conversation {
     fn new(name: &str, x3dh_case: &X3dhCase) -> Result<Self, String> {
         let unhex32 = |t: &str| -> Result<[u8; 32], String> {
-            hex::decode(t).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| "bad hex".to_owned())
+            hex::decode(t)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| "bad hex".to_owned())
         };
         let shared = SharedSecret::from_bytes(unhex32(&x3dh_case.shared_secret)?);
-        let spk = KeyPair::from_secret(X25519Secret::from_bytes(unhex32(&x3dh_case.bob_spk_private)?));
+        let spk = KeyPair::from_secret(X25519Secret::from_bytes(unhex32(
+            &x3dh_case.bob_spk_private,
+        )?));
         let alice_id = Identity::from_seed(&unhex32(&x3dh_case.alice_ed25519_seed)?);
         let bob_id = Identity::from_seed(&unhex32(&x3dh_case.bob_ed25519_seed)?);
-        let x3dh_ad: [u8; 64] =
-            hex::decode(&x3dh_case.associated_data).ok().and_then(|b| b.try_into().ok()).ok_or("bad x3dh AD")?;
+        let x3dh_ad: [u8; 64] = hex::decode(&x3dh_case.associated_data)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or("bad x3dh AD")?;
         let ad = mesh_associated_data(alice_id.did(), bob_id.did(), &x3dh_ad);
 
         let mut alice_rng = LabelRng::new(format!("agentmesh-golden/{name}/alice"));
         let bob_rng = LabelRng::new(format!("agentmesh-golden/{name}/bob"));
-        let alice = DoubleRatchet::init_sender(&mut alice_rng, &shared, spk.public()).map_err(|e| e.to_string())?;
-        let ratchet_0 = alice_rng.take_ratchet_draws().into_iter().next().ok_or("no ratchet-0 draw")?;
+        let alice = DoubleRatchet::init_sender(&mut alice_rng, &shared, spk.public())
+            .map_err(|e| e.to_string())?;
+        let ratchet_0 = alice_rng
+            .take_ratchet_draws()
+            .into_iter()
+            .next()
+            .ok_or("no ratchet-0 draw")?;
         let bob = DoubleRatchet::init_receiver(&shared, spk.clone());
         let case = RatchetCase {
             name: name.to_owned(),
@@ -153,11 +175,23 @@ impl Conversation {
             alice_ratchet_0_private: hex::encode(ratchet_0),
             alice_ratchet_0_public: Some(alice.dh_self_public().to_hex()),
             associated_data: hex::encode(&ad),
-            initial_state: Some(PartyStates { alice: snapshot(&alice), bob: snapshot(&bob) }),
+            initial_state: Some(PartyStates {
+                alice: snapshot(&alice),
+                bob: snapshot(&bob),
+            }),
             notes: None,
             events: Vec::new(),
         };
-        Ok(Self { alice, bob, alice_rng, bob_rng, ad, events: Vec::new(), sent: Vec::new(), case })
+        Ok(Self {
+            alice,
+            bob,
+            alice_rng,
+            bob_rng,
+            ad,
+            events: Vec::new(),
+            sent: Vec::new(),
+            case,
+        })
     }
 
     fn party(&mut self, p: Party) -> (&mut DoubleRatchet, &mut LabelRng) {
@@ -186,8 +220,13 @@ impl Conversation {
         let i = self.events.len();
         let ad = self.ad.clone();
         let (ratchet, rng) = self.party(from);
-        let message_key = ratchet.sending_chain_key().map(message_key_of).ok_or("no sending chain")?;
-        let message = ratchet.encrypt(rng, &plaintext, &ad).map_err(|e| e.to_string())?;
+        let message_key = ratchet
+            .sending_chain_key()
+            .map(message_key_of)
+            .ok_or("no sending chain")?;
+        let message = ratchet
+            .encrypt(rng, &plaintext, &ad)
+            .map_err(|e| e.to_string())?;
         let nonce = rng.take_nonce().ok_or("no nonce drawn")?;
         let generated = rng.take_ratchet_draws();
         let state_after = snapshot(ratchet);
@@ -198,7 +237,11 @@ impl Conversation {
             plaintext: Some(hex::encode(&plaintext)),
             nonce: Some(hex::encode(nonce)),
             message_key: Some(hex::encode(message_key.as_bytes())),
-            header: Some(HeaderJson { dh: message.header.dh.to_hex(), pn: message.header.pn, n: message.header.n }),
+            header: Some(HeaderJson {
+                dh: message.header.dh.to_hex(),
+                pn: message.header.pn,
+                n: message.header.n,
+            }),
             header_bytes: Some(hex::encode(message.header.to_bytes())),
             ciphertext: Some(hex::encode(&message.ciphertext)),
             message: None,
@@ -206,15 +249,28 @@ impl Conversation {
             generated_ratchet_private: generated.iter().map(hex::encode).collect(),
             state_after: Some(state_after),
         });
-        self.sent.push(Sent { event: i, from, message, plaintext });
+        self.sent.push(Sent {
+            event: i,
+            from,
+            message,
+            plaintext,
+        });
         Ok(self.sent.len() - 1)
     }
 
     /// Records the delivery of send `k` to the other party.
     fn deliver(&mut self, k: usize, expect_error: Option<&str>) -> Result<(), String> {
         let sent = self.sent.get(k).ok_or("no such message")?;
-        let (to, event, message, plaintext) =
-            (if sent.from == Party::Alice { Party::Bob } else { Party::Alice }, sent.event, sent.message.clone(), sent.plaintext.clone());
+        let (to, event, message, plaintext) = (
+            if sent.from == Party::Alice {
+                Party::Bob
+            } else {
+                Party::Alice
+            },
+            sent.event,
+            sent.message.clone(),
+            sent.plaintext.clone(),
+        );
         let i = self.events.len();
         let ad = self.ad.clone();
         let (ratchet, rng) = self.party(to);
@@ -222,7 +278,12 @@ impl Conversation {
         match (&result, expect_error) {
             (Ok(got), None) if *got == plaintext => {}
             (Err(e), Some(kind)) if error_kind(e) == kind => {}
-            _ => return Err(format!("delivery of message {k} to {}: {result:?}", to.name())),
+            _ => {
+                return Err(format!(
+                    "delivery of message {k} to {}: {result:?}",
+                    to.name()
+                ))
+            }
         }
         let generated = rng.take_ratchet_draws();
         let state_after = snapshot(ratchet);
@@ -342,7 +403,10 @@ impl Stream {
 fn random_order(x3dh: &X3dhCase, total: usize) -> Result<RatchetCase, String> {
     let name = "random-order-200";
     let mut c = Conversation::new(name, x3dh)?;
-    let mut stream = Stream { label: format!("agentmesh-golden/{name}/schedule"), counter: 0 };
+    let mut stream = Stream {
+        label: format!("agentmesh-golden/{name}/schedule"),
+        counter: 0,
+    };
     let mut pending: Vec<usize> = Vec::new();
     let mut sent = 0;
     while sent < total || !pending.is_empty() {
@@ -420,13 +484,27 @@ pub fn documents() -> Result<Vec<(String, Document)>, String> {
             ratchets.push(random_order(&with_otk, 200)?);
             // Kept apart: the 1 MiB message makes this file 6 MB of hex.
             let large = vec![large_message(&without_otk)?];
-            docs.push((format!("ratchet-large-{dialect}.json"), document("ratchet", Some(dialect), to_values(&large)?)));
+            docs.push((
+                format!("ratchet-large-{dialect}.json"),
+                document("ratchet", Some(dialect), to_values(&large)?),
+            ));
         }
-        docs.push((format!("x3dh-{dialect}.json"), document("x3dh", Some(dialect), to_values(&[with_otk, without_otk])?)));
-        docs.push((format!("ratchet-{dialect}.json"), document("ratchet", Some(dialect), to_values(&ratchets)?)));
+        docs.push((
+            format!("x3dh-{dialect}.json"),
+            document("x3dh", Some(dialect), to_values(&[with_otk, without_otk])?),
+        ));
+        docs.push((
+            format!("ratchet-{dialect}.json"),
+            document("ratchet", Some(dialect), to_values(&ratchets)?),
+        ));
     }
-    let identities: Vec<IdentityCase> = (0..3).map(|i| identity_case(&format!("identity-{i}"))).collect();
-    docs.push(("identity.json".into(), document("identity", None, to_values(&identities)?)));
+    let identities: Vec<IdentityCase> = (0..3)
+        .map(|i| identity_case(&format!("identity-{i}")))
+        .collect();
+    docs.push((
+        "identity.json".into(),
+        document("identity", None, to_values(&identities)?),
+    ));
     Ok(docs)
 }
 

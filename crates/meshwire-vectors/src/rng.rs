@@ -20,7 +20,10 @@ pub struct ScriptedRng {
 
 impl ScriptedRng {
     pub fn new<I: IntoIterator<Item = Vec<u8>>>(values: I) -> Self {
-        Self { queue: values.into_iter().collect(), error: None }
+        Self {
+            queue: values.into_iter().collect(),
+            error: None,
+        }
     }
 
     /// Ok when every value was drawn, in the right sizes, and no more.
@@ -29,7 +32,10 @@ impl ScriptedRng {
             return Err(e.clone());
         }
         if !self.queue.is_empty() {
-            return Err(format!("{} recorded random value(s) were never drawn", self.queue.len()));
+            return Err(format!(
+                "{} recorded random value(s) were never drawn",
+                self.queue.len()
+            ));
         }
         Ok(())
     }
@@ -54,11 +60,18 @@ impl RngCore for ScriptedRng {
         match self.queue.pop_front() {
             Some(value) if value.len() == dest.len() => dest.copy_from_slice(&value),
             Some(value) => {
-                self.fail(format!("drew {} random bytes where {} were recorded", dest.len(), value.len()));
+                self.fail(format!(
+                    "drew {} random bytes where {} were recorded",
+                    dest.len(),
+                    value.len()
+                ));
                 dest.fill(0);
             }
             None => {
-                self.fail(format!("drew {} random bytes beyond the recorded ones", dest.len()));
+                self.fail(format!(
+                    "drew {} random bytes beyond the recorded ones",
+                    dest.len()
+                ));
                 dest.fill(0);
             }
         }
@@ -112,12 +125,14 @@ impl LabelRng {
 
 impl RngCore for LabelRng {
     fn next_u32(&mut self) -> u32 {
-        self.error.get_or_insert_with(|| "unexpected next_u32 draw".into());
+        self.error
+            .get_or_insert_with(|| "unexpected next_u32 draw".into());
         0
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.error.get_or_insert_with(|| "unexpected next_u64 draw".into());
+        self.error
+            .get_or_insert_with(|| "unexpected next_u64 draw".into());
         0
     }
 
@@ -138,7 +153,8 @@ impl RngCore for LabelRng {
                 dest.copy_from_slice(&nonce);
             }
             n => {
-                self.error.get_or_insert_with(|| format!("unexpected draw of {n} bytes"));
+                self.error
+                    .get_or_insert_with(|| format!("unexpected draw of {n} bytes"));
                 dest.fill(0);
             }
         }

@@ -5,8 +5,8 @@ use crate::schema::{Document, Event, IdentityCase, RatchetCase, StateSnapshot, X
 use meshwire_proto::frames::{self, ConnectFrame, FetchPendingFrame};
 use meshwire_proto::ratchet::message_key_of;
 use meshwire_proto::{
-    auth, encoding, x3dh, DecryptError, DoubleRatchet, EncryptedMessage, Header, Identity, KdfDialect, KeyPair,
-    PreKeys, SharedSecret, X25519PublicKey, X25519Secret,
+    auth, encoding, x3dh, DecryptError, DoubleRatchet, EncryptedMessage, Header, Identity,
+    KdfDialect, KeyPair, PreKeys, SharedSecret, X25519PublicKey, X25519Secret,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not an {SCHEMA} file: {reason}")]
     Schema { path: String, reason: String },
 }
@@ -40,8 +43,12 @@ impl fmt::Display for CaseResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.outcome {
             CaseOutcome::Passed => write!(f, "PASS {} {} {}", self.file, self.kind, self.name),
-            CaseOutcome::Failed(why) => write!(f, "FAIL {} {} {}: {why}", self.file, self.kind, self.name),
-            CaseOutcome::Skipped(why) => write!(f, "SKIP {} {} {}: {why}", self.file, self.kind, self.name),
+            CaseOutcome::Failed(why) => {
+                write!(f, "FAIL {} {} {}: {why}", self.file, self.kind, self.name)
+            }
+            CaseOutcome::Skipped(why) => {
+                write!(f, "SKIP {} {} {}: {why}", self.file, self.kind, self.name)
+            }
         }
     }
 }
@@ -53,7 +60,9 @@ fn unhex(field: &str, text: &str) -> Result<Vec<u8>, String> {
 }
 
 fn unhex32(field: &str, text: &str) -> Result<[u8; 32], String> {
-    unhex(field, text)?.try_into().map_err(|_| format!("{field}: recorded value is not 32 bytes"))
+    unhex(field, text)?
+        .try_into()
+        .map_err(|_| format!("{field}: recorded value is not 32 bytes"))
 }
 
 fn same(field: &str, expected_hex: &str, actual: &[u8]) -> Check {
@@ -61,7 +70,11 @@ fn same(field: &str, expected_hex: &str, actual: &[u8]) -> Check {
     if expected == actual {
         Ok(())
     } else {
-        Err(format!("{field}: expected {}, got {}", hex::encode(&expected), hex::encode(actual)))
+        Err(format!(
+            "{field}: expected {}, got {}",
+            hex::encode(&expected),
+            hex::encode(actual)
+        ))
     }
 }
 
@@ -74,7 +87,11 @@ fn same_text(field: &str, expected: &str, actual: &str) -> Check {
 }
 
 fn dialect_of(doc: &Document) -> Result<KdfDialect, String> {
-    doc.kdf.as_deref().unwrap_or("spec").parse::<KdfDialect>().map_err(|e| e.to_string())
+    doc.kdf
+        .as_deref()
+        .unwrap_or("spec")
+        .parse::<KdfDialect>()
+        .map_err(|e| e.to_string())
 }
 
 /// Verifies every vector file at `path` (a file, or a directory searched
@@ -84,15 +101,24 @@ pub fn verify_path(path: &Path) -> Result<Vec<CaseResult>, VerifyError> {
     collect_json(path, &mut files)?;
     let mut results = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file).map_err(|source| VerifyError::Io { path: file.clone(), source })?;
+        let text = std::fs::read_to_string(&file).map_err(|source| VerifyError::Io {
+            path: file.clone(),
+            source,
+        })?;
         results.extend(verify_document(&text, &display_name(&file))?);
     }
     Ok(results)
 }
 
 fn display_name(file: &Path) -> String {
-    let parent = file.parent().and_then(|p| p.file_name()).map(|p| p.to_string_lossy().into_owned());
-    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let parent = file
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|p| p.to_string_lossy().into_owned());
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     match parent {
         Some(parent) => format!("{parent}/{name}"),
         None => name,
@@ -100,10 +126,15 @@ fn display_name(file: &Path) -> String {
 }
 
 fn collect_json(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), VerifyError> {
-    let io = |source| VerifyError::Io { path: path.to_owned(), source };
+    let io = |source| VerifyError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if path.is_dir() {
-        let mut entries: Vec<PathBuf> =
-            std::fs::read_dir(path).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
         entries.sort();
         for entry in entries {
             if entry.is_dir() || entry.extension().is_some_and(|e| e == "json") {
@@ -120,7 +151,10 @@ fn collect_json(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), VerifyError> 
 
 /// Verifies one vector document; `label` names it in the results.
 pub fn verify_document(text: &str, label: &str) -> Result<Vec<CaseResult>, VerifyError> {
-    let schema_error = |reason: String| VerifyError::Schema { path: label.to_owned(), reason };
+    let schema_error = |reason: String| VerifyError::Schema {
+        path: label.to_owned(),
+        reason,
+    };
     let doc: Document = serde_json::from_str(text).map_err(|e| schema_error(e.to_string()))?;
     if doc.schema != SCHEMA {
         return Err(schema_error(format!("schema is {:?}", doc.schema)));
@@ -128,20 +162,33 @@ pub fn verify_document(text: &str, label: &str) -> Result<Vec<CaseResult>, Verif
     let dialect = dialect_of(&doc).map_err(schema_error)?;
     let mut results = Vec::new();
     for (index, raw) in doc.cases.iter().enumerate() {
-        let name = raw.get("name").and_then(|n| n.as_str()).map_or_else(|| format!("#{index}"), str::to_owned);
+        let name = raw
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map_or_else(|| format!("#{index}"), str::to_owned);
         let outcome = match doc.kind.as_str() {
             "x3dh" => run(raw, |c: X3dhCase| verify_x3dh(&c, dialect)),
             "ratchet" => run(raw, |c: RatchetCase| verify_ratchet(&c)),
             "identity" => run(raw, |c: IdentityCase| verify_identity(&c)),
-            "mesh-session" => CaseOutcome::Skipped("mesh-session replay needs the networked client".into()),
+            "mesh-session" => {
+                CaseOutcome::Skipped("mesh-session replay needs the networked client".into())
+            }
             other => return Err(schema_error(format!("unknown kind {other:?}"))),
         };
-        results.push(CaseResult { file: label.to_owned(), kind: doc.kind.clone(), name, outcome });
+        results.push(CaseResult {
+            file: label.to_owned(),
+            kind: doc.kind.clone(),
+            name,
+            outcome,
+        });
     }
     Ok(results)
 }
 
-fn run<T: serde::de::DeserializeOwned>(raw: &serde_json::Value, verify: impl FnOnce(T) -> Check) -> CaseOutcome {
+fn run<T: serde::de::DeserializeOwned>(
+    raw: &serde_json::Value,
+    verify: impl FnOnce(T) -> Check,
+) -> CaseOutcome {
     match serde_json::from_value::<T>(raw.clone()) {
         Err(e) => CaseOutcome::Failed(format!("case does not match the schema: {e}")),
         Ok(case) => match verify(case) {
@@ -151,11 +198,29 @@ fn run<T: serde::de::DeserializeOwned>(raw: &serde_json::Value, verify: impl FnO
     }
 }
 
-fn identity_checked(prefix: &str, seed: &str, ed_public: &str, x_private: &str, x_public: &str) -> Result<Identity, String> {
+fn identity_checked(
+    prefix: &str,
+    seed: &str,
+    ed_public: &str,
+    x_private: &str,
+    x_public: &str,
+) -> Result<Identity, String> {
     let identity = Identity::from_seed(&unhex32(&format!("{prefix}_ed25519_seed"), seed)?);
-    same(&format!("{prefix}_ed25519_public"), ed_public, identity.ed25519_public().as_bytes())?;
-    same(&format!("{prefix}_x25519_private"), x_private, identity.x25519_secret().as_bytes())?;
-    same(&format!("{prefix}_x25519_public"), x_public, identity.x25519_public().as_bytes())?;
+    same(
+        &format!("{prefix}_ed25519_public"),
+        ed_public,
+        identity.ed25519_public().as_bytes(),
+    )?;
+    same(
+        &format!("{prefix}_x25519_private"),
+        x_private,
+        identity.x25519_secret().as_bytes(),
+    )?;
+    same(
+        &format!("{prefix}_x25519_public"),
+        x_public,
+        identity.x25519_public().as_bytes(),
+    )?;
     Ok(identity)
 }
 
@@ -176,41 +241,89 @@ fn verify_x3dh(case: &X3dhCase, dialect: KdfDialect) -> Check {
     )?;
     let spk = X25519Secret::from_bytes(unhex32("bob_spk_private", &case.bob_spk_private)?);
     let mut prekeys = PreKeys::with_signed_pre_key(&bob, case.bob_spk_id, spk);
-    same("bob_spk_public", &case.bob_spk_public, prekeys.signed_pre_key().pair.public().as_bytes())?;
-    same("bob_spk_signature", &case.bob_spk_signature, &prekeys.signed_pre_key().signature)?;
+    same(
+        "bob_spk_public",
+        &case.bob_spk_public,
+        prekeys.signed_pre_key().pair.public().as_bytes(),
+    )?;
+    same(
+        "bob_spk_signature",
+        &case.bob_spk_signature,
+        &prekeys.signed_pre_key().signature,
+    )?;
     match (case.bob_otk_id, &case.bob_otk_private, &case.bob_otk_public) {
         (Some(id), Some(private), Some(public)) => {
             let secret = X25519Secret::from_bytes(unhex32("bob_otk_private", private)?);
-            prekeys.add_one_time_key(id, secret).map_err(|e| format!("bob_otk_id: {e}"))?;
+            prekeys
+                .add_one_time_key(id, secret)
+                .map_err(|e| format!("bob_otk_id: {e}"))?;
             let pair = prekeys.one_time_key(id).ok_or("one-time key not stored")?;
             same("bob_otk_public", public, pair.public().as_bytes())?;
         }
         (None, None | Some(_), None) => {}
-        _ => return Err("bob_otk_id, bob_otk_private and bob_otk_public must be all set or all null".into()),
+        _ => {
+            return Err(
+                "bob_otk_id, bob_otk_private and bob_otk_public must be all set or all null".into(),
+            )
+        }
     }
     let bundle = prekeys.bundle(&bob, case.bob_otk_id);
 
-    let mut rng = ScriptedRng::new([unhex("alice_ephemeral_private", &case.alice_ephemeral_private)?]);
+    let mut rng = ScriptedRng::new([unhex(
+        "alice_ephemeral_private",
+        &case.alice_ephemeral_private,
+    )?]);
     let (initiator, initiation) =
         x3dh::initiate(&mut rng, &alice, &bundle, dialect).map_err(|e| format!("initiate: {e}"))?;
-    rng.finish().map_err(|e| format!("initiate randomness: {e}"))?;
-    same("alice_ephemeral_public", &case.alice_ephemeral_public, initiation.ephemeral_key.as_bytes())?;
-    let expected_dhs: Vec<(&str, &str)> = [("dh1", Some(&case.dh1)), ("dh2", Some(&case.dh2)), ("dh3", Some(&case.dh3)), ("dh4", case.dh4.as_ref())]
-        .into_iter()
-        .filter_map(|(n, v)| v.map(|v| (n, v.as_str())))
-        .collect();
+    rng.finish()
+        .map_err(|e| format!("initiate randomness: {e}"))?;
+    same(
+        "alice_ephemeral_public",
+        &case.alice_ephemeral_public,
+        initiation.ephemeral_key.as_bytes(),
+    )?;
+    let expected_dhs: Vec<(&str, &str)> = [
+        ("dh1", Some(&case.dh1)),
+        ("dh2", Some(&case.dh2)),
+        ("dh3", Some(&case.dh3)),
+        ("dh4", case.dh4.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(n, v)| v.map(|v| (n, v.as_str())))
+    .collect();
     if expected_dhs.len() != initiator.dh_outputs.len() {
-        return Err(format!("{} DH outputs recorded, {} computed", expected_dhs.len(), initiator.dh_outputs.len()));
+        return Err(format!(
+            "{} DH outputs recorded, {} computed",
+            expected_dhs.len(),
+            initiator.dh_outputs.len()
+        ));
     }
     for ((field, expected), actual) in expected_dhs.iter().zip(&initiator.dh_outputs) {
         same(field, expected, actual.as_bytes())?;
     }
-    same("shared_secret", &case.shared_secret, initiator.shared_secret.as_bytes())?;
-    same("associated_data", &case.associated_data, &initiator.associated_data)?;
+    same(
+        "shared_secret",
+        &case.shared_secret,
+        initiator.shared_secret.as_bytes(),
+    )?;
+    same(
+        "associated_data",
+        &case.associated_data,
+        &initiator.associated_data,
+    )?;
 
-    let responder = x3dh::respond(&bob, &prekeys, &initiation, dialect).map_err(|e| format!("respond: {e}"))?;
-    same("shared_secret (responder)", &case.shared_secret, responder.shared_secret.as_bytes())?;
-    same("associated_data (responder)", &case.associated_data, &responder.associated_data)?;
+    let responder =
+        x3dh::respond(&bob, &prekeys, &initiation, dialect).map_err(|e| format!("respond: {e}"))?;
+    same(
+        "shared_secret (responder)",
+        &case.shared_secret,
+        responder.shared_secret.as_bytes(),
+    )?;
+    same(
+        "associated_data (responder)",
+        &case.associated_data,
+        &responder.associated_data,
+    )?;
     for ((field, expected), actual) in expected_dhs.iter().zip(&responder.dh_outputs) {
         same(&format!("{field} (responder)"), expected, actual.as_bytes())?;
     }
@@ -228,7 +341,10 @@ pub fn snapshot(r: &DoubleRatchet) -> StateSnapshot {
         n_send: r.send_count(),
         n_recv: r.recv_count(),
         pn: r.previous_send_count(),
-        skipped: r.skipped_key_ids().map(|(dh, n)| format!("{}:{n}", dh.to_hex())).collect(),
+        skipped: r
+            .skipped_key_ids()
+            .map(|(dh, n)| format!("{}:{n}", dh.to_hex()))
+            .collect(),
     }
 }
 
@@ -236,10 +352,16 @@ fn same_state(what: &str, expected: &StateSnapshot, actual: &StateSnapshot) -> C
     let lower = |s: &StateSnapshot| {
         let mut s = s.clone();
         s.root_key.make_ascii_lowercase();
-        s.chain_key_send.iter_mut().for_each(|k| k.make_ascii_lowercase());
-        s.chain_key_recv.iter_mut().for_each(|k| k.make_ascii_lowercase());
+        s.chain_key_send
+            .iter_mut()
+            .for_each(|k| k.make_ascii_lowercase());
+        s.chain_key_recv
+            .iter_mut()
+            .for_each(|k| k.make_ascii_lowercase());
         s.dh_self_public.make_ascii_lowercase();
-        s.dh_remote_public.iter_mut().for_each(|k| k.make_ascii_lowercase());
+        s.dh_remote_public
+            .iter_mut()
+            .for_each(|k| k.make_ascii_lowercase());
         s.skipped.iter_mut().for_each(|k| k.make_ascii_lowercase());
         s
     };
@@ -253,7 +375,10 @@ fn same_state(what: &str, expected: &StateSnapshot, actual: &StateSnapshot) -> C
     if let (Some(e), Some(a)) = (e.as_object(), a.as_object()) {
         for (key, ev) in e {
             if a.get(key) != Some(ev) {
-                diffs.push(format!("{key} expected {ev}, got {}", a.get(key).cloned().unwrap_or_default()));
+                diffs.push(format!(
+                    "{key} expected {ev}, got {}",
+                    a.get(key).cloned().unwrap_or_default()
+                ));
             }
         }
     }
@@ -275,8 +400,15 @@ pub fn error_kind(e: &DecryptError) -> &'static str {
 
 fn verify_ratchet(case: &RatchetCase) -> Check {
     let shared = SharedSecret::from_bytes(unhex32("shared_secret", &case.shared_secret)?);
-    let spk = KeyPair::from_secret(X25519Secret::from_bytes(unhex32("bob_spk_private", &case.bob_spk_private)?));
-    same("bob_spk_public", &case.bob_spk_public, spk.public().as_bytes())?;
+    let spk = KeyPair::from_secret(X25519Secret::from_bytes(unhex32(
+        "bob_spk_private",
+        &case.bob_spk_private,
+    )?));
+    same(
+        "bob_spk_public",
+        &case.bob_spk_public,
+        spk.public().as_bytes(),
+    )?;
     let ad = unhex("associated_data", &case.associated_data)?;
     if let (Some(alice), Some(bob)) = (&case.alice_did, &case.bob_did) {
         let prefix = format!("{alice}|{bob}");
@@ -285,11 +417,20 @@ fn verify_ratchet(case: &RatchetCase) -> Check {
         }
     }
 
-    let mut rng = ScriptedRng::new([unhex("alice_ratchet_0_private", &case.alice_ratchet_0_private)?]);
-    let mut alice = DoubleRatchet::init_sender(&mut rng, &shared, spk.public()).map_err(|e| format!("init_sender: {e}"))?;
-    rng.finish().map_err(|e| format!("init_sender randomness: {e}"))?;
+    let mut rng = ScriptedRng::new([unhex(
+        "alice_ratchet_0_private",
+        &case.alice_ratchet_0_private,
+    )?]);
+    let mut alice = DoubleRatchet::init_sender(&mut rng, &shared, spk.public())
+        .map_err(|e| format!("init_sender: {e}"))?;
+    rng.finish()
+        .map_err(|e| format!("init_sender randomness: {e}"))?;
     if let Some(public) = &case.alice_ratchet_0_public {
-        same("alice_ratchet_0_public", public, alice.dh_self_public().as_bytes())?;
+        same(
+            "alice_ratchet_0_public",
+            public,
+            alice.dh_self_public().as_bytes(),
+        )?;
     }
     let mut bob = DoubleRatchet::init_receiver(&shared, spk);
     if let Some(initial) = &case.initial_state {
@@ -304,7 +445,8 @@ fn verify_ratchet(case: &RatchetCase) -> Check {
             "bob" => &mut bob,
             other => return Err(format!("event {}: unknown party {other:?}", event.i)),
         };
-        apply_event(event, party, &ad, &mut sent).map_err(|e| format!("event {} ({} by {}): {e}", event.i, event.op, event.party))?;
+        apply_event(event, party, &ad, &mut sent)
+            .map_err(|e| format!("event {} ({} by {}): {e}", event.i, event.op, event.party))?;
     }
     Ok(())
 }
@@ -322,24 +464,48 @@ fn apply_event(
         .collect::<Result<_, _>>()?;
     match event.op.as_str() {
         "encrypt" => {
-            let plaintext = unhex("plaintext", event.plaintext.as_deref().ok_or("plaintext missing")?)?;
+            let plaintext = unhex(
+                "plaintext",
+                event.plaintext.as_deref().ok_or("plaintext missing")?,
+            )?;
             let nonce = unhex("nonce", event.nonce.as_deref().ok_or("nonce missing")?)?;
             let key_before = party.sending_chain_key().map(message_key_of);
             let mut rng = ScriptedRng::new(std::iter::once(nonce).chain(generated));
-            let message = party.encrypt(&mut rng, &plaintext, ad).map_err(|e| format!("encrypt: {e}"))?;
+            let message = party
+                .encrypt(&mut rng, &plaintext, ad)
+                .map_err(|e| format!("encrypt: {e}"))?;
             rng.finish()?;
             if let Some(expected) = &event.message_key {
-                same("message_key", expected, key_before.as_ref().map(|k| k.as_bytes().as_slice()).unwrap_or_default())?;
+                same(
+                    "message_key",
+                    expected,
+                    key_before
+                        .as_ref()
+                        .map(|k| k.as_bytes().as_slice())
+                        .unwrap_or_default(),
+                )?;
             }
             if let Some(header) = &event.header {
                 same("header.dh", &header.dh, message.header.dh.as_bytes())?;
-                same_text("header.pn", &header.pn.to_string(), &message.header.pn.to_string())?;
-                same_text("header.n", &header.n.to_string(), &message.header.n.to_string())?;
+                same_text(
+                    "header.pn",
+                    &header.pn.to_string(),
+                    &message.header.pn.to_string(),
+                )?;
+                same_text(
+                    "header.n",
+                    &header.n.to_string(),
+                    &message.header.n.to_string(),
+                )?;
             }
             if let Some(expected) = &event.header_bytes {
                 same("header_bytes", expected, &message.header.to_bytes())?;
             }
-            same("ciphertext", event.ciphertext.as_deref().ok_or("ciphertext missing")?, &message.ciphertext)?;
+            same(
+                "ciphertext",
+                event.ciphertext.as_deref().ok_or("ciphertext missing")?,
+                &message.ciphertext,
+            )?;
             sent.insert(event.i, message);
         }
         "decrypt" => {
@@ -348,7 +514,11 @@ fn apply_event(
             let before = party.clone();
             match (party.decrypt(&mut rng, &message, ad), &event.expect_error) {
                 (Ok(plaintext), None) => {
-                    same("plaintext", event.plaintext.as_deref().ok_or("plaintext missing")?, &plaintext)?;
+                    same(
+                        "plaintext",
+                        event.plaintext.as_deref().ok_or("plaintext missing")?,
+                        &plaintext,
+                    )?;
                 }
                 (Ok(_), Some(kind)) => return Err(format!("decrypted, but {kind} was expected")),
                 (Err(e), Some(kind)) => {
@@ -371,7 +541,10 @@ fn apply_event(
 
 /// The message a decrypt event consumes: the referenced encrypt event's
 /// output, with any header or ciphertext the event itself records instead.
-fn incoming(event: &Event, sent: &HashMap<usize, EncryptedMessage>) -> Result<EncryptedMessage, String> {
+fn incoming(
+    event: &Event,
+    sent: &HashMap<usize, EncryptedMessage>,
+) -> Result<EncryptedMessage, String> {
     let base = event.message.and_then(|i| sent.get(&i)).cloned();
     let header = match (&event.header, &base) {
         (Some(h), _) => Header {
@@ -391,23 +564,45 @@ fn incoming(event: &Event, sent: &HashMap<usize, EncryptedMessage>) -> Result<En
 }
 
 fn verify_identity(case: &IdentityCase) -> Check {
-    let identity = identity_checked("", &case.ed25519_seed, &case.ed25519_public, &case.x25519_private, &case.x25519_public)
-        .map_err(|e| e.trim_start_matches('_').to_owned())?;
+    let identity = identity_checked(
+        "",
+        &case.ed25519_seed,
+        &case.ed25519_public,
+        &case.x25519_private,
+        &case.x25519_public,
+    )
+    .map_err(|e| e.trim_start_matches('_').to_owned())?;
     same_text("did", &case.did, identity.did().as_str())?;
-    same("timestamp_signature", &case.timestamp_signature, &identity.sign(case.timestamp.as_bytes()))?;
-    same_text("authorization", &case.authorization, &auth::ed25519_timestamp_header(&identity, &case.timestamp))?;
+    same(
+        "timestamp_signature",
+        &case.timestamp_signature,
+        &identity.sign(case.timestamp.as_bytes()),
+    )?;
+    same_text(
+        "authorization",
+        &case.authorization,
+        &auth::ed25519_timestamp_header(&identity, &case.timestamp),
+    )?;
     let connect = ConnectFrame::new(&identity, &case.relay_connect.timestamp);
     let rc = &case.relay_connect;
     same_text("relay_connect.type", &rc.kind, connect.kind)?;
     same_text("relay_connect.from", &rc.from, &connect.from)?;
-    same_text("relay_connect.public_key", &rc.public_key, &connect.public_key)?;
+    same_text(
+        "relay_connect.public_key",
+        &rc.public_key,
+        &connect.public_key,
+    )?;
     same_text("relay_connect.timestamp", &rc.timestamp, &connect.timestamp)?;
     same_text("relay_connect.signature", &rc.signature, &connect.signature)?;
     if let Some(expected) = &case.connect_frame_json {
         same_text("connect_frame_json", expected, &frames::to_text(&connect))?;
     }
     if let Some(expected) = &case.fetch_pending_frame_json {
-        same_text("fetch_pending_frame_json", expected, &frames::to_text(&FetchPendingFrame::new(&identity)))?;
+        same_text(
+            "fetch_pending_frame_json",
+            expected,
+            &frames::to_text(&FetchPendingFrame::new(&identity)),
+        )?;
     }
     Ok(())
 }

@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 
 fn documents() -> Vec<(String, Document)> {
     static DOCS: OnceLock<Vec<(String, Document)>> = OnceLock::new();
-    DOCS.get_or_init(|| meshwire_vectors::generate::documents().unwrap()).clone()
+    DOCS.get_or_init(|| meshwire_vectors::generate::documents().unwrap())
+        .clone()
 }
 
 fn shared_vectors() -> Option<PathBuf> {
@@ -34,14 +35,22 @@ fn repo_vectors() -> PathBuf {
 fn every_shared_reference_file_passes() {
     let Some(dir) = shared_vectors() else { return };
     let results = verify_path(&dir).unwrap();
-    let failed: Vec<String> =
-        results.iter().filter(|r| matches!(r.outcome, CaseOutcome::Failed(_))).map(|r| r.to_string()).collect();
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| matches!(r.outcome, CaseOutcome::Failed(_)))
+        .map(|r| r.to_string())
+        .collect();
     assert!(failed.is_empty(), "{failed:#?}");
-    let passed = results.iter().filter(|r| r.outcome == CaseOutcome::Passed).count();
+    let passed = results
+        .iter()
+        .filter(|r| r.outcome == CaseOutcome::Passed)
+        .count();
     for producer in ["ts-main", "ts-sdk-4.0.0", "python-5.0.0"] {
         for kind in ["x3dh", "ratchet"] {
             assert!(
-                results.iter().any(|r| r.file.starts_with(producer) && r.kind == kind && r.outcome == CaseOutcome::Passed),
+                results.iter().any(|r| r.file.starts_with(producer)
+                    && r.kind == kind
+                    && r.outcome == CaseOutcome::Passed),
                 "no passing {kind} case from {producer}"
             );
         }
@@ -56,7 +65,9 @@ fn own_cases_equal_reference_cases_byte_for_byte() {
     let mut compared = 0;
     for producer in ["ts-main", "ts-sdk-4.0.0", "python-5.0.0"] {
         for entry in std::fs::read_dir(dir.join(producer)).unwrap() {
-            let doc: Document = serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
+            let doc: Document =
+                serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap())
+                    .unwrap();
             if doc.kind == "mesh-session" {
                 continue;
             }
@@ -64,7 +75,9 @@ fn own_cases_equal_reference_cases_byte_for_byte() {
                 let name = reference["name"].as_str().unwrap();
                 let mine = ours
                     .iter()
-                    .filter(|(_, d)| d.kind == doc.kind && (doc.kind == "identity" || d.kdf == doc.kdf))
+                    .filter(|(_, d)| {
+                        d.kind == doc.kind && (doc.kind == "identity" || d.kdf == doc.kdf)
+                    })
                     .flat_map(|(_, d)| &d.cases)
                     .find(|c| c["name"] == name)
                     .unwrap_or_else(|| panic!("meshwire generates no {} case {name}", doc.kind));
@@ -72,7 +85,11 @@ fn own_cases_equal_reference_cases_byte_for_byte() {
                     if field == "notes" {
                         continue;
                     }
-                    assert_eq!(&mine[field], value, "{producer} {} {name}: field {field}", doc.kind);
+                    assert_eq!(
+                        &mine[field], value,
+                        "{producer} {} {name}: field {field}",
+                        doc.kind
+                    );
                 }
                 compared += 1;
             }
@@ -85,13 +102,20 @@ fn own_cases_equal_reference_cases_byte_for_byte() {
 fn committed_vectors_are_current_and_pass() {
     for (name, doc) in documents() {
         let path = repo_vectors().join(&name);
-        let committed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let committed: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let mut fresh = serde_json::to_value(&doc).unwrap();
-        assert_eq!(committed, fresh, "{name} is stale: run `meshwire vectors generate vectors`");
+        assert_eq!(
+            committed, fresh,
+            "{name} is stale: run `meshwire vectors generate vectors`"
+        );
         fresh.take();
     }
     let results = verify_path(&repo_vectors()).unwrap();
-    assert!(results.iter().all(|r| r.outcome == CaseOutcome::Passed), "{results:#?}");
+    assert!(
+        results.iter().all(|r| r.outcome == CaseOutcome::Passed),
+        "{results:#?}"
+    );
     assert!(results.len() >= 15);
 }
 
@@ -100,10 +124,19 @@ fn committed_vectors_are_current_and_pass() {
 fn outcome_after(file: &str, case: &str, mutate: impl Fn(&mut Value)) -> CaseOutcome {
     let (_, doc) = documents().into_iter().find(|(n, _)| n == file).unwrap();
     let mut value = serde_json::to_value(&doc).unwrap();
-    let target = value["cases"].as_array_mut().unwrap().iter_mut().find(|c| c["name"] == case).unwrap();
+    let target = value["cases"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["name"] == case)
+        .unwrap();
     mutate(target);
     let results = verify_document(&value.to_string(), file).unwrap();
-    results.into_iter().find(|r| r.name == case).unwrap().outcome
+    results
+        .into_iter()
+        .find(|r| r.name == case)
+        .unwrap()
+        .outcome
 }
 
 fn flip_hex(v: &mut Value) {
@@ -116,61 +149,146 @@ fn flip_hex(v: &mut Value) {
 #[test]
 fn mutated_vectors_fail() {
     let x3dh_fields = [
-        "alice_x25519_public", "bob_x25519_private", "bob_spk_signature", "bob_spk_public", "bob_otk_public",
-        "alice_ephemeral_public", "dh1", "dh2", "dh3", "dh4", "shared_secret", "associated_data",
+        "alice_x25519_public",
+        "bob_x25519_private",
+        "bob_spk_signature",
+        "bob_spk_public",
+        "bob_otk_public",
+        "alice_ephemeral_public",
+        "dh1",
+        "dh2",
+        "dh3",
+        "dh4",
+        "shared_secret",
+        "associated_data",
     ];
     for field in x3dh_fields {
         let outcome = outcome_after("x3dh-spec.json", "x3dh-otk", |c| flip_hex(&mut c[field]));
-        assert!(matches!(&outcome, CaseOutcome::Failed(why) if why.contains(field)), "{field}: {outcome:?}");
+        assert!(
+            matches!(&outcome, CaseOutcome::Failed(why) if why.contains(field)),
+            "{field}: {outcome:?}"
+        );
     }
     // The legacy dialect's secret differs: a spec-KDF file with legacy values fails.
     let outcome = outcome_after("x3dh-spec.json", "x3dh-otk", |c| {
-        c["shared_secret"] = documents().into_iter().find(|(n, _)| n == "x3dh-legacy-ff-salt.json").unwrap().1.cases[0]
-            ["shared_secret"]
+        c["shared_secret"] = documents()
+            .into_iter()
+            .find(|(n, _)| n == "x3dh-legacy-ff-salt.json")
+            .unwrap()
+            .1
+            .cases[0]["shared_secret"]
             .clone();
     });
     assert!(matches!(outcome, CaseOutcome::Failed(_)));
 
     let ratchet_mutations: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
-        ("ciphertext", Box::new(|c| flip_hex(&mut c["events"][0]["ciphertext"]))),
+        (
+            "ciphertext",
+            Box::new(|c| flip_hex(&mut c["events"][0]["ciphertext"])),
+        ),
         // The nonce is an input: a different one changes the ciphertext.
-        ("ciphertext", Box::new(|c| flip_hex(&mut c["events"][1]["nonce"]))),
-        ("message_key", Box::new(|c| flip_hex(&mut c["events"][2]["message_key"]))),
-        ("header_bytes", Box::new(|c| flip_hex(&mut c["events"][2]["header_bytes"]))),
-        ("plaintext", Box::new(|c| flip_hex(&mut c["events"][3]["plaintext"]))),
-        ("root_key", Box::new(|c| flip_hex(&mut c["events"][3]["state_after"]["root_key"]))),
-        ("chain_key_recv", Box::new(|c| flip_hex(&mut c["events"][7]["state_after"]["chain_key_recv"]))),
-        ("skipped", Box::new(|c| c["events"][4]["state_after"]["skipped"] = serde_json::json!([]))),
-        ("n_recv", Box::new(|c| c["events"][4]["state_after"]["n_recv"] = 9.into())),
+        (
+            "ciphertext",
+            Box::new(|c| flip_hex(&mut c["events"][1]["nonce"])),
+        ),
+        (
+            "message_key",
+            Box::new(|c| flip_hex(&mut c["events"][2]["message_key"])),
+        ),
+        (
+            "header_bytes",
+            Box::new(|c| flip_hex(&mut c["events"][2]["header_bytes"])),
+        ),
+        (
+            "plaintext",
+            Box::new(|c| flip_hex(&mut c["events"][3]["plaintext"])),
+        ),
+        (
+            "root_key",
+            Box::new(|c| flip_hex(&mut c["events"][3]["state_after"]["root_key"])),
+        ),
+        (
+            "chain_key_recv",
+            Box::new(|c| flip_hex(&mut c["events"][7]["state_after"]["chain_key_recv"])),
+        ),
+        (
+            "skipped",
+            Box::new(|c| c["events"][4]["state_after"]["skipped"] = serde_json::json!([])),
+        ),
+        (
+            "n_recv",
+            Box::new(|c| c["events"][4]["state_after"]["n_recv"] = 9.into()),
+        ),
         // A different generated key is an input: the state after the DH step differs.
-        ("dh_self_public", Box::new(|c| flip_hex(&mut c["events"][3]["generated_ratchet_private"][0]))),
-        ("never drawn", Box::new(|c| c["events"][4]["generated_ratchet_private"] = serde_json::json!(["00".repeat(32)]))),
-        ("initial_state", Box::new(|c| flip_hex(&mut c["initial_state"]["alice"]["chain_key_send"]))),
+        (
+            "dh_self_public",
+            Box::new(|c| flip_hex(&mut c["events"][3]["generated_ratchet_private"][0])),
+        ),
+        (
+            "never drawn",
+            Box::new(|c| {
+                c["events"][4]["generated_ratchet_private"] = serde_json::json!(["00".repeat(32)])
+            }),
+        ),
+        (
+            "initial_state",
+            Box::new(|c| flip_hex(&mut c["initial_state"]["alice"]["chain_key_send"])),
+        ),
     ];
     for (what, mutate) in &ratchet_mutations {
         let outcome = outcome_after("ratchet-spec.json", "conversation", mutate);
-        assert!(matches!(&outcome, CaseOutcome::Failed(why) if why.contains(what)), "{what}: {outcome:?}");
+        assert!(
+            matches!(&outcome, CaseOutcome::Failed(why) if why.contains(what)),
+            "{what}: {outcome:?}"
+        );
     }
     let outcome = outcome_after("ratchet-spec.json", "skip-101-rejected", |c| {
-        let event = c["events"].as_array_mut().unwrap().iter_mut().find(|e| e.get("expect_error").is_some()).unwrap();
+        let event = c["events"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|e| e.get("expect_error").is_some())
+            .unwrap();
         event["expect_error"] = "bad-tag".into();
     });
-    assert!(matches!(&outcome, CaseOutcome::Failed(why) if why.contains("too-many-skipped")), "{outcome:?}");
+    assert!(
+        matches!(&outcome, CaseOutcome::Failed(why) if why.contains("too-many-skipped")),
+        "{outcome:?}"
+    );
 
-    for field in ["did", "authorization", "timestamp_signature", "connect_frame_json"] {
+    for field in [
+        "did",
+        "authorization",
+        "timestamp_signature",
+        "connect_frame_json",
+    ] {
         let outcome = outcome_after("identity.json", "identity-1", |c| {
             let s = c[field].as_str().unwrap().replace('a', "b");
             c[field] = s.into();
         });
-        assert!(matches!(&outcome, CaseOutcome::Failed(why) if why.contains(field)), "{field}: {outcome:?}");
+        assert!(
+            matches!(&outcome, CaseOutcome::Failed(why) if why.contains(field)),
+            "{field}: {outcome:?}"
+        );
     }
 }
 
 #[test]
 fn unreadable_files_are_errors_not_panics() {
-    for text in ["", "{", "[]", r#"{"schema":"other","kind":"x3dh","cases":[]}"#, r#"{"schema":"agentmesh-golden/1","kind":"nope","cases":[{}]}"#, r#"{"schema":"agentmesh-golden/1","kind":"x3dh","kdf":"rot13","cases":[]}"#] {
+    for text in [
+        "",
+        "{",
+        "[]",
+        r#"{"schema":"other","kind":"x3dh","cases":[]}"#,
+        r#"{"schema":"agentmesh-golden/1","kind":"nope","cases":[{}]}"#,
+        r#"{"schema":"agentmesh-golden/1","kind":"x3dh","kdf":"rot13","cases":[]}"#,
+    ] {
         assert!(verify_document(text, "t").is_err(), "{text}");
     }
-    let results = verify_document(r#"{"schema":"agentmesh-golden/1","kind":"ratchet","cases":[{"name":"x"}]}"#, "t").unwrap();
+    let results = verify_document(
+        r#"{"schema":"agentmesh-golden/1","kind":"ratchet","cases":[{"name":"x"}]}"#,
+        "t",
+    )
+    .unwrap();
     assert!(matches!(results[0].outcome, CaseOutcome::Failed(_)));
 }
