@@ -135,10 +135,8 @@ impl fmt::Debug for DoubleRatchet {
 fn kdf_root(root: &RootKey, dh: &[u8; 32]) -> (RootKey, ChainKey) {
     let mut out = Zeroizing::new([0u8; 64]);
     Active::hkdf_sha256(root.as_bytes(), dh, RATCHET_INFO, out.as_mut());
-    let mut root = [0u8; 32];
-    let mut chain = [0u8; 32];
-    root.copy_from_slice(&out[..32]);
-    chain.copy_from_slice(&out[32..]);
+    let root = out.first_chunk::<32>().copied().unwrap_or_default();
+    let chain = out.last_chunk::<32>().copied().unwrap_or_default();
     (RootKey::from_bytes(root), ChainKey::from_bytes(chain))
 }
 

@@ -146,6 +146,8 @@ fn flip_hex(v: &mut Value) {
     *v = Value::String(format!("{}{flipped}", &s[..s.len() - 1]));
 }
 
+type Mutation = Box<dyn Fn(&mut Value)>;
+
 #[test]
 fn mutated_vectors_fail() {
     let x3dh_fields = [
@@ -181,7 +183,7 @@ fn mutated_vectors_fail() {
     });
     assert!(matches!(outcome, CaseOutcome::Failed(_)));
 
-    let ratchet_mutations: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    let ratchet_mutations: Vec<(&str, Mutation)> = vec![
         (
             "ciphertext",
             Box::new(|c| flip_hex(&mut c["events"][0]["ciphertext"])),
