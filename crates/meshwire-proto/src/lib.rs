@@ -56,6 +56,7 @@ pub mod keys;
 pub mod prekeys;
 pub mod ratchet;
 pub mod state;
+pub mod time;
 pub mod x3dh;
 
 pub use channel::{AcceptError, Establishment, SecureChannel};

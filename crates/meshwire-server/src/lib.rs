@@ -1,0 +1,1 @@
+//! Embedded AgentMesh relay and registry.

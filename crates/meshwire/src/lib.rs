@@ -1,0 +1,3 @@
+//! meshwire: AgentMesh end-to-end encrypted agent-to-agent messaging.
+
+pub mod registry;
