@@ -35,7 +35,12 @@ pub enum AuthError {
 /// The header value: the DID, the ISO-8601 timestamp and the base64url
 /// (unpadded) Ed25519 signature over utf8(timestamp).
 pub fn ed25519_timestamp_header(identity: &Identity, timestamp: &str) -> String {
-    format!("{SCHEME}{} {} {}", identity.did(), timestamp, b64_url(&identity.sign(timestamp.as_bytes())))
+    format!(
+        "{SCHEME}{} {} {}",
+        identity.did(),
+        timestamp,
+        b64_url(&identity.sign(timestamp.as_bytes()))
+    )
 }
 
 /// A parsed, not yet verified, `Ed25519-Timestamp` header.
@@ -50,7 +55,9 @@ impl AuthHeader {
     pub fn parse(value: &str) -> Result<Self, AuthError> {
         let rest = value.strip_prefix(SCHEME).ok_or(AuthError::Missing)?;
         let mut parts = rest.splitn(3, ' ');
-        let (Some(did), Some(timestamp), Some(signature)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(did), Some(timestamp), Some(signature)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
             return Err(AuthError::Malformed);
         };
         Ok(Self {
@@ -64,7 +71,8 @@ impl AuthHeader {
     /// (the key the registry holds for `self.did`).
     pub fn verify(&self, key: &Ed25519PublicKey, now: Timestamp) -> Result<(), AuthError> {
         check_fresh(&self.timestamp, now)?;
-        verify_signature(key, self.timestamp.as_bytes(), &self.signature).map_err(|_| AuthError::BadSignature)
+        verify_signature(key, self.timestamp.as_bytes(), &self.signature)
+            .map_err(|_| AuthError::BadSignature)
     }
 }
 
@@ -96,8 +104,12 @@ pub fn verify_registration_proof(
     let key = Ed25519PublicKey::from_slice(&key).map_err(|_| AuthError::PublicKey)?;
     check_fresh(timestamp, now)?;
     let proof = b64_decode(proof_b64).map_err(|_| AuthError::Encoding)?;
-    verify_signature(&key, format!("{public_key_b64}{timestamp}").as_bytes(), &proof)
-        .map_err(|_| AuthError::BadSignature)?;
+    verify_signature(
+        &key,
+        format!("{public_key_b64}{timestamp}").as_bytes(),
+        &proof,
+    )
+    .map_err(|_| AuthError::BadSignature)?;
     Ok((key, Did::from_public_key(&key)))
 }
 
@@ -118,7 +130,8 @@ pub fn verify_connect_proof(
     }
     check_fresh(timestamp, now)?;
     let signature = b64_decode(signature_b64).map_err(|_| AuthError::Encoding)?;
-    verify_signature(&key, timestamp.as_bytes(), &signature).map_err(|_| AuthError::BadSignature)?;
+    verify_signature(&key, timestamp.as_bytes(), &signature)
+        .map_err(|_| AuthError::BadSignature)?;
     Ok(did)
 }
 
@@ -139,14 +152,32 @@ mod tests {
         let header = AuthHeader::parse(&ed25519_timestamp_header(&id, TS)).unwrap();
         assert_eq!(&header.did, id.did());
         header.verify(&id.ed25519_public(), now()).unwrap();
-        assert_eq!(header.verify(&id.ed25519_public(), now().plus_ms(REPLAY_WINDOW_MS + 1)), Err(AuthError::Stale));
+        assert_eq!(
+            header.verify(&id.ed25519_public(), now().plus_ms(REPLAY_WINDOW_MS + 1)),
+            Err(AuthError::Stale)
+        );
         let other = Identity::from_seed(&[5; 32]);
-        assert_eq!(header.verify(&other.ed25519_public(), now()), Err(AuthError::BadSignature));
+        assert_eq!(
+            header.verify(&other.ed25519_public(), now()),
+            Err(AuthError::BadSignature)
+        );
         assert_eq!(AuthHeader::parse("Bearer x"), Err(AuthError::Missing));
-        assert_eq!(AuthHeader::parse("Ed25519-Timestamp did:mesh:a"), Err(AuthError::Malformed));
-        assert_eq!(AuthHeader::parse("Ed25519-Timestamp did:mesh:a ts !!"), Err(AuthError::Encoding));
-        let bad_ts = AuthHeader { timestamp: "yesterday".into(), ..header };
-        assert_eq!(bad_ts.verify(&id.ed25519_public(), now()), Err(AuthError::Timestamp));
+        assert_eq!(
+            AuthHeader::parse("Ed25519-Timestamp did:mesh:a"),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            AuthHeader::parse("Ed25519-Timestamp did:mesh:a ts !!"),
+            Err(AuthError::Encoding)
+        );
+        let bad_ts = AuthHeader {
+            timestamp: "yesterday".into(),
+            ..header
+        };
+        assert_eq!(
+            bad_ts.verify(&id.ed25519_public(), now()),
+            Err(AuthError::Timestamp)
+        );
     }
 
     #[test]
@@ -155,12 +186,30 @@ mod tests {
         let (key, proof) = registration_proof(&id, TS);
         let (_, did) = verify_registration_proof(&key, &proof, TS, now()).unwrap();
         assert_eq!(&did, id.did());
-        assert_eq!(verify_registration_proof(&key, &proof, "2026-11-21T12:00:00.001Z", now()), Err(AuthError::BadSignature));
+        assert_eq!(
+            verify_registration_proof(&key, &proof, "2026-11-21T12:00:00.001Z", now()),
+            Err(AuthError::BadSignature)
+        );
         let sig = b64_std(&id.sign(TS.as_bytes()));
         let key_std = b64_std(id.ed25519_public().as_bytes());
-        assert_eq!(&verify_connect_proof(id.did().as_str(), &key_std, TS, &sig, now()).unwrap(), id.did());
+        assert_eq!(
+            &verify_connect_proof(id.did().as_str(), &key_std, TS, &sig, now()).unwrap(),
+            id.did()
+        );
         let other = Identity::from_seed(&[7; 32]);
-        assert_eq!(verify_connect_proof(other.did().as_str(), &key_std, TS, &sig, now()), Err(AuthError::PublicKey));
-        assert_eq!(verify_connect_proof(id.did().as_str(), &key_std, TS, &sig, now().plus_ms(400_000)), Err(AuthError::Stale));
+        assert_eq!(
+            verify_connect_proof(other.did().as_str(), &key_std, TS, &sig, now()),
+            Err(AuthError::PublicKey)
+        );
+        assert_eq!(
+            verify_connect_proof(
+                id.did().as_str(),
+                &key_std,
+                TS,
+                &sig,
+                now().plus_ms(400_000)
+            ),
+            Err(AuthError::Stale)
+        );
     }
 }

@@ -53,6 +53,7 @@ pub mod encoding;
 pub mod frames;
 pub mod identity;
 pub mod keys;
+pub mod mesh;
 pub mod prekeys;
 pub mod ratchet;
 pub mod state;

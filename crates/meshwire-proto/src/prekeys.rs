@@ -333,10 +333,92 @@ impl PreKeys {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PreKeysJson {
+    signed_pre_key_id: u32,
+    signed_pre_key_private: String,
+    signed_pre_key_signature: String,
+    one_time_pre_keys: Vec<(OneTimeKeyId, String)>,
+    next_one_time_id: OneTimeKeyId,
+}
+
+impl Drop for PreKeysJson {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.signed_pre_key_private.zeroize();
+        for (_, key) in &mut self.one_time_pre_keys {
+            key.zeroize();
+        }
+    }
+}
+
+impl PreKeys {
+    /// The private pre-key material as JSON, for persistence (secret).
+    pub fn export_json(&self) -> zeroize::Zeroizing<String> {
+        let json = PreKeysJson {
+            signed_pre_key_id: self.signed.id,
+            signed_pre_key_private: hex::encode(self.signed.pair.secret().as_bytes()),
+            signed_pre_key_signature: hex::encode(self.signed.signature),
+            one_time_pre_keys: self
+                .one_time
+                .iter()
+                .map(|(id, k)| (*id, hex::encode(k.secret().as_bytes())))
+                .collect(),
+            next_one_time_id: self.next_one_time_id,
+        };
+        zeroize::Zeroizing::new(serde_json::to_string(&json).unwrap_or_default())
+    }
+
+    /// The inverse of [`PreKeys::export_json`]; the signature is checked
+    /// against `identity`.
+    pub fn import_json(identity: &Identity, text: &str) -> Result<Self, crate::StateError> {
+        use crate::encoding::hex_decode_array;
+        use crate::StateError;
+        let json: PreKeysJson =
+            serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
+        let secret = hex_decode_array::<32>(&json.signed_pre_key_private)
+            .map_err(|_| StateError::InvalidKey("signed_pre_key_private"))?;
+        let mut keys = Self::with_signed_pre_key(
+            identity,
+            json.signed_pre_key_id,
+            X25519Secret::from_bytes(secret),
+        );
+        let signature = hex_decode_array::<64>(&json.signed_pre_key_signature)
+            .map_err(|_| StateError::InvalidKey("signed_pre_key_signature"))?;
+        if signature != keys.signed.signature {
+            return Err(StateError::KeyPairMismatch);
+        }
+        for (id, key) in &json.one_time_pre_keys {
+            let secret = hex_decode_array::<32>(key)
+                .map_err(|_| StateError::InvalidKey("one_time_pre_keys"))?;
+            keys.add_one_time_key(*id, X25519Secret::from_bytes(secret))
+                .map_err(|_| StateError::InvalidKey("one_time_pre_keys"))?;
+        }
+        if json.next_one_time_id < keys.next_one_time_id {
+            return Err(StateError::InvalidKey("next_one_time_id"));
+        }
+        keys.next_one_time_id = json.next_one_time_id;
+        Ok(keys)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand_core::OsRng;
+
+    #[test]
+    fn export_import_round_trip() {
+        let (id, mut keys, _) = sample();
+        keys.remove_one_time_key(0).unwrap();
+        let text = keys.export_json();
+        let back = PreKeys::import_json(&id, &text).unwrap();
+        assert_eq!(*back.export_json(), *text);
+        assert_eq!(back.next_one_time_id(), 2);
+        let other = Identity::from_seed(&[1u8; 32]);
+        assert!(PreKeys::import_json(&other, &text).is_err());
+        assert!(PreKeys::import_json(&id, "{}").is_err());
+    }
 
     fn sample() -> (Identity, PreKeys, PreKeyBundle) {
         let id = Identity::from_seed(&[9u8; 32]);

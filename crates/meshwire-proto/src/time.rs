@@ -35,7 +35,15 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
 }
 
 impl Timestamp {
@@ -46,7 +54,11 @@ impl Timestamp {
         let (y, m, d) = civil_from_days(days);
         let (h, rem) = (rem / 3_600_000, rem % 3_600_000);
         let (min, rem) = (rem / 60_000, rem % 60_000);
-        format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{:02}.{:03}Z", rem / 1000, rem % 1000)
+        format!(
+            "{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{:02}.{:03}Z",
+            rem / 1000,
+            rem % 1000
+        )
     }
 
     /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`; an offset is required.
@@ -60,7 +72,13 @@ impl Timestamp {
             }
             part.parse().map_err(|_| err())
         };
-        let sep = |i: usize, c: u8| if bytes.get(i) == Some(&c) { Ok(()) } else { Err(err()) };
+        let sep = |i: usize, c: u8| {
+            if bytes.get(i) == Some(&c) {
+                Ok(())
+            } else {
+                Err(err())
+            }
+        };
         let year = num(0..4)?;
         sep(4, b'-')?;
         let month = num(5..7)?;
@@ -145,8 +163,18 @@ mod tests {
         assert_eq!(t.0, 1_795_262_400_000);
         assert_eq!(t.to_iso(), "2026-11-21T12:00:00.000Z");
         assert_eq!(Timestamp(0).to_iso(), "1970-01-01T00:00:00.000Z");
-        assert_eq!(Timestamp(951_782_400_123).to_iso(), "2000-02-29T00:00:00.123Z");
-        for ms in [0u64, 1, 86_399_999, 1_795_262_400_000, 4_102_444_800_000, 253_402_300_799_999] {
+        assert_eq!(
+            Timestamp(951_782_400_123).to_iso(),
+            "2000-02-29T00:00:00.123Z"
+        );
+        for ms in [
+            0u64,
+            1,
+            86_399_999,
+            1_795_262_400_000,
+            4_102_444_800_000,
+            253_402_300_799_999,
+        ] {
             assert_eq!(Timestamp::parse_iso(&Timestamp(ms).to_iso()).unwrap().0, ms);
         }
     }
@@ -154,17 +182,37 @@ mod tests {
     #[test]
     fn offsets_and_fractions() {
         let z = Timestamp::parse_iso("2026-11-21T12:00:00Z").unwrap();
-        assert_eq!(Timestamp::parse_iso("2026-11-21T13:30:00.000+01:30").unwrap(), z);
-        assert_eq!(Timestamp::parse_iso("2026-11-21T11:00:00-01:00").unwrap(), z);
-        assert_eq!(Timestamp::parse_iso("2026-11-21T12:00:00.123456+00:00").unwrap().0, z.0 + 123);
+        assert_eq!(
+            Timestamp::parse_iso("2026-11-21T13:30:00.000+01:30").unwrap(),
+            z
+        );
+        assert_eq!(
+            Timestamp::parse_iso("2026-11-21T11:00:00-01:00").unwrap(),
+            z
+        );
+        assert_eq!(
+            Timestamp::parse_iso("2026-11-21T12:00:00.123456+00:00")
+                .unwrap()
+                .0,
+            z.0 + 123
+        );
     }
 
     #[test]
     fn rejects_malformed() {
         for bad in [
-            "", "2026-11-21", "2026-11-21T12:00:00", "2026-11-21T12:00:00.Z", "2026-13-01T00:00:00Z",
-            "2026-02-30T00:00:00Z", "2026-11-21T24:00:00Z", "2026-11-21T12:00:00Zjunk", "２026-11-21T12:00:00Z",
-            "2026-11-21T12:00:00+0100", "1969-12-31T23:59:59Z", "+026-11-21T12:00:00Z",
+            "",
+            "2026-11-21",
+            "2026-11-21T12:00:00",
+            "2026-11-21T12:00:00.Z",
+            "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2026-11-21T24:00:00Z",
+            "2026-11-21T12:00:00Zjunk",
+            "２026-11-21T12:00:00Z",
+            "2026-11-21T12:00:00+0100",
+            "1969-12-31T23:59:59Z",
+            "+026-11-21T12:00:00Z",
         ] {
             assert!(Timestamp::parse_iso(bad).is_err(), "{bad}");
         }
