@@ -55,9 +55,7 @@ impl AuthHeader {
     pub fn parse(value: &str) -> Result<Self, AuthError> {
         let rest = value.strip_prefix(SCHEME).ok_or(AuthError::Missing)?;
         let mut parts = rest.splitn(3, ' ');
-        let (Some(did), Some(timestamp), Some(signature)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(did), Some(timestamp), Some(signature)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(AuthError::Malformed);
         };
         Ok(Self {
@@ -71,8 +69,7 @@ impl AuthHeader {
     /// (the key the registry holds for `self.did`).
     pub fn verify(&self, key: &Ed25519PublicKey, now: Timestamp) -> Result<(), AuthError> {
         check_fresh(&self.timestamp, now)?;
-        verify_signature(key, self.timestamp.as_bytes(), &self.signature)
-            .map_err(|_| AuthError::BadSignature)
+        verify_signature(key, self.timestamp.as_bytes(), &self.signature).map_err(|_| AuthError::BadSignature)
     }
 }
 
@@ -104,12 +101,8 @@ pub fn verify_registration_proof(
     let key = Ed25519PublicKey::from_slice(&key).map_err(|_| AuthError::PublicKey)?;
     check_fresh(timestamp, now)?;
     let proof = b64_decode(proof_b64).map_err(|_| AuthError::Encoding)?;
-    verify_signature(
-        &key,
-        format!("{public_key_b64}{timestamp}").as_bytes(),
-        &proof,
-    )
-    .map_err(|_| AuthError::BadSignature)?;
+    verify_signature(&key, format!("{public_key_b64}{timestamp}").as_bytes(), &proof)
+        .map_err(|_| AuthError::BadSignature)?;
     Ok((key, Did::from_public_key(&key)))
 }
 
@@ -130,8 +123,7 @@ pub fn verify_connect_proof(
     }
     check_fresh(timestamp, now)?;
     let signature = b64_decode(signature_b64).map_err(|_| AuthError::Encoding)?;
-    verify_signature(&key, timestamp.as_bytes(), &signature)
-        .map_err(|_| AuthError::BadSignature)?;
+    verify_signature(&key, timestamp.as_bytes(), &signature).map_err(|_| AuthError::BadSignature)?;
     Ok(did)
 }
 
@@ -174,10 +166,7 @@ mod tests {
             timestamp: "yesterday".into(),
             ..header
         };
-        assert_eq!(
-            bad_ts.verify(&id.ed25519_public(), now()),
-            Err(AuthError::Timestamp)
-        );
+        assert_eq!(bad_ts.verify(&id.ed25519_public(), now()), Err(AuthError::Timestamp));
     }
 
     #[test]
@@ -202,13 +191,7 @@ mod tests {
             Err(AuthError::PublicKey)
         );
         assert_eq!(
-            verify_connect_proof(
-                id.did().as_str(),
-                &key_std,
-                TS,
-                &sig,
-                now().plus_ms(400_000)
-            ),
+            verify_connect_proof(id.did().as_str(), &key_std, TS, &sig, now().plus_ms(400_000)),
             Err(AuthError::Stale)
         );
     }

@@ -21,11 +21,7 @@ pub enum AcceptError {
 }
 
 /// `utf8(initiator_did + "|" + responder_did) || IK_initiator || IK_responder`.
-pub fn mesh_associated_data(
-    initiator: &Did,
-    responder: &Did,
-    x3dh_associated_data: &[u8; 64],
-) -> Vec<u8> {
+pub fn mesh_associated_data(initiator: &Did, responder: &Did, x3dh_associated_data: &[u8; 64]) -> Vec<u8> {
     let mut ad = Vec::with_capacity(initiator.as_str().len() + 1 + responder.as_str().len() + 64);
     ad.extend_from_slice(initiator.as_str().as_bytes());
     ad.push(b'|');
@@ -68,8 +64,7 @@ impl SecureChannel {
     ) -> Result<(Self, Establishment), X3dhError> {
         let (x3dh, establishment) = x3dh::initiate(rng, identity, bundle, dialect)?;
         let ratchet = DoubleRatchet::init_sender(rng, &x3dh.shared_secret, &bundle.signed_pre_key)?;
-        let associated_data =
-            mesh_associated_data(identity.did(), responder, &x3dh.associated_data);
+        let associated_data = mesh_associated_data(identity.did(), responder, &x3dh.associated_data);
         Ok((
             Self::from_parts(
                 ratchet,
@@ -115,12 +110,8 @@ impl SecureChannel {
         dialect: KdfDialect,
     ) -> Result<Self, X3dhError> {
         let x3dh = x3dh::respond(identity, prekeys, establishment, dialect)?;
-        let ratchet = DoubleRatchet::init_receiver(
-            &x3dh.shared_secret,
-            prekeys.signed_pre_key().pair.clone(),
-        );
-        let associated_data =
-            mesh_associated_data(initiator, identity.did(), &x3dh.associated_data);
+        let ratchet = DoubleRatchet::init_receiver(&x3dh.shared_secret, prekeys.signed_pre_key().pair.clone());
+        let associated_data = mesh_associated_data(initiator, identity.did(), &x3dh.associated_data);
         Ok(Self::from_parts(
             ratchet,
             associated_data,
@@ -215,14 +206,8 @@ mod tests {
     #[test]
     fn forged_knock_does_not_burn_the_one_time_key() {
         let mut p = parties();
-        let (mut alice_ch, est) = SecureChannel::initiate(
-            &mut OsRng,
-            &p.alice,
-            p.bob.did(),
-            &p.bundle,
-            KdfDialect::Spec,
-        )
-        .unwrap();
+        let (mut alice_ch, est) =
+            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::Spec).unwrap();
         let first = alice_ch.encrypt(&mut OsRng, b"hi").unwrap();
 
         // An attacker replays the establishment with a message of its own.
@@ -238,10 +223,7 @@ mod tests {
             KdfDialect::Spec,
         )
         .unwrap_err();
-        assert_eq!(
-            err,
-            AcceptError::Decrypt(DecryptError::AuthenticationFailed)
-        );
+        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
         assert!(p.bob_keys.one_time_key(1).is_some());
         // The wrong dialect fails the same way and also keeps the key.
         let err = SecureChannel::accept(
@@ -254,10 +236,7 @@ mod tests {
             KdfDialect::LegacyFfSalt,
         )
         .unwrap_err();
-        assert_eq!(
-            err,
-            AcceptError::Decrypt(DecryptError::AuthenticationFailed)
-        );
+        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
         assert!(p.bob_keys.one_time_key(1).is_some());
 
         let (mut bob_ch, text) = SecureChannel::accept(
@@ -272,10 +251,7 @@ mod tests {
         .unwrap();
         assert_eq!(text, b"hi");
         assert!(p.bob_keys.one_time_key(1).is_none());
-        assert_eq!(
-            p.bob_keys.one_time_key_ids().collect::<Vec<_>>(),
-            vec![0, 2]
-        );
+        assert_eq!(p.bob_keys.one_time_key_ids().collect::<Vec<_>>(), vec![0, 2]);
         // The one-time key is gone: the same establishment cannot be accepted twice.
         assert_eq!(
             SecureChannel::accept(
@@ -297,21 +273,12 @@ mod tests {
     #[test]
     fn associated_data_binds_both_dids() {
         let mut p = parties();
-        let (mut alice_ch, est) = SecureChannel::initiate(
-            &mut OsRng,
-            &p.alice,
-            p.bob.did(),
-            &p.bundle,
-            KdfDialect::Spec,
-        )
-        .unwrap();
+        let (mut alice_ch, est) =
+            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::Spec).unwrap();
         let ad = alice_ch.associated_data().to_vec();
         let prefix = format!("{}|{}", p.alice.did(), p.bob.did());
         assert_eq!(&ad[..prefix.len()], prefix.as_bytes());
-        assert_eq!(
-            &ad[prefix.len()..prefix.len() + 32],
-            p.alice.x25519_public().as_bytes()
-        );
+        assert_eq!(&ad[prefix.len()..prefix.len() + 32], p.alice.x25519_public().as_bytes());
         assert_eq!(&ad[prefix.len() + 32..], p.bob.x25519_public().as_bytes());
         let first = alice_ch.encrypt(&mut OsRng, b"hi").unwrap();
         let impostor = Did::parse("did:mesh:impostor").unwrap();
@@ -325,23 +292,14 @@ mod tests {
             KdfDialect::Spec,
         )
         .unwrap_err();
-        assert_eq!(
-            err,
-            AcceptError::Decrypt(DecryptError::AuthenticationFailed)
-        );
+        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
     }
 
     #[test]
     fn channel_state_survives_export_import() {
         let mut p = parties();
-        let (mut alice_ch, est) = SecureChannel::initiate(
-            &mut OsRng,
-            &p.alice,
-            p.bob.did(),
-            &p.bundle,
-            KdfDialect::LegacyFfSalt,
-        )
-        .unwrap();
+        let (mut alice_ch, est) =
+            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::LegacyFfSalt).unwrap();
         let first = alice_ch.encrypt(&mut OsRng, b"1").unwrap();
         let (bob_ch, _) = SecureChannel::accept(
             &mut OsRng,

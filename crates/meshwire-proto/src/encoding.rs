@@ -5,9 +5,7 @@
 //! or URL-safe alphabet, with or without padding.
 
 use base64::alphabet;
-use base64::engine::general_purpose::{
-    GeneralPurpose, GeneralPurposeConfig, STANDARD, URL_SAFE_NO_PAD,
-};
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD, URL_SAFE_NO_PAD};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
 
@@ -77,11 +75,7 @@ mod tests {
         assert_eq!(b64_std(&bytes), "+/8BAg==");
         assert_eq!(b64_url(&bytes), "-_8BAg");
         assert_eq!(b64_decode("+/8BAg=").unwrap(), bytes);
-        assert_eq!(
-            b64_decode("-/8BAg"),
-            Err(DecodeError::Base64),
-            "mixed alphabets"
-        );
+        assert_eq!(b64_decode("-/8BAg"), Err(DecodeError::Base64), "mixed alphabets");
         assert_eq!(b64_decode("AB=C"), Err(DecodeError::Base64));
         assert_eq!(b64_decode("AB*C"), Err(DecodeError::Base64));
     }

@@ -34,10 +34,7 @@ pub enum FrameError {
     #[error("unsupported frame version {0}")]
     Version(String),
     #[error("field {field}: {reason}")]
-    Field {
-        field: &'static str,
-        reason: &'static str,
-    },
+    Field { field: &'static str, reason: &'static str },
 }
 
 fn field_error(field: &'static str, reason: &'static str) -> FrameError {
@@ -298,7 +295,12 @@ impl Frame {
     pub fn to_text(&self) -> String {
         match self {
             Frame::Connect(c) => to_text(c),
-            Frame::FetchPending { from } => to_text(&FromTsWire { v: FRAME_VERSION, kind: "fetch_pending", from, ts: None }),
+            Frame::FetchPending { from } => to_text(&FromTsWire {
+                v: FRAME_VERSION,
+                kind: "fetch_pending",
+                from,
+                ts: None,
+            }),
             Frame::Knock(k) => to_text(&KnockWire {
                 v: FRAME_VERSION,
                 kind: "knock",
@@ -336,7 +338,11 @@ impl Frame {
             Frame::Message(m) => {
                 let (header, ciphertext, plaintext) = match &m.body {
                     MessageBody::Encrypted(e) => (
-                        Some(HeaderWire { dh: b64_std(e.header.dh.as_bytes()), pn: e.header.pn, n: e.header.n }),
+                        Some(HeaderWire {
+                            dh: b64_std(e.header.dh.as_bytes()),
+                            pn: e.header.pn,
+                            n: e.header.n,
+                        }),
                         b64_std(&e.ciphertext),
                         None,
                     ),
@@ -354,16 +360,23 @@ impl Frame {
                     plaintext,
                 })
             }
-            Frame::Ack { id } => to_text(&AckWire { v: FRAME_VERSION, kind: "ack", id }),
+            Frame::Ack { id } => to_text(&AckWire {
+                v: FRAME_VERSION,
+                kind: "ack",
+                id,
+            }),
             Frame::Heartbeat { from, ts } => to_text(&FromTsWire {
                 v: FRAME_VERSION,
                 kind: "heartbeat",
                 from: from.as_deref().unwrap_or_default(),
                 ts: ts.as_deref(),
             }),
-            Frame::Disconnect { from } => {
-                to_text(&FromTsWire { v: FRAME_VERSION, kind: "disconnect", from: from.as_deref().unwrap_or_default(), ts: None })
-            }
+            Frame::Disconnect { from } => to_text(&FromTsWire {
+                v: FRAME_VERSION,
+                kind: "disconnect",
+                from: from.as_deref().unwrap_or_default(),
+                ts: None,
+            }),
             Frame::Error { detail } => serde_json::json!({"type": "error", "detail": detail}).to_string(),
             Frame::PendingMessages { messages } => {
                 serde_json::json!({"v": FRAME_VERSION, "type": "pending_messages", "messages": messages}).to_string()
@@ -380,26 +393,18 @@ impl Frame {
                 limit: max_bytes,
             });
         }
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| FrameError::Json(e.to_string()))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| FrameError::Json(e.to_string()))?;
         Self::from_value(&value)
     }
 
     /// Parses an already decoded JSON frame.
     pub fn from_value(value: &Value) -> Result<Self, FrameError> {
         let obj = value.as_object().ok_or(FrameError::NotAnObject)?;
-        let kind = obj
-            .get("type")
-            .and_then(Value::as_str)
-            .ok_or(FrameError::MissingType)?;
+        let kind = obj.get("type").and_then(Value::as_str).ok_or(FrameError::MissingType)?;
         match obj.get("v") {
             None => {}
             Some(v) if v.as_u64() == Some(u64::from(FRAME_VERSION)) => {}
-            Some(v) => {
-                return Err(FrameError::Version(
-                    v.to_string().chars().take(32).collect(),
-                ))
-            }
+            Some(v) => return Err(FrameError::Version(v.to_string().chars().take(32).collect())),
         }
         let f = Fields(obj);
         Ok(match kind {
@@ -441,9 +446,7 @@ impl Frame {
                 ts: f.opt_string("ts")?.unwrap_or_default(),
             }),
             "message" => Frame::Message(parse_message(&f)?),
-            "ack" => Frame::Ack {
-                id: f.string("id")?,
-            },
+            "ack" => Frame::Ack { id: f.string("id")? },
             "heartbeat" => Frame::Heartbeat {
                 from: f.opt_string("from")?,
                 ts: f.opt_string("ts")?,
@@ -452,10 +455,7 @@ impl Frame {
                 from: f.opt_string("from")?,
             },
             "error" => Frame::Error {
-                detail: f
-                    .opt_string("detail")?
-                    .or(f.opt_string("message")?)
-                    .unwrap_or_default(),
+                detail: f.opt_string("detail")?.or(f.opt_string("message")?).unwrap_or_default(),
             },
             "pending_messages" => Frame::PendingMessages {
                 messages: match obj.get("messages") {
@@ -491,9 +491,7 @@ impl Fields<'_> {
 }
 
 fn key(field: &'static str, value: Option<&Value>) -> Result<X25519PublicKey, FrameError> {
-    let text = value
-        .and_then(Value::as_str)
-        .ok_or(field_error(field, "missing"))?;
+    let text = value.and_then(Value::as_str).ok_or(field_error(field, "missing"))?;
     let bytes = b64_decode(text).map_err(|_| field_error(field, "not base64"))?;
     X25519PublicKey::from_slice(&bytes).map_err(|_| field_error(field, "must be 32 bytes"))
 }
@@ -582,11 +580,7 @@ mod tests {
             Frame::parse(MESSAGE, DEFAULT_MAX_FRAME_BYTES).unwrap()
         );
         assert_eq!(
-            Frame::parse(
-                r#"{"type":"error","detail":"Unknown frame type: fetch_pending"}"#,
-                100
-            )
-            .unwrap(),
+            Frame::parse(r#"{"type":"error","detail":"Unknown frame type: fetch_pending"}"#, 100).unwrap(),
             Frame::Error {
                 detail: "Unknown frame type: fetch_pending".into()
             }
@@ -610,25 +604,40 @@ mod tests {
         );
         assert!(matches!(Frame::parse("{", 100), Err(FrameError::Json(_))));
         assert_eq!(Frame::parse("[1]", 100), Err(FrameError::NotAnObject));
-        assert_eq!(
-            Frame::parse(r#"{"v":1}"#, 100),
-            Err(FrameError::MissingType)
-        );
+        assert_eq!(Frame::parse(r#"{"v":1}"#, 100), Err(FrameError::MissingType));
         assert_eq!(
             Frame::parse(r#"{"v":2,"type":"ack","id":"x"}"#, 100),
             Err(FrameError::Version("2".into()))
         );
         let cases = [
-            (MESSAGE.replace("4NHbRUkebjhpnJtBU/y5pfGxUdY4GbNqSkvD2c74nWI=", "AAAA"), "header.dh"),
+            (
+                MESSAGE.replace("4NHbRUkebjhpnJtBU/y5pfGxUdY4GbNqSkvD2c74nWI=", "AAAA"),
+                "header.dh",
+            ),
             (MESSAGE.replace(r#""pn":0"#, r#""pn":-1"#), "header.pn"),
             (MESSAGE.replace(r#""n":0"#, r#""n":4294967296"#), "header.n"),
             (MESSAGE.replace(r#""n":0"#, r#""n":"0""#), "header.n"),
             (MESSAGE.replace("atKIQ", "at*IQ"), "ciphertext"),
-            (MESSAGE.replace(r#""id":"00000000-0000-4000-8000-000000000002","#, ""), "id"),
-            (MESSAGE.replace(r#""header":{"dh":"4NHbRUkebjhpnJtBU/y5pfGxUdY4GbNqSkvD2c74nWI=","pn":0,"n":0},"#, ""), "header"),
+            (
+                MESSAGE.replace(r#""id":"00000000-0000-4000-8000-000000000002","#, ""),
+                "id",
+            ),
+            (
+                MESSAGE.replace(
+                    r#""header":{"dh":"4NHbRUkebjhpnJtBU/y5pfGxUdY4GbNqSkvD2c74nWI=","pn":0,"n":0},"#,
+                    "",
+                ),
+                "header",
+            ),
             (KNOCK.replace(r#""otk":7"#, r#""otk":-7"#), "establishment.otk"),
-            (KNOCK.replace("GAkllkK+gtNN9Cntv4uT182OB83DIrN1qnmzYmIR6SU=", "GAkl"), "establishment.ek"),
-            (KNOCK.replace(r#""from":"did:mesh:c0194546b0ed1f9208978afc62ce76d0""#, r#""from":7"#), "from"),
+            (
+                KNOCK.replace("GAkllkK+gtNN9Cntv4uT182OB83DIrN1qnmzYmIR6SU=", "GAkl"),
+                "establishment.ek",
+            ),
+            (
+                KNOCK.replace(r#""from":"did:mesh:c0194546b0ed1f9208978afc62ce76d0""#, r#""from":7"#),
+                "from",
+            ),
         ];
         for (text, field) in cases {
             match Frame::parse(&text, DEFAULT_MAX_FRAME_BYTES) {

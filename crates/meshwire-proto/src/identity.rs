@@ -122,14 +122,8 @@ impl Identity {
         scalar[31] |= 64;
         let x25519 = KeyPair::from_secret(X25519Secret::from_bytes(scalar));
         scalar.zeroize();
-        let did = Did::from_public_key(&Ed25519PublicKey::from_bytes(
-            signing.verifying_key().to_bytes(),
-        ));
-        Self {
-            signing,
-            x25519,
-            did,
-        }
+        let did = Did::from_public_key(&Ed25519PublicKey::from_bytes(signing.verifying_key().to_bytes()));
+        Self { signing, x25519, did }
     }
 
     /// A new identity from 32 bytes of `rng`.
@@ -178,11 +172,7 @@ impl fmt::Debug for Identity {
 
 /// Verifies an Ed25519 `signature` of `message` by `key` (strict RFC 8032
 /// checks: no malleable or small-order signatures).
-pub fn verify_signature(
-    key: &Ed25519PublicKey,
-    message: &[u8],
-    signature: &[u8],
-) -> Result<(), SignatureError> {
+pub fn verify_signature(key: &Ed25519PublicKey, message: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
     let signature: [u8; 64] = signature
         .try_into()
         .map_err(|_| SignatureError::InvalidLength(signature.len()))?;
@@ -201,18 +191,12 @@ mod tests {
         assert!(Did::parse("did:mesh:alice").is_ok());
         assert_eq!(Did::parse("did:web:x"), Err(DidError::WrongMethod));
         assert_eq!(Did::parse("did:mesh:"), Err(DidError::Empty));
-        assert_eq!(
-            Did::parse("did:mesh:a|b"),
-            Err(DidError::InvalidCharacter('|'))
-        );
+        assert_eq!(Did::parse("did:mesh:a|b"), Err(DidError::InvalidCharacter('|')));
         assert_eq!(
             Did::parse(&format!("did:mesh:{}", "a".repeat(129))),
             Err(DidError::TooLong)
         );
-        assert_eq!(
-            Did::parse("did:mesh:é"),
-            Err(DidError::InvalidCharacter('é'))
-        );
+        assert_eq!(Did::parse("did:mesh:é"), Err(DidError::InvalidCharacter('é')));
     }
 
     #[test]

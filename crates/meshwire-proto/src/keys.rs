@@ -247,9 +247,7 @@ mod tests {
         );
         let mut one = [0u8; 32];
         one[0] = 1;
-        assert!(secret
-            .diffie_hellman(&X25519PublicKey::from_bytes(one))
-            .is_err());
+        assert!(secret.diffie_hellman(&X25519PublicKey::from_bytes(one)).is_err());
     }
 
     #[test]

@@ -38,12 +38,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(
     test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::panic
-    )
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)
 )]
 
 pub mod auth;
@@ -56,6 +51,7 @@ pub mod keys;
 pub mod mesh;
 pub mod prekeys;
 pub mod ratchet;
+pub mod registry_wire;
 pub mod state;
 pub mod time;
 pub mod x3dh;
@@ -65,8 +61,7 @@ pub use identity::{Did, DidError, Identity};
 pub use keys::{Ed25519PublicKey, KeyError, KeyPair, SharedSecret, X25519PublicKey, X25519Secret};
 pub use prekeys::{BundleError, OneTimeKeyId, PreKeyBundle, PreKeyError, PreKeys};
 pub use ratchet::{
-    DecryptError, DoubleRatchet, EncryptError, EncryptedMessage, Header, HeaderError, MAX_SKIP,
-    MAX_SKIPPED_KEYS,
+    DecryptError, DoubleRatchet, EncryptError, EncryptedMessage, Header, HeaderError, MAX_SKIP, MAX_SKIPPED_KEYS,
 };
 pub use state::StateError;
 pub use x3dh::{KdfDialect, X3dhError, X3dhOutput};

@@ -20,8 +20,8 @@
 
 use crate::channel::{Establishment, SecureChannel};
 use crate::frames::{
-    ConnectFrame, FetchPendingFrame, Frame, KnockAcceptFrame, KnockFrame, KnockRejectFrame,
-    MessageBody, MessageFrame, DEFAULT_MAX_FRAME_BYTES,
+    ConnectFrame, FetchPendingFrame, Frame, KnockAcceptFrame, KnockFrame, KnockRejectFrame, MessageBody, MessageFrame,
+    DEFAULT_MAX_FRAME_BYTES,
 };
 use crate::identity::{Did, Identity};
 use crate::keys::X25519PublicKey;
@@ -200,8 +200,9 @@ struct Unconfirmed {
 #[derive(Default)]
 struct Peer {
     channel: Option<SecureChannel>,
-    /// Ephemeral key of the establishment the channel came from (inbound).
-    channel_ek: Option<X25519PublicKey>,
+    /// Ephemeral keys of inbound establishments already accepted (newest
+    /// last): the relay redelivers stored KNOCKs on every reconnect.
+    accepted_eks: VecDeque<X25519PublicKey>,
     /// An accepted inbound establishment not yet confirmed by a message.
     pending: Option<Establishment>,
     awaiting_verdict: Option<KnockFrame>,
@@ -215,7 +216,16 @@ struct Peer {
     receipts_due: Vec<String>,
 }
 
+const ACCEPTED_EKS_KEPT: usize = 32;
+
 impl Peer {
+    fn accepted(&mut self, ek: X25519PublicKey) {
+        self.accepted_eks.push_back(ek);
+        while self.accepted_eks.len() > ACCEPTED_EKS_KEPT {
+            self.accepted_eks.pop_front();
+        }
+    }
+
     fn remember(&mut self, id: &str, limit: usize) {
         if self.seen_set.insert(id.to_owned()) {
             self.seen.push_back(id.to_owned());
@@ -268,12 +278,7 @@ fn error(kind: ErrorKind, peer: Option<&str>, detail: impl Into<String>) -> Even
 }
 
 impl Mesh {
-    pub fn new(
-        identity: Identity,
-        prekeys: PreKeys,
-        config: MeshConfig,
-        ids: Box<dyn IdSource>,
-    ) -> Self {
+    pub fn new(identity: Identity, prekeys: PreKeys, config: MeshConfig, ids: Box<dyn IdSource>) -> Self {
         Self {
             identity,
             prekeys,
@@ -351,8 +356,7 @@ impl Mesh {
 
     /// Whether `peer` may send or receive plaintext right now.
     pub fn is_plaintext_peer(&self, peer: &str) -> bool {
-        self.config.plaintext_peers.contains(peer)
-            && !self.peers.get(peer).is_some_and(|p| p.verified_encrypted)
+        self.config.plaintext_peers.contains(peer) && !self.peers.get(peer).is_some_and(|p| p.verified_encrypted)
     }
 
     /// Opens (or replaces) the session with `peer` from its `bundle`; returns
@@ -365,16 +369,10 @@ impl Mesh {
         bundle: &PreKeyBundle,
     ) -> Result<String, SendError> {
         let peer_did = Did::parse(peer)?;
-        let dialect = self
-            .peers
-            .get(peer)
-            .and_then(|p| p.dialect)
-            .unwrap_or_default();
-        let (channel, establishment) =
-            SecureChannel::initiate(rng, &self.identity, &peer_did, bundle, dialect)?;
+        let dialect = self.peers.get(peer).and_then(|p| p.dialect).unwrap_or_default();
+        let (channel, establishment) = SecureChannel::initiate(rng, &self.identity, &peer_did, bundle, dialect)?;
         let p = self.peers.entry(peer.to_owned()).or_default();
         p.channel = Some(channel);
-        p.channel_ek = None;
         p.pending = None;
         p.dialect = Some(dialect);
         Ok(Frame::Knock(KnockFrame {
@@ -441,12 +439,7 @@ impl Mesh {
     }
 
     /// Handles one frame's text from the relay.
-    pub fn handle_text(
-        &mut self,
-        rng: &mut impl CryptoRngCore,
-        now: Timestamp,
-        text: &str,
-    ) -> Vec<Event> {
+    pub fn handle_text(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp, text: &str) -> Vec<Event> {
         match Frame::parse(text, self.config.max_frame_bytes) {
             Ok(frame) => self.handle_frame(rng, now, frame),
             Err(e) => vec![error(ErrorKind::Frame, None, e.to_string())],
@@ -454,24 +447,16 @@ impl Mesh {
     }
 
     /// Handles one parsed frame.
-    pub fn handle_frame(
-        &mut self,
-        rng: &mut impl CryptoRngCore,
-        now: Timestamp,
-        frame: Frame,
-    ) -> Vec<Event> {
+    pub fn handle_frame(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp, frame: Frame) -> Vec<Event> {
         let mut events = Vec::new();
         let me = self.identity.did().as_str();
         match frame {
             Frame::Message(m) if m.to == me => self.on_message(rng, now, m, &mut events),
             Frame::Knock(k) if k.to == me => self.on_knock(k, &mut events),
-            Frame::KnockAccept(a) if a.to == me => {
-                events.push(Event::KnockAccepted { from: a.from })
-            }
+            Frame::KnockAccept(a) if a.to == me => events.push(Event::KnockAccepted { from: a.from }),
             Frame::KnockReject(r) if r.to == me => {
                 if let Some(p) = self.peers.get_mut(&r.from) {
                     p.channel = None;
-                    p.channel_ek = None;
                     p.unconfirmed.clear();
                 }
                 events.push(Event::KnockRejected {
@@ -479,16 +464,8 @@ impl Mesh {
                     reason: r.reason,
                 });
             }
-            Frame::Message(m) => events.push(error(
-                ErrorKind::Frame,
-                Some(&m.from),
-                "message not addressed to us",
-            )),
-            Frame::Knock(k) => events.push(error(
-                ErrorKind::Frame,
-                Some(&k.from),
-                "knock not addressed to us",
-            )),
+            Frame::Message(m) => events.push(error(ErrorKind::Frame, Some(&m.from), "message not addressed to us")),
+            Frame::Knock(k) => events.push(error(ErrorKind::Frame, Some(&k.from), "knock not addressed to us")),
             Frame::KnockAccept(a) => events.push(error(
                 ErrorKind::Frame,
                 Some(&a.from),
@@ -514,12 +491,9 @@ impl Mesh {
                 format!("unknown frame type {kind:?}"),
             )),
             Frame::Ack { .. } | Frame::Heartbeat { .. } => {}
-            Frame::Connect(_) | Frame::FetchPending { .. } | Frame::Disconnect { .. } => events
-                .push(error(
-                    ErrorKind::Frame,
-                    None,
-                    "unexpected client frame from the relay",
-                )),
+            Frame::Connect(_) | Frame::FetchPending { .. } | Frame::Disconnect { .. } => {
+                events.push(error(ErrorKind::Frame, None, "unexpected client frame from the relay"))
+            }
         }
         events
     }
@@ -527,14 +501,11 @@ impl Mesh {
     fn on_knock(&mut self, knock: KnockFrame, events: &mut Vec<Event>) {
         let p = self.peers.entry(knock.from.clone()).or_default();
         if let Some(e) = &knock.establishment {
-            // A relay redelivers stored KNOCKs: the one behind the current or
-            // pending session is answered again, not put to the policy twice.
-            let known = p.channel_ek == Some(e.ephemeral_key)
-                || p.pending
-                    .as_ref()
-                    .is_some_and(|pending| pending.ephemeral_key == e.ephemeral_key);
+            // A relay redelivers stored KNOCKs: one already accepted (or
+            // pending) is not put to the policy again.
+            let known = p.accepted_eks.contains(&e.ephemeral_key)
+                || p.pending.as_ref().is_some_and(|pending| pending.ephemeral_key == e.ephemeral_key);
             if known {
-                events.push(Event::Transmit(ack_text(&knock.id)));
                 return;
             }
         }
@@ -556,11 +527,7 @@ impl Mesh {
     ) -> Vec<Event> {
         let mut events = Vec::new();
         let me = self.identity.did().to_string();
-        let Some(knock) = self
-            .peers
-            .get_mut(from)
-            .and_then(|p| p.awaiting_verdict.take())
-        else {
+        let Some(knock) = self.peers.get_mut(from).and_then(|p| p.awaiting_verdict.take()) else {
             return events;
         };
         let mut accept = accept;
@@ -597,7 +564,6 @@ impl Mesh {
                 })
                 .to_text(),
             ));
-            events.push(Event::Transmit(ack_text(&knock.id)));
             let buffered: Vec<_> = p.buffer.drain(..).map(|(_, m)| m).collect();
             for message in buffered {
                 self.on_message(rng, now, message, &mut events);
@@ -615,18 +581,11 @@ impl Mesh {
                 })
                 .to_text(),
             ));
-            events.push(Event::Transmit(ack_text(&knock.id)));
         }
         events
     }
 
-    fn on_message(
-        &mut self,
-        rng: &mut impl CryptoRngCore,
-        now: Timestamp,
-        m: MessageFrame,
-        events: &mut Vec<Event>,
-    ) {
+    fn on_message(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp, m: MessageFrame, events: &mut Vec<Event>) {
         let limit = self.config.seen_ids_per_peer;
         let plaintext_allowed = self.is_plaintext_peer(&m.from);
         let buffered_peers = self.peers.values().filter(|p| !p.buffer.is_empty()).count();
@@ -718,7 +677,7 @@ impl Mesh {
                         Ok((channel, text)) => {
                             let replaced = p.channel.is_some();
                             p.channel = Some(channel);
-                            p.channel_ek = Some(establishment.ephemeral_key);
+                            p.accepted(establishment.ephemeral_key);
                             p.pending = None;
                             p.dialect = Some(dialect);
                             p.unconfirmed.clear();
@@ -726,13 +685,9 @@ impl Mesh {
                                 events.push(Event::OneTimeKeyConsumed { id });
                             }
                             events.push(if replaced {
-                                Event::SessionReplaced {
-                                    peer: m.from.clone(),
-                                }
+                                Event::SessionReplaced { peer: m.from.clone() }
                             } else {
-                                Event::SessionEstablished {
-                                    peer: m.from.clone(),
-                                }
+                                Event::SessionEstablished { peer: m.from.clone() }
                             });
                             plaintext = Some(text);
                             break;
@@ -806,11 +761,7 @@ impl Mesh {
         let ttl = self.config.pre_knock_ttl_ms;
         let mut events = Vec::new();
         for p in self.peers.values_mut() {
-            while p
-                .buffer
-                .front()
-                .is_some_and(|(at, _)| at.plus_ms(ttl) <= now)
-            {
+            while p.buffer.front().is_some_and(|(at, _)| at.plus_ms(ttl) <= now) {
                 if let Some((_, m)) = p.buffer.pop_front() {
                     events.push(error(
                         ErrorKind::NoSession,
@@ -838,11 +789,7 @@ impl Mesh {
             let id = self.ids.next_id();
             match self.encrypt_with_id(rng, now, &peer, &id, payload.as_bytes()) {
                 Ok(text) => events.push(Event::Transmit(text)),
-                Err(e) => events.push(error(
-                    ErrorKind::Frame,
-                    Some(&peer),
-                    format!("receipt not sent: {e}"),
-                )),
+                Err(e) => events.push(error(ErrorKind::Frame, Some(&peer), format!("receipt not sent: {e}"))),
             }
         }
         events
@@ -851,12 +798,7 @@ impl Mesh {
     /// Re-encrypts messages to receipt-capable peers not confirmed within
     /// `older_than_ms` (the relay lost them, e.g. in a restart). They keep
     /// their ids, so the receiver drops copies it already has.
-    pub fn retransmit(
-        &mut self,
-        rng: &mut impl CryptoRngCore,
-        now: Timestamp,
-        older_than_ms: u64,
-    ) -> Vec<Event> {
+    pub fn retransmit(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp, older_than_ms: u64) -> Vec<Event> {
         let mut due = Vec::new();
         for (peer, p) in &mut self.peers {
             for u in &mut p.unconfirmed {
@@ -897,7 +839,7 @@ impl Mesh {
                 did.clone(),
                 serde_json::json!({
                     "channel": channel,
-                    "channel_ek": p.channel_ek.map(|k| k.to_hex()),
+                    "accepted_eks": p.accepted_eks.iter().map(|k| k.to_hex()).collect::<Vec<_>>(),
                     "dialect": p.dialect.map(|d| d.as_str()),
                     "receipts": p.receipts,
                     "verified_encrypted": p.verified_encrypted,
@@ -906,12 +848,8 @@ impl Mesh {
                 }),
             );
         }
-        let prekeys: Value =
-            serde_json::from_str(&self.prekeys.export_json()).unwrap_or(Value::Null);
-        Zeroizing::new(
-            serde_json::json!({"format": "meshwire-mesh/1", "prekeys": prekeys, "peers": peers})
-                .to_string(),
-        )
+        let prekeys: Value = serde_json::from_str(&self.prekeys.export_json()).unwrap_or(Value::Null);
+        Zeroizing::new(serde_json::json!({"format": "meshwire-mesh/1", "prekeys": prekeys, "peers": peers}).to_string())
     }
 
     /// Restores [`Mesh::export_state`] for `identity`.
@@ -921,17 +859,13 @@ impl Mesh {
         config: MeshConfig,
         ids: Box<dyn IdSource>,
     ) -> Result<Self, StateError> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
         if value.get("format").and_then(Value::as_str) != Some("meshwire-mesh/1") {
             return Err(StateError::Json("not a meshwire-mesh/1 state".into()));
         }
         let prekeys = PreKeys::import_json(
             &identity,
-            &value
-                .get("prekeys")
-                .map(Value::to_string)
-                .unwrap_or_default(),
+            &value.get("prekeys").map(Value::to_string).unwrap_or_default(),
         )?;
         let mut mesh = Self::new(identity, prekeys, config, ids);
         let peers = value
@@ -944,33 +878,21 @@ impl Mesh {
             if let Some(channel) = v.get("channel").filter(|c| !c.is_null()) {
                 p.channel = Some(SecureChannel::import_state(&channel.to_string())?);
             }
-            if let Some(ek) = v.get("channel_ek").and_then(Value::as_str) {
-                let bytes =
-                    crate::encoding::hex_decode_array::<32>(ek).map_err(|_| bad("channel_ek"))?;
-                p.channel_ek = Some(X25519PublicKey::from_bytes(bytes));
+            for ek in v.get("accepted_eks").and_then(Value::as_array).into_iter().flatten() {
+                let ek = ek.as_str().ok_or_else(|| bad("accepted_eks"))?;
+                let bytes = crate::encoding::hex_decode_array::<32>(ek).map_err(|_| bad("accepted_eks"))?;
+                p.accepted(X25519PublicKey::from_bytes(bytes));
             }
             if let Some(d) = v.get("dialect").and_then(Value::as_str) {
                 p.dialect = Some(d.parse().map_err(|_| bad("dialect"))?);
             }
             p.receipts = v.get("receipts").and_then(Value::as_bool).unwrap_or(false);
-            p.verified_encrypted = v
-                .get("verified_encrypted")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            for id in v
-                .get("seen")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                p.remember(
-                    id.as_str().ok_or_else(|| bad("seen"))?,
-                    mesh.config.seen_ids_per_peer,
-                );
+            p.verified_encrypted = v.get("verified_encrypted").and_then(Value::as_bool).unwrap_or(false);
+            for id in v.get("seen").and_then(Value::as_array).into_iter().flatten() {
+                p.remember(id.as_str().ok_or_else(|| bad("seen"))?, mesh.config.seen_ids_per_peer);
             }
             if let Some(u) = v.get("unconfirmed") {
-                p.unconfirmed =
-                    serde_json::from_value(u.clone()).map_err(|_| bad("unconfirmed"))?;
+                p.unconfirmed = serde_json::from_value(u.clone()).map_err(|_| bad("unconfirmed"))?;
             }
             mesh.peers.insert(did.clone(), p);
         }

@@ -114,18 +114,12 @@ impl PreKeyBundle {
     ) -> Result<Self, BundleError> {
         Ok(Self {
             identity_key: X25519PublicKey::from_bytes(fixed("identity_key", identity_key)?),
-            identity_key_ed: Ed25519PublicKey::from_bytes(fixed(
-                "identity_key_ed",
-                identity_key_ed,
-            )?),
+            identity_key_ed: Ed25519PublicKey::from_bytes(fixed("identity_key_ed", identity_key_ed)?),
             signed_pre_key_id,
             signed_pre_key: X25519PublicKey::from_bytes(fixed("signed_pre_key", signed_pre_key)?),
             signed_pre_key_signature: fixed("signed_pre_key_signature", signed_pre_key_signature)?,
             one_time_pre_key: match one_time_pre_key {
-                Some((id, key)) => Some((
-                    id,
-                    X25519PublicKey::from_bytes(fixed("one_time_pre_key", key)?),
-                )),
+                Some((id, key)) => Some((id, X25519PublicKey::from_bytes(fixed("one_time_pre_key", key)?))),
                 None => None,
             },
         })
@@ -134,27 +128,17 @@ impl PreKeyBundle {
     /// Parses the registry's bundle JSON (`GET /v1/agents/{did}/prekeys`):
     /// base64 in either alphabet, `one_time_pre_key` null or absent for 3-DH.
     pub fn from_json(text: &str) -> Result<Self, BundleError> {
-        let wire: WireBundle =
-            serde_json::from_str(text).map_err(|e| BundleError::Json(e.to_string()))?;
+        let wire: WireBundle = serde_json::from_str(text).map_err(|e| BundleError::Json(e.to_string()))?;
         let identity_key_ed = wire.identity_key_ed.ok_or(BundleError::MissingSigningKey)?;
         Ok(Self {
-            identity_key: X25519PublicKey::from_bytes(decode_fixed(
-                "identity_key",
-                &wire.identity_key,
-            )?),
-            identity_key_ed: Ed25519PublicKey::from_bytes(decode_fixed(
-                "identity_key_ed",
-                &identity_key_ed,
-            )?),
+            identity_key: X25519PublicKey::from_bytes(decode_fixed("identity_key", &wire.identity_key)?),
+            identity_key_ed: Ed25519PublicKey::from_bytes(decode_fixed("identity_key_ed", &identity_key_ed)?),
             signed_pre_key_id: wire.signed_pre_key.key_id,
             signed_pre_key: X25519PublicKey::from_bytes(decode_fixed(
                 "signed_pre_key",
                 &wire.signed_pre_key.public_key,
             )?),
-            signed_pre_key_signature: decode_fixed(
-                "signed_pre_key_signature",
-                &wire.signed_pre_key.signature,
-            )?,
+            signed_pre_key_signature: decode_fixed("signed_pre_key_signature", &wire.signed_pre_key.signature)?,
             one_time_pre_key: match wire.one_time_pre_key {
                 Some(otk) => Some((
                     otk.key_id,
@@ -195,9 +179,7 @@ impl PreKeyBundle {
         )
         .map_err(|e| match e {
             SignatureError::InvalidKey => BundleError::InvalidSigningKey,
-            SignatureError::InvalidLength(_) | SignatureError::Mismatch => {
-                BundleError::BadSignature
-            }
+            SignatureError::InvalidLength(_) | SignatureError::Mismatch => BundleError::BadSignature,
         })
     }
 }
@@ -253,11 +235,7 @@ impl PreKeys {
         let pair = KeyPair::from_secret(secret);
         let signature = identity.sign(pair.public().as_bytes());
         Self {
-            signed: SignedPreKey {
-                id,
-                pair,
-                signature,
-            },
+            signed: SignedPreKey { id, pair, signature },
             one_time: BTreeMap::new(),
             next_one_time_id: 0,
         }
@@ -280,11 +258,7 @@ impl PreKeys {
 
     /// Adds a known one-time key secret under `id`, which must be greater
     /// than every id handed out before.
-    pub fn add_one_time_key(
-        &mut self,
-        id: OneTimeKeyId,
-        secret: X25519Secret,
-    ) -> Result<(), PreKeyError> {
+    pub fn add_one_time_key(&mut self, id: OneTimeKeyId, secret: X25519Secret) -> Result<(), PreKeyError> {
         if id < self.next_one_time_id {
             return Err(PreKeyError::IdReused(id));
         }
@@ -295,10 +269,7 @@ impl PreKeys {
 
     /// Forgets a one-time key once a session established with it.
     pub fn remove_one_time_key(&mut self, id: OneTimeKeyId) -> Result<(), PreKeyError> {
-        self.one_time
-            .remove(&id)
-            .map(drop)
-            .ok_or(PreKeyError::Unknown(id))
+        self.one_time.remove(&id).map(drop).ok_or(PreKeyError::Unknown(id))
     }
 
     pub fn signed_pre_key(&self) -> &SignedPreKey {
@@ -327,8 +298,7 @@ impl PreKeys {
             signed_pre_key_id: self.signed.id,
             signed_pre_key: *self.signed.pair.public(),
             signed_pre_key_signature: self.signed.signature,
-            one_time_pre_key: otk
-                .and_then(|id| self.one_time.get(&id).map(|pair| (id, *pair.public()))),
+            one_time_pre_key: otk.and_then(|id| self.one_time.get(&id).map(|pair| (id, *pair.public()))),
         }
     }
 }
@@ -374,23 +344,17 @@ impl PreKeys {
     pub fn import_json(identity: &Identity, text: &str) -> Result<Self, crate::StateError> {
         use crate::encoding::hex_decode_array;
         use crate::StateError;
-        let json: PreKeysJson =
-            serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
+        let json: PreKeysJson = serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
         let secret = hex_decode_array::<32>(&json.signed_pre_key_private)
             .map_err(|_| StateError::InvalidKey("signed_pre_key_private"))?;
-        let mut keys = Self::with_signed_pre_key(
-            identity,
-            json.signed_pre_key_id,
-            X25519Secret::from_bytes(secret),
-        );
+        let mut keys = Self::with_signed_pre_key(identity, json.signed_pre_key_id, X25519Secret::from_bytes(secret));
         let signature = hex_decode_array::<64>(&json.signed_pre_key_signature)
             .map_err(|_| StateError::InvalidKey("signed_pre_key_signature"))?;
         if signature != keys.signed.signature {
             return Err(StateError::KeyPairMismatch);
         }
         for (id, key) in &json.one_time_pre_keys {
-            let secret = hex_decode_array::<32>(key)
-                .map_err(|_| StateError::InvalidKey("one_time_pre_keys"))?;
+            let secret = hex_decode_array::<32>(key).map_err(|_| StateError::InvalidKey("one_time_pre_keys"))?;
             keys.add_one_time_key(*id, X25519Secret::from_bytes(secret))
                 .map_err(|_| StateError::InvalidKey("one_time_pre_keys"))?;
         }
@@ -469,10 +433,7 @@ mod tests {
             PreKeyBundle::from_json(&value.to_string()),
             Err(BundleError::MissingSigningKey)
         );
-        assert!(matches!(
-            PreKeyBundle::from_json("{"),
-            Err(BundleError::Json(_))
-        ));
+        assert!(matches!(PreKeyBundle::from_json("{"), Err(BundleError::Json(_))));
         assert!(matches!(
             PreKeyBundle::from_parts(&[0; 32], &[0; 31], 0, &[0; 32], &[0; 64], None),
             Err(BundleError::Length {
@@ -489,14 +450,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            PreKeyBundle::from_parts(
-                &[0; 32],
-                &[0; 32],
-                0,
-                &[0; 32],
-                &[0; 64],
-                Some((1, &[0; 33]))
-            ),
+            PreKeyBundle::from_parts(&[0; 32], &[0; 32], 0, &[0; 32], &[0; 64], Some((1, &[0; 33]))),
             Err(BundleError::Length {
                 field: "one_time_pre_key",
                 ..
@@ -514,8 +468,7 @@ mod tests {
             keys.add_one_time_key(1, X25519Secret::from_bytes([3; 32])),
             Err(PreKeyError::IdReused(1))
         );
-        keys.add_one_time_key(10, X25519Secret::from_bytes([3; 32]))
-            .unwrap();
+        keys.add_one_time_key(10, X25519Secret::from_bytes([3; 32])).unwrap();
         assert_eq!(keys.next_one_time_id(), 11);
         assert_eq!(keys.one_time_key_ids().collect::<Vec<_>>(), vec![0, 2, 10]);
         keys.add_one_time_key(u32::MAX, X25519Secret::from_bytes([3; 32]))

@@ -6,9 +6,7 @@
 //! malformed message leaves the session exactly as it was.
 
 use crate::crypto::{Active, CryptoProvider, NONCE_LEN, TAG_LEN};
-use crate::keys::{
-    ChainKey, KeyError, KeyPair, MessageKey, RootKey, SharedSecret, X25519PublicKey,
-};
+use crate::keys::{ChainKey, KeyError, KeyPair, MessageKey, RootKey, SharedSecret, X25519PublicKey};
 use indexmap::IndexMap;
 use rand_core::CryptoRngCore;
 use std::fmt;
@@ -199,10 +197,7 @@ impl DoubleRatchet {
     ) -> Result<Self, KeyError> {
         let dh_self = KeyPair::generate(rng);
         let dh = dh_self.secret().diffie_hellman(remote_signed_pre_key)?;
-        let (root_key, chain_send) = kdf_root(
-            &RootKey::from_bytes(*shared_secret.as_bytes()),
-            dh.as_bytes(),
-        );
+        let (root_key, chain_send) = kdf_root(&RootKey::from_bytes(*shared_secret.as_bytes()), dh.as_bytes());
         Ok(Self {
             dh_self,
             dh_remote: Some(*remote_signed_pre_key),
@@ -239,14 +234,8 @@ impl DoubleRatchet {
         plaintext: &[u8],
         associated_data: &[u8],
     ) -> Result<EncryptedMessage, EncryptError> {
-        let chain = self
-            .chain_send
-            .as_ref()
-            .ok_or(EncryptError::NoSendingChain)?;
-        let next_n = self
-            .n_send
-            .checked_add(1)
-            .ok_or(EncryptError::CounterExhausted)?;
+        let chain = self.chain_send.as_ref().ok_or(EncryptError::NoSendingChain)?;
+        let next_n = self.n_send.checked_add(1).ok_or(EncryptError::CounterExhausted)?;
         let (mk, next_chain) = chain_step(chain);
         let header = Header {
             dh: *self.dh_self.public(),
@@ -292,17 +281,11 @@ impl DoubleRatchet {
             return Ok(plaintext);
         }
 
-        let next_n = header
-            .n
-            .checked_add(1)
-            .ok_or(DecryptError::CounterOverflow)?;
+        let next_n = header.n.checked_add(1).ok_or(DecryptError::CounterOverflow)?;
         let mut new_skipped = Vec::new();
 
         if self.dh_remote == Some(header.dh) {
-            let chain = self
-                .chain_recv
-                .clone()
-                .ok_or(DecryptError::NoReceivingChain)?;
+            let chain = self.chain_recv.clone().ok_or(DecryptError::NoReceivingChain)?;
             if header.n < self.n_recv {
                 return Err(DecryptError::DuplicateOrExpired { n: header.n });
             }
@@ -452,12 +435,7 @@ mod tests {
         );
     }
 
-    fn assert_rejected_unchanged(
-        r: &mut DoubleRatchet,
-        m: &EncryptedMessage,
-        ad: &[u8],
-        expected: DecryptError,
-    ) {
+    fn assert_rejected_unchanged(r: &mut DoubleRatchet, m: &EncryptedMessage, ad: &[u8], expected: DecryptError) {
         let before = r.clone();
         assert_eq!(r.decrypt(&mut OsRng, m, ad).unwrap_err(), expected);
         assert!(*r == before, "state changed after {expected:?}");
@@ -491,12 +469,7 @@ mod tests {
         // Forged message whose (dh, n) hits a cached skipped key: key kept.
         let mut forged_skipped = m0.clone();
         forged_skipped.ciphertext[12] ^= 0x80;
-        assert_rejected_unchanged(
-            &mut b,
-            &forged_skipped,
-            AD,
-            DecryptError::AuthenticationFailed,
-        );
+        assert_rejected_unchanged(&mut b, &forged_skipped, AD, DecryptError::AuthenticationFailed);
         assert_eq!(b.decrypt(&mut OsRng, &m0, AD).unwrap(), b"zero");
         // Replays.
         assert_rejected_unchanged(&mut b, &m0, AD, DecryptError::DuplicateOrExpired { n: 0 });
@@ -512,24 +485,14 @@ mod tests {
     #[test]
     fn skip_limits() {
         let (mut a, mut b) = pair();
-        let mut msgs: Vec<_> = (0..=102)
-            .map(|i| send(&mut a, format!("{i}").as_bytes()))
-            .collect();
-        assert_rejected_unchanged(
-            &mut b,
-            &msgs[101],
-            AD,
-            DecryptError::TooManySkipped { requested: 101 },
-        );
+        let mut msgs: Vec<_> = (0..=102).map(|i| send(&mut a, format!("{i}").as_bytes())).collect();
+        assert_rejected_unchanged(&mut b, &msgs[101], AD, DecryptError::TooManySkipped { requested: 101 });
         assert_eq!(b.decrypt(&mut OsRng, &msgs[100], AD).unwrap(), b"100");
         assert_eq!(b.skipped.len(), 100);
         let last = msgs.pop().unwrap();
         assert_eq!(b.decrypt(&mut OsRng, &last, AD).unwrap(), b"102");
         for i in (0..=101).rev().filter(|&i| i != 100) {
-            assert_eq!(
-                b.decrypt(&mut OsRng, &msgs[i], AD).unwrap(),
-                format!("{i}").as_bytes()
-            );
+            assert_eq!(b.decrypt(&mut OsRng, &msgs[i], AD).unwrap(), format!("{i}").as_bytes());
         }
         assert!(b.skipped.is_empty());
     }
@@ -549,18 +512,8 @@ mod tests {
         }
         assert_eq!(b.skipped.len(), MAX_SKIPPED_KEYS);
         let (evicted_first, evicted_last) = early[0].clone();
-        assert_rejected_unchanged(
-            &mut b,
-            &evicted_first,
-            AD,
-            DecryptError::AuthenticationFailed,
-        );
-        assert_rejected_unchanged(
-            &mut b,
-            &evicted_last,
-            AD,
-            DecryptError::AuthenticationFailed,
-        );
+        assert_rejected_unchanged(&mut b, &evicted_first, AD, DecryptError::AuthenticationFailed);
+        assert_rejected_unchanged(&mut b, &evicted_last, AD, DecryptError::AuthenticationFailed);
         assert_eq!(b.decrypt(&mut OsRng, &early[1].0, AD).unwrap(), b"m");
         assert_eq!(
             b.skipped_key_ids().next().unwrap().1,

@@ -130,13 +130,10 @@ impl DoubleRatchet {
         }
         Ok(Self {
             dh_self: KeyPair::from_parts(secret, public),
-            dh_remote: opt_key32("dh_remote_public", &json.dh_remote_public)?
-                .map(X25519PublicKey::from_bytes),
+            dh_remote: opt_key32("dh_remote_public", &json.dh_remote_public)?.map(X25519PublicKey::from_bytes),
             root_key: RootKey::from_bytes(key32("root_key", &json.root_key)?),
-            chain_send: opt_key32("chain_key_send", &json.chain_key_send)?
-                .map(ChainKey::from_bytes),
-            chain_recv: opt_key32("chain_key_recv", &json.chain_key_recv)?
-                .map(ChainKey::from_bytes),
+            chain_send: opt_key32("chain_key_send", &json.chain_key_send)?.map(ChainKey::from_bytes),
+            chain_recv: opt_key32("chain_key_recv", &json.chain_key_recv)?.map(ChainKey::from_bytes),
             n_send: json.send_message_number,
             n_recv: json.recv_message_number,
             pn: json.previous_send_chain_length,
@@ -152,8 +149,7 @@ impl DoubleRatchet {
     /// The inverse of [`DoubleRatchet::export_state`]; also reads what the
     /// Python package's `to_dict` writes.
     pub fn import_state(text: &str) -> Result<Self, StateError> {
-        let json: RatchetJson =
-            serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
+        let json: RatchetJson = serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
         Self::from_json_struct(&json)
     }
 }
@@ -173,15 +169,11 @@ impl SecureChannel {
 
     /// The inverse of [`SecureChannel::export_state`].
     pub fn import_state(text: &str) -> Result<Self, StateError> {
-        let json: ChannelJson =
-            serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
+        let json: ChannelJson = serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
         let ratchet = DoubleRatchet::from_json_struct(&json.ratchet)?;
-        let associated_data =
-            hex::decode(&json.associated_data).map_err(|_| StateError::InvalidAssociatedData)?;
-        let local =
-            X25519PublicKey::from_bytes(key32("local_identity_key", &json.local_identity_key)?);
-        let remote =
-            X25519PublicKey::from_bytes(key32("remote_identity_key", &json.remote_identity_key)?);
+        let associated_data = hex::decode(&json.associated_data).map_err(|_| StateError::InvalidAssociatedData)?;
+        let local = X25519PublicKey::from_bytes(key32("local_identity_key", &json.local_identity_key)?);
+        let remote = X25519PublicKey::from_bytes(key32("remote_identity_key", &json.remote_identity_key)?);
         let dialect: KdfDialect = json
             .kdf
             .parse()
@@ -207,9 +199,7 @@ mod tests {
         let spk = KeyPair::generate(&mut OsRng);
         let mut a = DoubleRatchet::init_sender(&mut OsRng, &ss, spk.public()).unwrap();
         let mut b = DoubleRatchet::init_receiver(&ss, spk);
-        let msgs: Vec<_> = (0..4)
-            .map(|_| a.encrypt(&mut OsRng, b"x", b"").unwrap())
-            .collect();
+        let msgs: Vec<_> = (0..4).map(|_| a.encrypt(&mut OsRng, b"x", b"").unwrap()).collect();
         b.decrypt(&mut OsRng, &msgs[3], b"").unwrap();
         (a, b)
     }
@@ -304,9 +294,6 @@ mod tests {
             mutate(&|v| v["skipped_keys"] = many.clone().into()),
             StateError::TooManySkippedKeys(2001)
         );
-        assert!(matches!(
-            DoubleRatchet::import_state("[]"),
-            Err(StateError::Json(_))
-        ));
+        assert!(matches!(DoubleRatchet::import_state("[]"), Err(StateError::Json(_))));
     }
 }

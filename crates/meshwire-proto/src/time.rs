@@ -35,15 +35,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (
-        if m <= 2 {
-            yoe + era * 400 + 1
-        } else {
-            yoe + era * 400
-        },
-        m,
-        d,
-    )
+    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
 }
 
 impl Timestamp {
@@ -163,10 +155,7 @@ mod tests {
         assert_eq!(t.0, 1_795_262_400_000);
         assert_eq!(t.to_iso(), "2026-11-21T12:00:00.000Z");
         assert_eq!(Timestamp(0).to_iso(), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            Timestamp(951_782_400_123).to_iso(),
-            "2000-02-29T00:00:00.123Z"
-        );
+        assert_eq!(Timestamp(951_782_400_123).to_iso(), "2000-02-29T00:00:00.123Z");
         for ms in [
             0u64,
             1,
@@ -182,18 +171,10 @@ mod tests {
     #[test]
     fn offsets_and_fractions() {
         let z = Timestamp::parse_iso("2026-11-21T12:00:00Z").unwrap();
+        assert_eq!(Timestamp::parse_iso("2026-11-21T13:30:00.000+01:30").unwrap(), z);
+        assert_eq!(Timestamp::parse_iso("2026-11-21T11:00:00-01:00").unwrap(), z);
         assert_eq!(
-            Timestamp::parse_iso("2026-11-21T13:30:00.000+01:30").unwrap(),
-            z
-        );
-        assert_eq!(
-            Timestamp::parse_iso("2026-11-21T11:00:00-01:00").unwrap(),
-            z
-        );
-        assert_eq!(
-            Timestamp::parse_iso("2026-11-21T12:00:00.123456+00:00")
-                .unwrap()
-                .0,
+            Timestamp::parse_iso("2026-11-21T12:00:00.123456+00:00").unwrap().0,
             z.0 + 123
         );
     }

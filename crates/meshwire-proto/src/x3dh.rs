@@ -157,12 +157,7 @@ pub fn initiate_with_ephemeral(
     if let Some((_, otk)) = &bundle.one_time_pre_key {
         dhs.push(ek.diffie_hellman(otk)?);
     }
-    let output = derive(
-        dialect,
-        &dhs,
-        identity.x25519_public(),
-        &bundle.identity_key,
-    );
+    let output = derive(dialect, &dhs, identity.x25519_public(), &bundle.identity_key);
     let initiation = Initiation {
         identity_key: *identity.x25519_public(),
         ephemeral_key: *ephemeral.public(),
@@ -183,15 +178,11 @@ pub fn respond(
     let spk_secret = spk.pair.secret();
     let mut dhs = vec![
         spk_secret.diffie_hellman(&initiation.identity_key)?,
-        identity
-            .x25519_secret()
-            .diffie_hellman(&initiation.ephemeral_key)?,
+        identity.x25519_secret().diffie_hellman(&initiation.ephemeral_key)?,
         spk_secret.diffie_hellman(&initiation.ephemeral_key)?,
     ];
     if let Some(id) = initiation.one_time_key_id {
-        let otk = prekeys
-            .one_time_key(id)
-            .ok_or(X3dhError::UnknownOneTimeKey(id))?;
+        let otk = prekeys.one_time_key(id).ok_or(X3dhError::UnknownOneTimeKey(id))?;
         dhs.push(otk.secret().diffie_hellman(&initiation.ephemeral_key)?);
     }
     Ok(derive(

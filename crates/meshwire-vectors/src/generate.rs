@@ -4,16 +4,14 @@
 
 use crate::rng::{label_bytes, LabelRng, ScriptedRng};
 use crate::schema::{
-    Document, Event, HeaderJson, IdentityCase, PartyStates, RatchetCase, RelayConnect, X3dhCase,
-    SCHEMA,
+    Document, Event, HeaderJson, IdentityCase, PartyStates, RatchetCase, RelayConnect, X3dhCase, SCHEMA,
 };
 use crate::verify::{error_kind, snapshot};
 use meshwire_proto::channel::mesh_associated_data;
 use meshwire_proto::frames::{self, ConnectFrame, FetchPendingFrame};
 use meshwire_proto::ratchet::message_key_of;
 use meshwire_proto::{
-    auth, x3dh, DoubleRatchet, EncryptedMessage, Identity, KdfDialect, KeyPair, PreKeys,
-    SharedSecret, X25519Secret,
+    auth, x3dh, DoubleRatchet, EncryptedMessage, Identity, KdfDialect, KeyPair, PreKeys, SharedSecret, X25519Secret,
 };
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -62,8 +60,7 @@ pub fn x3dh_case(name: &str, dialect: KdfDialect, otk_id: Option<u32>) -> Result
     let bundle = prekeys.bundle(&bob, otk_id);
     let ek = label(name, "alice/ek");
     let mut rng = ScriptedRng::new([ek.to_vec()]);
-    let (out, initiation) =
-        x3dh::initiate(&mut rng, &alice, &bundle, dialect).map_err(|e| e.to_string())?;
+    let (out, initiation) = x3dh::initiate(&mut rng, &alice, &bundle, dialect).map_err(|e| e.to_string())?;
     rng.finish()?;
     let dh = |i: usize| out.dh_outputs.get(i).map(|d| hex::encode(d.as_bytes()));
     Ok(X3dhCase {
@@ -143,9 +140,7 @@ impl Conversation {
                 .ok_or_else(|| "bad hex".to_owned())
         };
         let shared = SharedSecret::from_bytes(unhex32(&x3dh_case.shared_secret)?);
-        let spk = KeyPair::from_secret(X25519Secret::from_bytes(unhex32(
-            &x3dh_case.bob_spk_private,
-        )?));
+        let spk = KeyPair::from_secret(X25519Secret::from_bytes(unhex32(&x3dh_case.bob_spk_private)?));
         let alice_id = Identity::from_seed(&unhex32(&x3dh_case.alice_ed25519_seed)?);
         let bob_id = Identity::from_seed(&unhex32(&x3dh_case.bob_ed25519_seed)?);
         let x3dh_ad: [u8; 64] = hex::decode(&x3dh_case.associated_data)
@@ -156,8 +151,7 @@ impl Conversation {
 
         let mut alice_rng = LabelRng::new(format!("agentmesh-golden/{name}/alice"));
         let bob_rng = LabelRng::new(format!("agentmesh-golden/{name}/bob"));
-        let alice = DoubleRatchet::init_sender(&mut alice_rng, &shared, spk.public())
-            .map_err(|e| e.to_string())?;
+        let alice = DoubleRatchet::init_sender(&mut alice_rng, &shared, spk.public()).map_err(|e| e.to_string())?;
         let ratchet_0 = alice_rng
             .take_ratchet_draws()
             .into_iter()
@@ -224,9 +218,7 @@ impl Conversation {
             .sending_chain_key()
             .map(message_key_of)
             .ok_or("no sending chain")?;
-        let message = ratchet
-            .encrypt(rng, &plaintext, &ad)
-            .map_err(|e| e.to_string())?;
+        let message = ratchet.encrypt(rng, &plaintext, &ad).map_err(|e| e.to_string())?;
         let nonce = rng.take_nonce().ok_or("no nonce drawn")?;
         let generated = rng.take_ratchet_draws();
         let state_after = snapshot(ratchet);
@@ -278,12 +270,7 @@ impl Conversation {
         match (&result, expect_error) {
             (Ok(got), None) if *got == plaintext => {}
             (Err(e), Some(kind)) if error_kind(e) == kind => {}
-            _ => {
-                return Err(format!(
-                    "delivery of message {k} to {}: {result:?}",
-                    to.name()
-                ))
-            }
+            _ => return Err(format!("delivery of message {k} to {}: {result:?}", to.name())),
         }
         let generated = rng.take_ratchet_draws();
         let state_after = snapshot(ratchet);
@@ -498,9 +485,7 @@ pub fn documents() -> Result<Vec<(String, Document)>, String> {
             document("ratchet", Some(dialect), to_values(&ratchets)?),
         ));
     }
-    let identities: Vec<IdentityCase> = (0..3)
-        .map(|i| identity_case(&format!("identity-{i}")))
-        .collect();
+    let identities: Vec<IdentityCase> = (0..3).map(|i| identity_case(&format!("identity-{i}"))).collect();
     docs.push((
         "identity.json".into(),
         document("identity", None, to_values(&identities)?),

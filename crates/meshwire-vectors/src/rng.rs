@@ -68,10 +68,7 @@ impl RngCore for ScriptedRng {
                 dest.fill(0);
             }
             None => {
-                self.fail(format!(
-                    "drew {} random bytes beyond the recorded ones",
-                    dest.len()
-                ));
+                self.fail(format!("drew {} random bytes beyond the recorded ones", dest.len()));
                 dest.fill(0);
             }
         }
@@ -125,14 +122,12 @@ impl LabelRng {
 
 impl RngCore for LabelRng {
     fn next_u32(&mut self) -> u32 {
-        self.error
-            .get_or_insert_with(|| "unexpected next_u32 draw".into());
+        self.error.get_or_insert_with(|| "unexpected next_u32 draw".into());
         0
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.error
-            .get_or_insert_with(|| "unexpected next_u64 draw".into());
+        self.error.get_or_insert_with(|| "unexpected next_u64 draw".into());
         0
     }
 

@@ -5,8 +5,8 @@ use crate::schema::{Document, Event, IdentityCase, RatchetCase, StateSnapshot, X
 use meshwire_proto::frames::{self, ConnectFrame, FetchPendingFrame};
 use meshwire_proto::ratchet::message_key_of;
 use meshwire_proto::{
-    auth, encoding, x3dh, DecryptError, DoubleRatchet, EncryptedMessage, Header, Identity,
-    KdfDialect, KeyPair, PreKeys, SharedSecret, X25519PublicKey, X25519Secret,
+    auth, encoding, x3dh, DecryptError, DoubleRatchet, EncryptedMessage, Header, Identity, KdfDialect, KeyPair,
+    PreKeys, SharedSecret, X25519PublicKey, X25519Secret,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -16,10 +16,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not an {SCHEMA} file: {reason}")]
     Schema { path: String, reason: String },
 }
@@ -170,9 +167,7 @@ pub fn verify_document(text: &str, label: &str) -> Result<Vec<CaseResult>, Verif
             "x3dh" => run(raw, |c: X3dhCase| verify_x3dh(&c, dialect)),
             "ratchet" => run(raw, |c: RatchetCase| verify_ratchet(&c)),
             "identity" => run(raw, |c: IdentityCase| verify_identity(&c)),
-            "mesh-session" => {
-                CaseOutcome::Skipped("mesh-session replay needs the networked client".into())
-            }
+            "mesh-session" => CaseOutcome::Skipped("mesh-session replay needs the networked client".into()),
             other => return Err(schema_error(format!("unknown kind {other:?}"))),
         };
         results.push(CaseResult {
@@ -185,10 +180,7 @@ pub fn verify_document(text: &str, label: &str) -> Result<Vec<CaseResult>, Verif
     Ok(results)
 }
 
-fn run<T: serde::de::DeserializeOwned>(
-    raw: &serde_json::Value,
-    verify: impl FnOnce(T) -> Check,
-) -> CaseOutcome {
+fn run<T: serde::de::DeserializeOwned>(raw: &serde_json::Value, verify: impl FnOnce(T) -> Check) -> CaseOutcome {
     match serde_json::from_value::<T>(raw.clone()) {
         Err(e) => CaseOutcome::Failed(format!("case does not match the schema: {e}")),
         Ok(case) => match verify(case) {
@@ -261,22 +253,14 @@ fn verify_x3dh(case: &X3dhCase, dialect: KdfDialect) -> Check {
             same("bob_otk_public", public, pair.public().as_bytes())?;
         }
         (None, None | Some(_), None) => {}
-        _ => {
-            return Err(
-                "bob_otk_id, bob_otk_private and bob_otk_public must be all set or all null".into(),
-            )
-        }
+        _ => return Err("bob_otk_id, bob_otk_private and bob_otk_public must be all set or all null".into()),
     }
     let bundle = prekeys.bundle(&bob, case.bob_otk_id);
 
-    let mut rng = ScriptedRng::new([unhex(
-        "alice_ephemeral_private",
-        &case.alice_ephemeral_private,
-    )?]);
+    let mut rng = ScriptedRng::new([unhex("alice_ephemeral_private", &case.alice_ephemeral_private)?]);
     let (initiator, initiation) =
         x3dh::initiate(&mut rng, &alice, &bundle, dialect).map_err(|e| format!("initiate: {e}"))?;
-    rng.finish()
-        .map_err(|e| format!("initiate randomness: {e}"))?;
+    rng.finish().map_err(|e| format!("initiate randomness: {e}"))?;
     same(
         "alice_ephemeral_public",
         &case.alice_ephemeral_public,
@@ -301,19 +285,10 @@ fn verify_x3dh(case: &X3dhCase, dialect: KdfDialect) -> Check {
     for ((field, expected), actual) in expected_dhs.iter().zip(&initiator.dh_outputs) {
         same(field, expected, actual.as_bytes())?;
     }
-    same(
-        "shared_secret",
-        &case.shared_secret,
-        initiator.shared_secret.as_bytes(),
-    )?;
-    same(
-        "associated_data",
-        &case.associated_data,
-        &initiator.associated_data,
-    )?;
+    same("shared_secret", &case.shared_secret, initiator.shared_secret.as_bytes())?;
+    same("associated_data", &case.associated_data, &initiator.associated_data)?;
 
-    let responder =
-        x3dh::respond(&bob, &prekeys, &initiation, dialect).map_err(|e| format!("respond: {e}"))?;
+    let responder = x3dh::respond(&bob, &prekeys, &initiation, dialect).map_err(|e| format!("respond: {e}"))?;
     same(
         "shared_secret (responder)",
         &case.shared_secret,
@@ -352,16 +327,10 @@ fn same_state(what: &str, expected: &StateSnapshot, actual: &StateSnapshot) -> C
     let lower = |s: &StateSnapshot| {
         let mut s = s.clone();
         s.root_key.make_ascii_lowercase();
-        s.chain_key_send
-            .iter_mut()
-            .for_each(|k| k.make_ascii_lowercase());
-        s.chain_key_recv
-            .iter_mut()
-            .for_each(|k| k.make_ascii_lowercase());
+        s.chain_key_send.iter_mut().for_each(|k| k.make_ascii_lowercase());
+        s.chain_key_recv.iter_mut().for_each(|k| k.make_ascii_lowercase());
         s.dh_self_public.make_ascii_lowercase();
-        s.dh_remote_public
-            .iter_mut()
-            .for_each(|k| k.make_ascii_lowercase());
+        s.dh_remote_public.iter_mut().for_each(|k| k.make_ascii_lowercase());
         s.skipped.iter_mut().for_each(|k| k.make_ascii_lowercase());
         s
     };
@@ -404,11 +373,7 @@ fn verify_ratchet(case: &RatchetCase) -> Check {
         "bob_spk_private",
         &case.bob_spk_private,
     )?));
-    same(
-        "bob_spk_public",
-        &case.bob_spk_public,
-        spk.public().as_bytes(),
-    )?;
+    same("bob_spk_public", &case.bob_spk_public, spk.public().as_bytes())?;
     let ad = unhex("associated_data", &case.associated_data)?;
     if let (Some(alice), Some(bob)) = (&case.alice_did, &case.bob_did) {
         let prefix = format!("{alice}|{bob}");
@@ -417,20 +382,12 @@ fn verify_ratchet(case: &RatchetCase) -> Check {
         }
     }
 
-    let mut rng = ScriptedRng::new([unhex(
-        "alice_ratchet_0_private",
-        &case.alice_ratchet_0_private,
-    )?]);
-    let mut alice = DoubleRatchet::init_sender(&mut rng, &shared, spk.public())
-        .map_err(|e| format!("init_sender: {e}"))?;
-    rng.finish()
-        .map_err(|e| format!("init_sender randomness: {e}"))?;
+    let mut rng = ScriptedRng::new([unhex("alice_ratchet_0_private", &case.alice_ratchet_0_private)?]);
+    let mut alice =
+        DoubleRatchet::init_sender(&mut rng, &shared, spk.public()).map_err(|e| format!("init_sender: {e}"))?;
+    rng.finish().map_err(|e| format!("init_sender randomness: {e}"))?;
     if let Some(public) = &case.alice_ratchet_0_public {
-        same(
-            "alice_ratchet_0_public",
-            public,
-            alice.dh_self_public().as_bytes(),
-        )?;
+        same("alice_ratchet_0_public", public, alice.dh_self_public().as_bytes())?;
     }
     let mut bob = DoubleRatchet::init_receiver(&shared, spk);
     if let Some(initial) = &case.initial_state {
@@ -464,10 +421,7 @@ fn apply_event(
         .collect::<Result<_, _>>()?;
     match event.op.as_str() {
         "encrypt" => {
-            let plaintext = unhex(
-                "plaintext",
-                event.plaintext.as_deref().ok_or("plaintext missing")?,
-            )?;
+            let plaintext = unhex("plaintext", event.plaintext.as_deref().ok_or("plaintext missing")?)?;
             let nonce = unhex("nonce", event.nonce.as_deref().ok_or("nonce missing")?)?;
             let key_before = party.sending_chain_key().map(message_key_of);
             let mut rng = ScriptedRng::new(std::iter::once(nonce).chain(generated));
@@ -479,24 +433,13 @@ fn apply_event(
                 same(
                     "message_key",
                     expected,
-                    key_before
-                        .as_ref()
-                        .map(|k| k.as_bytes().as_slice())
-                        .unwrap_or_default(),
+                    key_before.as_ref().map(|k| k.as_bytes().as_slice()).unwrap_or_default(),
                 )?;
             }
             if let Some(header) = &event.header {
                 same("header.dh", &header.dh, message.header.dh.as_bytes())?;
-                same_text(
-                    "header.pn",
-                    &header.pn.to_string(),
-                    &message.header.pn.to_string(),
-                )?;
-                same_text(
-                    "header.n",
-                    &header.n.to_string(),
-                    &message.header.n.to_string(),
-                )?;
+                same_text("header.pn", &header.pn.to_string(), &message.header.pn.to_string())?;
+                same_text("header.n", &header.n.to_string(), &message.header.n.to_string())?;
             }
             if let Some(expected) = &event.header_bytes {
                 same("header_bytes", expected, &message.header.to_bytes())?;
@@ -541,10 +484,7 @@ fn apply_event(
 
 /// The message a decrypt event consumes: the referenced encrypt event's
 /// output, with any header or ciphertext the event itself records instead.
-fn incoming(
-    event: &Event,
-    sent: &HashMap<usize, EncryptedMessage>,
-) -> Result<EncryptedMessage, String> {
+fn incoming(event: &Event, sent: &HashMap<usize, EncryptedMessage>) -> Result<EncryptedMessage, String> {
     let base = event.message.and_then(|i| sent.get(&i)).cloned();
     let header = match (&event.header, &base) {
         (Some(h), _) => Header {
@@ -587,11 +527,7 @@ fn verify_identity(case: &IdentityCase) -> Check {
     let rc = &case.relay_connect;
     same_text("relay_connect.type", &rc.kind, connect.kind)?;
     same_text("relay_connect.from", &rc.from, &connect.from)?;
-    same_text(
-        "relay_connect.public_key",
-        &rc.public_key,
-        &connect.public_key,
-    )?;
+    same_text("relay_connect.public_key", &rc.public_key, &connect.public_key)?;
     same_text("relay_connect.timestamp", &rc.timestamp, &connect.timestamp)?;
     same_text("relay_connect.signature", &rc.signature, &connect.signature)?;
     if let Some(expected) = &case.connect_frame_json {

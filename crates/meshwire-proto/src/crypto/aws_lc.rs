@@ -20,8 +20,7 @@ impl CryptoProvider for AwsLc {
 
     fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
         let mut out = [0u8; 32];
-        let Ok(private) = agreement::PrivateKey::from_private_key(&agreement::X25519, secret)
-        else {
+        let Ok(private) = agreement::PrivateKey::from_private_key(&agreement::X25519, secret) else {
             return out;
         };
         let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, public);
@@ -51,9 +50,7 @@ impl CryptoProvider for AwsLc {
     fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
         let info = [info];
-        let filled = prk
-            .expand(&info, OutLen(out.len()))
-            .and_then(|okm| okm.fill(out));
+        let filled = prk.expand(&info, OutLen(out.len())).and_then(|okm| okm.fill(out));
         if filled.is_err() {
             out.zeroize();
         }
@@ -68,13 +65,7 @@ impl CryptoProvider for AwsLc {
         (a, b)
     }
 
-    fn seal(
-        key: &[u8; 32],
-        nonce: &[u8; NONCE_LEN],
-        aad: &[u8],
-        plaintext: &[u8],
-        out: &mut Vec<u8>,
-    ) {
+    fn seal(key: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
         let Ok(unbound) = UnboundKey::new(&CHACHA20_POLY1305, key) else {
             return;
         };
@@ -83,11 +74,7 @@ impl CryptoProvider for AwsLc {
         out.reserve(plaintext.len() + TAG_LEN);
         out.extend_from_slice(plaintext);
         let body = out.get_mut(start..).unwrap_or_default();
-        match key.seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(*nonce),
-            Aad::from(aad),
-            body,
-        ) {
+        match key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), body) {
             Ok(tag) => out.extend_from_slice(tag.as_ref()),
             Err(_) => out.truncate(start),
         }
@@ -106,11 +93,7 @@ impl CryptoProvider for AwsLc {
         let key = LessSafeKey::new(unbound);
         let mut buf = ciphertext_and_tag.to_vec();
         let len = key
-            .open_in_place(
-                Nonce::assume_unique_for_key(*nonce),
-                Aad::from(aad),
-                &mut buf,
-            )
+            .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), &mut buf)
             .map_err(|_| AeadError)?
             .len();
         buf.truncate(len);

@@ -51,13 +51,7 @@ pub trait CryptoProvider {
     fn chain_step(chain_key: &[u8; 32]) -> ([u8; 32], [u8; 32]);
 
     /// ChaCha20-Poly1305 seal; appends `ciphertext || tag` to `out`.
-    fn seal(
-        key: &[u8; 32],
-        nonce: &[u8; NONCE_LEN],
-        aad: &[u8],
-        plaintext: &[u8],
-        out: &mut Vec<u8>,
-    );
+    fn seal(key: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>);
 
     /// ChaCha20-Poly1305 open of `ciphertext || tag`.
     fn open(
@@ -80,11 +74,8 @@ mod tests {
     // RFC 7748 section 5.2, first test vector.
     #[test]
     fn x25519_rfc7748() {
-        let scalar =
-            hex::decode("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4")
-                .unwrap();
-        let point = hex::decode("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c")
-            .unwrap();
+        let scalar = hex::decode("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4").unwrap();
+        let point = hex::decode("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c").unwrap();
         let out = Active::x25519(&scalar.try_into().unwrap(), &point.try_into().unwrap());
         assert_eq!(
             hex::encode(out),
@@ -95,23 +86,16 @@ mod tests {
     // RFC 8439 section 2.8.2.
     #[test]
     fn chacha20poly1305_rfc8439() {
-        let key: [u8; 32] =
-            hex::decode("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
-                .unwrap()
-                .try_into()
-                .unwrap();
-        let nonce: [u8; 12] = hex::decode("070000004041424344454647")
+        let key: [u8; 32] = hex::decode("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
             .unwrap()
             .try_into()
             .unwrap();
+        let nonce: [u8; 12] = hex::decode("070000004041424344454647").unwrap().try_into().unwrap();
         let aad = hex::decode("50515253c0c1c2c3c4c5c6c7").unwrap();
         let pt = b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.";
         let mut out = Vec::new();
         Active::seal(&key, &nonce, &aad, pt, &mut out);
-        assert_eq!(
-            hex::encode(&out[pt.len()..]),
-            "1ae10b594f09e26a7e902ecbd0600691"
-        );
+        assert_eq!(hex::encode(&out[pt.len()..]), "1ae10b594f09e26a7e902ecbd0600691");
         assert_eq!(&hex::encode(&out[..16]), "d31a8d34648e60db7b86afbc53ef7ec2");
         assert_eq!(Active::open(&key, &nonce, &aad, &out).unwrap(), pt);
         let mut bad = out.clone();

@@ -40,19 +40,10 @@ impl CryptoProvider for RustCrypto {
         a.update(&[0x01]);
         let mut b = keyed;
         b.update(&[0x02]);
-        (
-            a.finalize().into_bytes().into(),
-            b.finalize().into_bytes().into(),
-        )
+        (a.finalize().into_bytes().into(), b.finalize().into_bytes().into())
     }
 
-    fn seal(
-        key: &[u8; 32],
-        nonce: &[u8; NONCE_LEN],
-        aad: &[u8],
-        plaintext: &[u8],
-        out: &mut Vec<u8>,
-    ) {
+    fn seal(key: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
         let start = out.len();
         out.reserve(plaintext.len() + TAG_LEN);
@@ -71,20 +62,12 @@ impl CryptoProvider for RustCrypto {
         aad: &[u8],
         ciphertext_and_tag: &[u8],
     ) -> Result<Vec<u8>, AeadError> {
-        let split = ciphertext_and_tag
-            .len()
-            .checked_sub(TAG_LEN)
-            .ok_or(AeadError)?;
+        let split = ciphertext_and_tag.len().checked_sub(TAG_LEN).ok_or(AeadError)?;
         let (ciphertext, tag) = ciphertext_and_tag.split_at(split);
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
         let mut buf = ciphertext.to_vec();
         cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(nonce),
-                aad,
-                &mut buf,
-                Tag::from_slice(tag),
-            )
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut buf, Tag::from_slice(tag))
             .map_err(|_| AeadError)?;
         Ok(buf)
     }
