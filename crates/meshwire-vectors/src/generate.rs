@@ -445,9 +445,9 @@ pub fn identity_case(name: &str) -> IdentityCase {
         relay_connect: RelayConnect {
             kind: connect.kind.to_owned(),
             from: connect.from.clone(),
-            public_key: connect.public_key.clone(),
-            timestamp: connect.timestamp.clone(),
-            signature: connect.signature.clone(),
+            public_key: connect.public_key.clone().unwrap_or_default(),
+            timestamp: connect.timestamp.clone().unwrap_or_default(),
+            signature: connect.signature.clone().unwrap_or_default(),
         },
         connect_frame_json: Some(frames::to_text(&connect)),
         fetch_pending_frame_json: Some(frames::to_text(&FetchPendingFrame::new(&identity))),

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod generate;
+pub mod mesh_session;
 pub mod rng;
 pub mod schema;
 pub mod verify;

@@ -73,9 +73,7 @@ fn python_package_rederives_our_vectors() {
         "conversation-no-otk",
     ] {
         assert!(
-            stdout
-                .lines()
-                .any(|l| l.starts_with("PASS") && l.contains(case)),
+            stdout.lines().any(|l| l.starts_with("PASS") && l.contains(case)),
             "{case} not re-derived"
         );
     }

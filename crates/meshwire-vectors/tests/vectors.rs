@@ -41,16 +41,13 @@ fn every_shared_reference_file_passes() {
         .map(|r| r.to_string())
         .collect();
     assert!(failed.is_empty(), "{failed:#?}");
-    let passed = results
-        .iter()
-        .filter(|r| r.outcome == CaseOutcome::Passed)
-        .count();
+    let passed = results.iter().filter(|r| r.outcome == CaseOutcome::Passed).count();
     for producer in ["ts-main", "ts-sdk-4.0.0", "python-5.0.0"] {
         for kind in ["x3dh", "ratchet"] {
             assert!(
-                results.iter().any(|r| r.file.starts_with(producer)
-                    && r.kind == kind
-                    && r.outcome == CaseOutcome::Passed),
+                results
+                    .iter()
+                    .any(|r| r.file.starts_with(producer) && r.kind == kind && r.outcome == CaseOutcome::Passed),
                 "no passing {kind} case from {producer}"
             );
         }
@@ -65,9 +62,7 @@ fn own_cases_equal_reference_cases_byte_for_byte() {
     let mut compared = 0;
     for producer in ["ts-main", "ts-sdk-4.0.0", "python-5.0.0"] {
         for entry in std::fs::read_dir(dir.join(producer)).unwrap() {
-            let doc: Document =
-                serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap())
-                    .unwrap();
+            let doc: Document = serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
             if doc.kind == "mesh-session" {
                 continue;
             }
@@ -75,9 +70,7 @@ fn own_cases_equal_reference_cases_byte_for_byte() {
                 let name = reference["name"].as_str().unwrap();
                 let mine = ours
                     .iter()
-                    .filter(|(_, d)| {
-                        d.kind == doc.kind && (doc.kind == "identity" || d.kdf == doc.kdf)
-                    })
+                    .filter(|(_, d)| d.kind == doc.kind && (doc.kind == "identity" || d.kdf == doc.kdf))
                     .flat_map(|(_, d)| &d.cases)
                     .find(|c| c["name"] == name)
                     .unwrap_or_else(|| panic!("meshwire generates no {} case {name}", doc.kind));
@@ -85,11 +78,7 @@ fn own_cases_equal_reference_cases_byte_for_byte() {
                     if field == "notes" {
                         continue;
                     }
-                    assert_eq!(
-                        &mine[field], value,
-                        "{producer} {} {name}: field {field}",
-                        doc.kind
-                    );
+                    assert_eq!(&mine[field], value, "{producer} {} {name}: field {field}", doc.kind);
                 }
                 compared += 1;
             }
@@ -102,8 +91,7 @@ fn own_cases_equal_reference_cases_byte_for_byte() {
 fn committed_vectors_are_current_and_pass() {
     for (name, doc) in documents() {
         let path = repo_vectors().join(&name);
-        let committed: Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let committed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let mut fresh = serde_json::to_value(&doc).unwrap();
         assert_eq!(
             committed, fresh,
@@ -112,10 +100,7 @@ fn committed_vectors_are_current_and_pass() {
         fresh.take();
     }
     let results = verify_path(&repo_vectors()).unwrap();
-    assert!(
-        results.iter().all(|r| r.outcome == CaseOutcome::Passed),
-        "{results:#?}"
-    );
+    assert!(results.iter().all(|r| r.outcome == CaseOutcome::Passed), "{results:#?}");
     assert!(results.len() >= 15);
 }
 
@@ -132,11 +117,7 @@ fn outcome_after(file: &str, case: &str, mutate: impl Fn(&mut Value)) -> CaseOut
         .unwrap();
     mutate(target);
     let results = verify_document(&value.to_string(), file).unwrap();
-    results
-        .into_iter()
-        .find(|r| r.name == case)
-        .unwrap()
-        .outcome
+    results.into_iter().find(|r| r.name == case).unwrap().outcome
 }
 
 fn flip_hex(v: &mut Value) {
@@ -184,15 +165,9 @@ fn mutated_vectors_fail() {
     assert!(matches!(outcome, CaseOutcome::Failed(_)));
 
     let ratchet_mutations: Vec<(&str, Mutation)> = vec![
-        (
-            "ciphertext",
-            Box::new(|c| flip_hex(&mut c["events"][0]["ciphertext"])),
-        ),
+        ("ciphertext", Box::new(|c| flip_hex(&mut c["events"][0]["ciphertext"]))),
         // The nonce is an input: a different one changes the ciphertext.
-        (
-            "ciphertext",
-            Box::new(|c| flip_hex(&mut c["events"][1]["nonce"])),
-        ),
+        ("ciphertext", Box::new(|c| flip_hex(&mut c["events"][1]["nonce"]))),
         (
             "message_key",
             Box::new(|c| flip_hex(&mut c["events"][2]["message_key"])),
@@ -201,10 +176,7 @@ fn mutated_vectors_fail() {
             "header_bytes",
             Box::new(|c| flip_hex(&mut c["events"][2]["header_bytes"])),
         ),
-        (
-            "plaintext",
-            Box::new(|c| flip_hex(&mut c["events"][3]["plaintext"])),
-        ),
+        ("plaintext", Box::new(|c| flip_hex(&mut c["events"][3]["plaintext"]))),
         (
             "root_key",
             Box::new(|c| flip_hex(&mut c["events"][3]["state_after"]["root_key"])),
@@ -228,9 +200,7 @@ fn mutated_vectors_fail() {
         ),
         (
             "never drawn",
-            Box::new(|c| {
-                c["events"][4]["generated_ratchet_private"] = serde_json::json!(["00".repeat(32)])
-            }),
+            Box::new(|c| c["events"][4]["generated_ratchet_private"] = serde_json::json!(["00".repeat(32)])),
         ),
         (
             "initial_state",
@@ -258,12 +228,7 @@ fn mutated_vectors_fail() {
         "{outcome:?}"
     );
 
-    for field in [
-        "did",
-        "authorization",
-        "timestamp_signature",
-        "connect_frame_json",
-    ] {
+    for field in ["did", "authorization", "timestamp_signature", "connect_frame_json"] {
         let outcome = outcome_after("identity.json", "identity-1", |c| {
             let s = c[field].as_str().unwrap().replace('a', "b");
             c[field] = s.into();
@@ -293,4 +258,57 @@ fn unreadable_files_are_errors_not_panics() {
     )
     .unwrap();
     assert!(matches!(results[0].outcome, CaseOutcome::Failed(_)));
+}
+
+#[test]
+fn mutated_mesh_session_recordings_fail() {
+    let Some(dir) = shared_vectors() else { return };
+    for producer in ["ts-main", "ts-sdk-4.0.0"] {
+        let text = std::fs::read_to_string(dir.join(producer).join("mesh-session.json")).unwrap();
+        let original: Value = serde_json::from_str(&text).unwrap();
+        let outcome = |mutate: &dyn Fn(&mut Value)| {
+            let mut doc = original.clone();
+            mutate(&mut doc["cases"][0]);
+            let results = verify_document(&doc.to_string(), producer).unwrap();
+            results[0].outcome.clone()
+        };
+        assert_eq!(outcome(&|_| {}), CaseOutcome::Passed, "{producer} unmutated");
+        let frame_with = |c: &Value, kind: &str| {
+            c["frames"].as_array().unwrap().iter().position(|f| f["type"] == kind).unwrap()
+        };
+        let mutations: Vec<(&str, Mutation)> = vec![
+            ("message frame", Box::new(move |c| {
+                let i = frame_with(c, "message");
+                let s = c["frames"][i]["frame_json"].as_str().unwrap().replacen("\"n\":0", "\"n\":1", 1);
+                c["frames"][i]["frame_json"] = s.into();
+            })),
+            ("knock frame", Box::new(move |c| {
+                let i = frame_with(c, "knock");
+                let s = c["frames"][i]["frame_json"].as_str().unwrap().replace("establish_session", "establish");
+                c["frames"][i]["frame_json"] = s.into();
+            })),
+            ("knock_accept", Box::new(move |c| {
+                let i = frame_with(c, "knock_accept");
+                let s = c["frames"][i]["frame_json"].as_str().unwrap().replace("\"knock_id\"", "\"knockId\"");
+                c["frames"][i]["frame_json"] = s.into();
+            })),
+            ("connect", Box::new(move |c| {
+                let i = frame_with(c, "connect");
+                let s = c["frames"][i]["frame_json"].as_str().unwrap().replace("\"v\":1,", "");
+                c["frames"][i]["frame_json"] = s.into();
+            })),
+            ("received", Box::new(|c| c["received"][0]["payload_json"] = "{\"text\":\"hello bobby\"}".into())),
+            ("randomness", Box::new(|c| {
+                let r = c["random_inputs"].as_array_mut().unwrap().iter_mut().find(|r| r["role"] == "alice/nonce-1").unwrap();
+                r["value"] = "000000000000000000000000".into();
+            })),
+            ("register body", Box::new(|c| {
+                let s = c["http_requests"][0]["body_json"].as_str().unwrap().replace("\"capabilities\":[]", "\"capabilities\":[\"x\"]");
+                c["http_requests"][0]["body_json"] = s.into();
+            })),
+        ];
+        for (what, mutate) in mutations {
+            assert!(matches!(outcome(&*mutate), CaseOutcome::Failed(_)), "{producer}: mutating {what} was not detected");
+        }
+    }
 }
