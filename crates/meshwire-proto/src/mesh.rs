@@ -591,6 +591,11 @@ impl Mesh {
         let buffered_peers = self.peers.values().filter(|p| !p.buffer.is_empty()).count();
         let p = self.peers.entry(m.from.clone()).or_default();
         if p.seen_set.contains(&m.id) {
+            // A copy of a message we have: the sender may not have our
+            // receipt (it retransmits until it does), so confirm again.
+            if p.receipts && !p.receipts_due.contains(&m.id) {
+                p.receipts_due.push(m.id.clone());
+            }
             events.push(Event::Transmit(ack_text(&m.id)));
             return;
         }
