@@ -61,12 +61,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         bob_keys.one_time_key_ids().collect::<Vec<_>>()
     );
 
-    for (round, (from_alice, from_bob)) in [
-        ("how are you?", "fine, and you?"),
-        ("great. bye!", "bye alice"),
-    ]
-    .into_iter()
-    .enumerate()
+    for (round, (from_alice, from_bob)) in [("how are you?", "fine, and you?"), ("great. bye!", "bye alice")]
+        .into_iter()
+        .enumerate()
     {
         println!("round {}:", round + 1);
         let reply = bob_channel.encrypt(&mut OsRng, from_bob.as_bytes())?;

@@ -23,6 +23,21 @@ enum Command {
         #[command(subcommand)]
         command: VectorsCommand,
     },
+    /// Run the embedded relay (WebSocket /ws) and registry (HTTP /v1) on one port.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8765")]
+        listen: String,
+        /// Accept connect frames without proof of possession (legacy npm 4.0.0 clients; insecure).
+        #[arg(long)]
+        allow_unauthenticated_did: bool,
+        /// Accept npm 4.0.0 registrations without proof of possession (insecure).
+        #[arg(long)]
+        legacy_registration: bool,
+        /// Shared secret connect frames must carry in `token`.
+        #[arg(long)]
+        relay_token: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -39,6 +54,12 @@ enum VectorsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve {
+            listen,
+            allow_unauthenticated_did,
+            legacy_registration,
+            relay_token,
+        } => serve(&listen, allow_unauthenticated_did, legacy_registration, relay_token),
         Command::Vectors {
             command: VectorsCommand::Verify { paths },
         } => verify(&paths),
@@ -89,4 +110,49 @@ fn verify(paths: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn serve(
+    listen: &str,
+    allow_unauthenticated_did: bool,
+    legacy_registration: bool,
+    relay_token: Option<String>,
+) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot listen on {listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let config = meshwire_server::ServerConfig {
+            allow_unauthenticated_did,
+            legacy_registration,
+            relay_token,
+            ..Default::default()
+        };
+        let server = match meshwire_server::RunningServer::spawn(config, listener, None) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        println!("meshwire relay    {}/ws", server.relay_url());
+        println!("meshwire registry {}", server.registry_url());
+        let _ = tokio::signal::ctrl_c().await;
+        server.shutdown().await;
+        ExitCode::SUCCESS
+    })
 }

@@ -42,7 +42,12 @@ pub const CLOSE_PROOF_REJECTED: u16 = 4005;
 pub const CLOSE_AUTH_FAILED: u16 = 4003;
 
 fn now() -> Timestamp {
-    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+    Timestamp(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
 }
 
 /// A client operation failed.
@@ -102,7 +107,11 @@ fn decode_payload(raw: &[u8]) -> Payload {
     match serde_json::from_slice::<serde_json::Value>(raw) {
         Ok(value) => {
             if value.get(CONTROL_KEY).and_then(|v| v.as_str()) == Some("bytes") {
-                if let Some(bytes) = value.get("data").and_then(|d| d.as_str()).and_then(|d| b64_decode(d).ok()) {
+                if let Some(bytes) = value
+                    .get("data")
+                    .and_then(|d| d.as_str())
+                    .and_then(|d| b64_decode(d).ok())
+                {
                     return Payload::Bytes(bytes);
                 }
             }
@@ -137,21 +146,50 @@ pub fn knock_policy(f: impl Fn(&KnockInfo) -> bool + Send + Sync + 'static) -> K
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientEvent {
     /// Joined the relay (again, after `Disconnected`).
-    Connected { reconnect: bool },
-    Disconnected { code: Option<u16>, reason: String },
+    Connected {
+        reconnect: bool,
+    },
+    Disconnected {
+        code: Option<u16>,
+        reason: String,
+    },
     /// Another connection took this DID over (close 4006); no reconnection.
-    TakenOver { reason: String },
+    TakenOver {
+        reason: String,
+    },
     /// The relay refused us (4005 proof rejected, 4003 auth); no reconnection.
-    Rejected { code: u16, reason: String },
-    Knock { from: String, accepted: bool },
-    KnockAccepted { from: String },
-    KnockRejected { from: String, reason: Option<String> },
-    SessionEstablished { peer: String },
+    Rejected {
+        code: u16,
+        reason: String,
+    },
+    Knock {
+        from: String,
+        accepted: bool,
+    },
+    KnockAccepted {
+        from: String,
+    },
+    KnockRejected {
+        from: String,
+        reason: Option<String>,
+    },
+    SessionEstablished {
+        peer: String,
+    },
     /// The peer restarted: its new session replaced the old one.
-    SessionReplaced { peer: String },
+    SessionReplaced {
+        peer: String,
+    },
     /// The peer confirmed these messages end to end.
-    Delivered { peer: String, ids: Vec<String> },
-    Error { kind: ErrorKind, peer: Option<String>, detail: String },
+    Delivered {
+        peer: String,
+        ids: Vec<String>,
+    },
+    Error {
+        kind: ErrorKind,
+        peer: Option<String>,
+        detail: String,
+    },
 }
 
 /// Frames sent and received, by type.
@@ -164,12 +202,20 @@ pub struct FrameCounters {
 impl FrameCounters {
     /// Sent frames other than heartbeats.
     pub fn application_sent(&self) -> u64 {
-        self.sent.iter().filter(|(k, _)| *k != "heartbeat").map(|(_, v)| v).sum()
+        self.sent
+            .iter()
+            .filter(|(k, _)| *k != "heartbeat")
+            .map(|(_, v)| v)
+            .sum()
     }
 
     /// Received frames other than heartbeats.
     pub fn application_received(&self) -> u64 {
-        self.received.iter().filter(|(k, _)| *k != "heartbeat").map(|(_, v)| v).sum()
+        self.received
+            .iter()
+            .filter(|(k, _)| *k != "heartbeat")
+            .map(|(_, v)| v)
+            .sum()
     }
 
     pub fn heartbeats_sent(&self) -> u64 {
@@ -272,7 +318,9 @@ pub struct MeshClient {
 
 impl std::fmt::Debug for MeshClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeshClient").field("did", &self.inner.did).finish_non_exhaustive()
+        f.debug_struct("MeshClient")
+            .field("did", &self.inner.did)
+            .finish_non_exhaustive()
     }
 }
 
@@ -305,7 +353,11 @@ impl Inner {
         if let Some(store) = &self.store {
             let state = lock(&self.mesh).export_state();
             if let Err(e) = store.save(&self.did, &state) {
-                self.emit(ClientEvent::Error { kind: ErrorKind::Frame, peer: None, detail: format!("saving state: {e}") });
+                self.emit(ClientEvent::Error {
+                    kind: ErrorKind::Frame,
+                    peer: None,
+                    detail: format!("saving state: {e}"),
+                });
             }
         }
     }
@@ -351,7 +403,11 @@ impl Inner {
                 }
                 Event::Error(e) => {
                     tracing::debug!(kind = ?e.kind, peer = ?e.peer, detail = %e.detail, "mesh error");
-                    self.emit(ClientEvent::Error { kind: e.kind, peer: e.peer, detail: e.detail });
+                    self.emit(ClientEvent::Error {
+                        kind: e.kind,
+                        peer: e.peer,
+                        detail: e.detail,
+                    });
                 }
             }
         }
@@ -369,10 +425,20 @@ impl Inner {
             let metadata = inner.peer_metadata(&from).await;
             let policy = lock(&inner.policy).clone();
             let accepted = match policy {
-                Some(policy) => policy(KnockInfo { from: from.clone(), intent, metadata }).await,
+                Some(policy) => {
+                    policy(KnockInfo {
+                        from: from.clone(),
+                        intent,
+                        metadata,
+                    })
+                    .await
+                }
                 None => true,
             };
-            inner.emit(ClientEvent::Knock { from: from.clone(), accepted });
+            inner.emit(ClientEvent::Knock {
+                from: from.clone(),
+                accepted,
+            });
             let events = lock(&inner.mesh).decide_knock(&mut OsRng, now(), &from, accepted);
             inner.process(events);
         });
@@ -390,9 +456,16 @@ impl Inner {
         };
         let info = PeerInfo {
             dialect: self.config.dialects.get(peer).copied().or_else(|| {
-                metadata.as_ref().and_then(|m| m.get(META_KDF)).and_then(|d| d.parse().ok())
+                metadata
+                    .as_ref()
+                    .and_then(|m| m.get(META_KDF))
+                    .and_then(|d| d.parse().ok())
             }),
-            receipts: self.config.receipts && metadata.as_ref().and_then(|m| m.get(META_RECEIPTS)).is_some_and(|v| v == "1"),
+            receipts: self.config.receipts
+                && metadata
+                    .as_ref()
+                    .and_then(|m| m.get(META_RECEIPTS))
+                    .is_some_and(|v| v == "1"),
         };
         lock(&self.mesh).set_peer_info(peer, info);
         lock(&self.peer_info).insert(peer.to_owned(), metadata.clone());
@@ -411,7 +484,11 @@ impl Inner {
         let inner = self.clone();
         tokio::spawn(async move {
             if let Err(e) = inner.publish_one_time_keys().await {
-                inner.emit(ClientEvent::Error { kind: ErrorKind::Frame, peer: None, detail: format!("replenishing one-time keys: {e}") });
+                inner.emit(ClientEvent::Error {
+                    kind: ErrorKind::Frame,
+                    peer: None,
+                    detail: format!("replenishing one-time keys: {e}"),
+                });
             }
             inner.replenishing.store(false, Ordering::SeqCst);
         });
@@ -424,9 +501,10 @@ impl Inner {
         const MAX_HELD: usize = 500;
         let (prekeys, ids) = {
             let mut mesh = lock(&self.mesh);
-            let ids = mesh.prekeys_mut().generate_one_time_keys(&mut OsRng, self.config.one_time_keys).map_err(|e| {
-                ClientError::Relay(format!("one-time keys: {e}"))
-            })?;
+            let ids = mesh
+                .prekeys_mut()
+                .generate_one_time_keys(&mut OsRng, self.config.one_time_keys)
+                .map_err(|e| ClientError::Relay(format!("one-time keys: {e}")))?;
             let held: Vec<u32> = mesh.prekeys().one_time_key_ids().collect();
             for old in held.iter().take(held.len().saturating_sub(MAX_HELD)) {
                 let _ = mesh.prekeys_mut().remove_one_time_key(*old);
@@ -477,6 +555,11 @@ impl MeshClientBuilder {
         self
     }
 
+    pub fn store_opt(mut self, store: Option<Arc<dyn SessionStore>>) -> Self {
+        self.store = store;
+        self
+    }
+
     pub fn knock_policy(mut self, policy: KnockPolicy) -> Self {
         self.policy = Some(policy);
         self
@@ -494,8 +577,17 @@ impl MeshClientBuilder {
 }
 
 impl MeshClient {
-    pub fn builder(identity: Identity, relay_url: impl Into<String>, registry_url: impl Into<String>) -> MeshClientBuilder {
-        MeshClientBuilder { identity, config: ClientConfig::new(relay_url, registry_url), store: None, policy: None }
+    pub fn builder(
+        identity: Identity,
+        relay_url: impl Into<String>,
+        registry_url: impl Into<String>,
+    ) -> MeshClientBuilder {
+        MeshClientBuilder {
+            identity,
+            config: ClientConfig::new(relay_url, registry_url),
+            store: None,
+            policy: None,
+        }
     }
 
     /// Registers `identity` (proof of possession), publishes its pre-keys,
@@ -524,7 +616,12 @@ impl MeshClient {
             )?,
             None => {
                 let prekeys = PreKeys::generate(&mut OsRng, &identity);
-                Mesh::new(Identity::from_seed(&identity.seed()), prekeys, config.mesh.clone(), Box::new(RandomUuids))
+                Mesh::new(
+                    Identity::from_seed(&identity.seed()),
+                    prekeys,
+                    config.mesh.clone(),
+                    Box::new(RandomUuids),
+                )
             }
         };
         for (peer, dialect) in &config.dialects {
@@ -550,7 +647,9 @@ impl MeshClient {
         }
         let registered = registry.register(&identity, &capabilities, &metadata).await?;
         if registered.as_str() != did {
-            return Err(ClientError::Relay(format!("registry assigned {registered}, expected {did}")));
+            return Err(ClientError::Relay(format!(
+                "registry assigned {registered}, expected {did}"
+            )));
         }
 
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -583,7 +682,10 @@ impl MeshClient {
             // these are the keys we can still answer.
             let (prekeys, held) = {
                 let mesh = lock(&inner.mesh);
-                (mesh.prekeys().clone(), mesh.prekeys().one_time_key_ids().collect::<Vec<_>>())
+                (
+                    mesh.prekeys().clone(),
+                    mesh.prekeys().one_time_key_ids().collect::<Vec<_>>(),
+                )
             };
             if held.len() < inner.config.one_time_keys / 2 {
                 inner.publish_one_time_keys().await?;
@@ -613,7 +715,10 @@ impl MeshClient {
             Ok(true) => Ok(client),
             _ => {
                 client.close().await;
-                Err(ClientError::Relay(format!("could not join the relay at {}", inner.config.relay_url)))
+                Err(ClientError::Relay(format!(
+                    "could not join the relay at {}",
+                    inner.config.relay_url
+                )))
             }
         }
     }
@@ -634,7 +739,10 @@ impl MeshClient {
 
     /// Allows `peer` to exchange plaintext until it is seen encrypted.
     pub fn allow_plaintext_peer(&self, peer: &str) {
-        lock(&self.inner.mesh).config_mut().plaintext_peers.insert(peer.to_owned());
+        lock(&self.inner.mesh)
+            .config_mut()
+            .plaintext_peers
+            .insert(peer.to_owned());
     }
 
     /// Sends a JSON-serializable payload (as `JSON.stringify` would), opening
@@ -731,7 +839,10 @@ impl MeshClient {
 
     /// The next message within `timeout`.
     pub async fn recv_timeout(&self, timeout: Duration) -> Result<Message, ClientError> {
-        tokio::time::timeout(timeout, self.recv()).await.map_err(|_| ClientError::Timeout)?.ok_or(ClientError::Closed)
+        tokio::time::timeout(timeout, self.recv())
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .ok_or(ClientError::Closed)
     }
 
     /// The next message from any of `senders` within `timeout`; messages from
@@ -752,7 +863,9 @@ impl MeshClient {
                 notified.await;
             }
         };
-        tokio::time::timeout(timeout, wait).await.map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ClientError::Timeout)?
     }
 
     /// One message from each of `senders`, waiting at most `timeout` in all;
@@ -791,7 +904,9 @@ impl MeshClient {
 
     /// Events already queued, without waiting.
     pub fn try_events(&self) -> Vec<ClientEvent> {
-        let Ok(mut rx) = self.events.try_lock() else { return Vec::new() };
+        let Ok(mut rx) = self.events.try_lock() else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         while let Ok(e) = rx.try_recv() {
             out.push(e);
@@ -917,7 +1032,10 @@ async fn run_connection(inner: Arc<Inner>) {
             Ok(Err(e)) => tracing::debug!(error = %e, "relay connection failed"),
             Err(_) => tracing::debug!("relay connection timed out"),
         }
-        let exp = inner.config.reconnect_base.saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        let exp = inner
+            .config
+            .reconnect_base
+            .saturating_mul(2u32.saturating_pow(attempt.min(16)));
         let capped = exp.min(inner.config.reconnect_max);
         let jitter = 0.8 + f64::from(OsRng.next_u32() % 4001) / 10_000.0;
         attempt = attempt.saturating_add(1);

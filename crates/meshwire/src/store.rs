@@ -39,7 +39,10 @@ impl Drop for IdentityFile {
 const IDENTITY_FORMAT: &str = "meshwire-identity/1";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_owned(), source }
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 #[cfg(unix)]
@@ -47,7 +50,10 @@ fn check_private(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(StoreError::Permissions { path: path.to_owned(), mode });
+        return Err(StoreError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -61,9 +67,15 @@ fn check_private(_: &Path) -> Result<(), StoreError> {
 /// it over `path`, so a crash leaves the old file or the new one, never half.
 pub fn write_private_atomic(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
     use std::io::Write;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -96,7 +108,10 @@ pub fn save_identity(identity: &Identity, path: &Path) -> Result<(), StoreError>
 pub fn load_identity(path: &Path) -> Result<Identity, StoreError> {
     check_private(path)?;
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io(path))?);
-    let format_error = |reason: String| StoreError::Format { path: path.to_owned(), reason };
+    let format_error = |reason: String| StoreError::Format {
+        path: path.to_owned(),
+        reason,
+    };
     let file: IdentityFile = serde_json::from_str(&text).map_err(|e| format_error(e.to_string()))?;
     if file.format != IDENTITY_FORMAT {
         return Err(format_error(format!("format {:?}", file.format)));
@@ -170,7 +185,10 @@ impl FileStore {
     }
 
     fn path(&self, did: &str) -> PathBuf {
-        let name: String = did.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let name: String = did
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
         self.dir.join(format!("{name}.session.json"))
     }
 }
@@ -182,7 +200,9 @@ impl SessionStore for FileStore {
             return Ok(None);
         }
         check_private(&path)?;
-        std::fs::read_to_string(&path).map(|t| Some(Zeroizing::new(t))).map_err(io(&path))
+        std::fs::read_to_string(&path)
+            .map(|t| Some(Zeroizing::new(t)))
+            .map_err(io(&path))
     }
 
     fn save(&self, did: &str, state: &str) -> Result<(), StoreError> {
@@ -213,12 +233,18 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-            assert!(matches!(load_identity(&path), Err(StoreError::Permissions { mode: 0o644, .. })));
+            assert!(matches!(
+                load_identity(&path),
+                Err(StoreError::Permissions { mode: 0o644, .. })
+            ));
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         std::fs::write(&path, "{}").unwrap();
         assert!(matches!(load_identity(&path), Err(StoreError::Format { .. })));
-        assert!(matches!(load_identity(&dir.join("missing.json")), Err(StoreError::Io { .. })));
+        assert!(matches!(
+            load_identity(&dir.join("missing.json")),
+            Err(StoreError::Io { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -230,7 +256,10 @@ mod tests {
         store.save("did:mesh:a", "one").unwrap();
         store.save("did:mesh:a", "two").unwrap();
         assert_eq!(store.load("did:mesh:a").unwrap().unwrap().as_str(), "two");
-        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(files.len(), 1, "no temporary file left behind: {files:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -45,7 +45,11 @@ on_both_backends!(
 );
 
 fn text_of(payload: &Payload) -> String {
-    payload.as_json().and_then(|v| v["k"].as_str()).map(str::to_owned).unwrap_or_default()
+    payload
+        .as_json()
+        .and_then(|v| v["k"].as_str())
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 async fn receive_n(client: &MeshClient, from: &str, n: usize) -> Vec<String> {
@@ -66,7 +70,10 @@ async fn two_hundred_messages_each_way_in_order(backend: Backend) {
     assert_eq!(bob_did, bob.did());
     let expected: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
     for k in &expected {
-        alice.send(&bob_did, &json!({"k": k, "unicode": "✓ 🚀 \u{2028}"})).await.unwrap();
+        alice
+            .send(&bob_did, &json!({"k": k, "unicode": "✓ 🚀 \u{2028}"}))
+            .await
+            .unwrap();
     }
     assert_eq!(receive_n(&bob, alice.did(), 200).await, expected, "{}", backend.name);
     for k in &expected {
@@ -85,11 +92,20 @@ async fn offline_delivery(backend: Backend) {
     let alice = backend.agent("alice").await;
     let bob_identity = Identity::generate(&mut rand_core::OsRng);
     let bob_store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new());
-    let bob = backend.agent_with(Identity::from_seed(&bob_identity.seed()), "bob", Some(bob_store.clone())).await;
+    let bob = backend
+        .agent_with(
+            Identity::from_seed(&bob_identity.seed()),
+            "bob",
+            Some(bob_store.clone()),
+        )
+        .await;
     let bob_did = bob.did().to_owned();
     bob.close().await;
     for i in 0..5 {
-        alice.send(&bob_did, &json!({ "k": format!("offline {i}") })).await.unwrap();
+        alice
+            .send(&bob_did, &json!({ "k": format!("offline {i}") }))
+            .await
+            .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let bob = backend.agent_with(bob_identity, "bob", Some(bob_store)).await;
@@ -103,29 +119,46 @@ async fn relay_restart_loses_nothing_between_meshwire_peers(mut backend: Backend
     let alice = backend.agent("alice").await;
     let bob_identity = Identity::generate(&mut rand_core::OsRng);
     let bob_store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new());
-    let bob = backend.agent_with(Identity::from_seed(&bob_identity.seed()), "bob", Some(bob_store.clone())).await;
+    let bob = backend
+        .agent_with(
+            Identity::from_seed(&bob_identity.seed()),
+            "bob",
+            Some(bob_store.clone()),
+        )
+        .await;
     let bob_did = bob.did().to_owned();
     alice.send(&bob_did, &json!({"k": "live 0"})).await.unwrap();
     assert_eq!(receive_n(&bob, alice.did(), 1).await, ["live 0"]);
     // Bob goes offline: the relay holds the next messages in memory...
     bob.close().await;
     for i in 1..=10 {
-        alice.send(&bob_did, &json!({ "k": format!("held {i}") })).await.unwrap();
+        alice
+            .send(&bob_did, &json!({ "k": format!("held {i}") }))
+            .await
+            .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // ...and loses them when it restarts.
     backend.stop_relay().await;
     for i in 11..=15 {
-        alice.send(&bob_did, &json!({ "k": format!("while down {i}") })).await.unwrap();
+        alice
+            .send(&bob_did, &json!({ "k": format!("while down {i}") }))
+            .await
+            .unwrap();
     }
     assert!(alice.queued() > 0, "sends while the relay is down are queued");
     backend.start_relay().await;
-    expect_event(&alice, WAIT, |e| matches!(e, ClientEvent::Connected { reconnect: true })).await;
+    expect_event(&alice, WAIT, |e| {
+        matches!(e, ClientEvent::Connected { reconnect: true })
+    })
+    .await;
     let bob = backend.agent_with(bob_identity, "bob", Some(bob_store)).await;
     let mut got = receive_n(&bob, alice.did(), 15).await;
     got.sort();
-    let mut expected: Vec<String> =
-        (1..=10).map(|i| format!("held {i}")).chain((11..=15).map(|i| format!("while down {i}"))).collect();
+    let mut expected: Vec<String> = (1..=10)
+        .map(|i| format!("held {i}"))
+        .chain((11..=15).map(|i| format!("while down {i}")))
+        .collect();
     expected.sort();
     assert_eq!(got, expected, "{}: every message arrives exactly once", backend.name);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -141,7 +174,9 @@ async fn relay_restart_loses_nothing_between_meshwire_peers(mut backend: Backend
 
 async fn takeover_closes_the_older_connection(backend: Backend) {
     let identity = Identity::generate(&mut rand_core::OsRng);
-    let first = backend.agent_with(Identity::from_seed(&identity.seed()), "twin", None).await;
+    let first = backend
+        .agent_with(Identity::from_seed(&identity.seed()), "twin", None)
+        .await;
     let _second = backend.agent_with(identity, "twin", None).await;
     let event = expect_event(&first, WAIT, |e| matches!(e, ClientEvent::TakenOver { .. })).await;
     assert!(matches!(event, ClientEvent::TakenOver { .. }));
@@ -155,10 +190,19 @@ async fn knock_rejected_by_policy(backend: Backend) {
     bob.set_knock_policy(Some(knock_policy(|_| false)));
     alice.send(bob.did(), &json!({"k": "let me in"})).await.unwrap();
     let event = expect_event(&alice, WAIT, |e| matches!(e, ClientEvent::KnockRejected { .. })).await;
-    assert_eq!(event, ClientEvent::KnockRejected { from: bob.did().to_owned(), reason: Some("policy_denied".into()) });
+    assert_eq!(
+        event,
+        ClientEvent::KnockRejected {
+            from: bob.did().to_owned(),
+            reason: Some("policy_denied".into())
+        }
+    );
     expect_event(&bob, WAIT, |e| matches!(e, ClientEvent::Knock { accepted: false, .. })).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(bob.drain().is_empty(), "nothing from a rejected peer reaches the application");
+    assert!(
+        bob.drain().is_empty(),
+        "nothing from a rejected peer reaches the application"
+    );
     alice.close().await;
     bob.close().await;
 }
@@ -166,9 +210,14 @@ async fn knock_rejected_by_policy(backend: Backend) {
 async fn restart_with_persisted_state_needs_no_new_knock(backend: Backend) {
     let alice = backend.agent("alice").await;
     let bob_identity = Identity::generate(&mut rand_core::OsRng);
-    let dir = std::env::temp_dir().join(format!("meshwire-restart-{}", bob_identity.did().as_str().replace(':', "_")));
+    let dir = std::env::temp_dir().join(format!(
+        "meshwire-restart-{}",
+        bob_identity.did().as_str().replace(':', "_")
+    ));
     let store: Arc<dyn SessionStore> = Arc::new(meshwire::FileStore::new(&dir));
-    let bob = backend.agent_with(Identity::from_seed(&bob_identity.seed()), "bob", Some(store.clone())).await;
+    let bob = backend
+        .agent_with(Identity::from_seed(&bob_identity.seed()), "bob", Some(store.clone()))
+        .await;
     alice.send(bob.did(), &json!({"k": "before"})).await.unwrap();
     assert_eq!(receive_n(&bob, alice.did(), 1).await, ["before"]);
     bob.send(alice.did(), &json!({"k": "reply"})).await.unwrap();
@@ -180,7 +229,11 @@ async fn restart_with_persisted_state_needs_no_new_knock(backend: Backend) {
     assert_eq!(receive_n(&bob, alice.did(), 1).await, ["after"]);
     assert_eq!(receive_n(&alice, bob.did(), 1).await, ["still here"]);
     assert_eq!(alice.counters().sent.get("knock"), Some(&1), "no new KNOCK from alice");
-    assert_eq!(bob.counters().sent.get("knock"), None, "no KNOCK from the restarted bob");
+    assert_eq!(
+        bob.counters().sent.get("knock"),
+        None,
+        "no KNOCK from the restarted bob"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     alice.close().await;
     bob.close().await;
@@ -189,7 +242,9 @@ async fn restart_with_persisted_state_needs_no_new_knock(backend: Backend) {
 async fn restart_without_state_replaces_the_session(backend: Backend) {
     let alice = backend.agent("alice").await;
     let bob_identity = Identity::generate(&mut rand_core::OsRng);
-    let bob = backend.agent_with(Identity::from_seed(&bob_identity.seed()), "bob", None).await;
+    let bob = backend
+        .agent_with(Identity::from_seed(&bob_identity.seed()), "bob", None)
+        .await;
     alice.send(bob.did(), &json!({"k": "hello"})).await.unwrap();
     assert_eq!(receive_n(&bob, alice.did(), 1).await, ["hello"]);
     bob.close().await;

@@ -21,20 +21,35 @@ pub fn in_ci() -> bool {
 /// The AGT venv's python (installed on first use); None only outside CI
 /// when python3 is missing.
 pub fn agt_python() -> Option<PathBuf> {
-    let has_python = Command::new("python3").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let has_python = Command::new("python3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     if !has_python.is_ok_and(|s| s.success()) {
         assert!(!in_ci(), "python3 is required under CI");
         eprintln!("skipping: python3 is not available");
         return None;
     }
-    let output = Command::new("bash").arg(repo().join("interop/python/setup_venv.sh")).output().unwrap();
-    assert!(output.status.success(), "setup_venv.sh failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new("bash")
+        .arg(repo().join("interop/python/setup_venv.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "setup_venv.sh failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let venv = String::from_utf8(output.stdout).unwrap().trim().to_owned();
     Some(Path::new(&venv).join("bin/python"))
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `python -m agentmesh.<module>` process, killed on drop.
@@ -56,7 +71,14 @@ impl AgtProcess {
         let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("agt-{module}-{port}.log"));
         let mut command = Command::new(python);
         command
-            .args(["-m", &format!("agentmesh.{module}"), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "-m",
+                &format!("agentmesh.{module}"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
             .args(["--log-level", "warning"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -64,7 +86,11 @@ impl AgtProcess {
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut process = Self { child: command.spawn().unwrap(), port, log };
+        let mut process = Self {
+            child: command.spawn().unwrap(),
+            port,
+            log,
+        };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -76,7 +102,11 @@ impl AgtProcess {
                     return process;
                 }
             }
-            assert!(Instant::now() < deadline, "agentmesh.{module} did not start:\n{}", process.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "agentmesh.{module} did not start:\n{}",
+                process.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -185,11 +215,14 @@ impl Backend {
     }
 
     pub async fn agent(&self, name: &str) -> MeshClient {
-        self.agent_with(Identity::generate(&mut rand_core::OsRng), name, None).await
+        self.agent_with(Identity::generate(&mut rand_core::OsRng), name, None)
+            .await
     }
 
     pub async fn agent_with(&self, identity: Identity, name: &str, store: Option<Arc<dyn SessionStore>>) -> MeshClient {
-        MeshClient::connect(identity, self.config(name), store, None).await.unwrap()
+        MeshClient::connect(identity, self.config(name), store, None)
+            .await
+            .unwrap()
     }
 }
 
