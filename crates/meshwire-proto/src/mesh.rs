@@ -504,7 +504,9 @@ impl Mesh {
             // A relay redelivers stored KNOCKs: one already accepted (or
             // pending) is not put to the policy again.
             let known = p.accepted_eks.contains(&e.ephemeral_key)
-                || p.pending.as_ref().is_some_and(|pending| pending.ephemeral_key == e.ephemeral_key);
+                || p.pending
+                    .as_ref()
+                    .is_some_and(|pending| pending.ephemeral_key == e.ephemeral_key);
             if known {
                 return;
             }

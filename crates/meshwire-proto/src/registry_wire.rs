@@ -7,23 +7,22 @@ use crate::encoding::b64_url;
 use crate::identity::{Did, Identity};
 use crate::prekeys::{OneTimeKeyId, PreKeys};
 use serde::Serialize;
-use serde_json::{Map, Value};
 
 #[derive(Serialize)]
-struct RegisterBody<'a> {
+struct RegisterBody<'a, M: Serialize> {
     public_key: String,
     proof: String,
     proof_timestamp: &'a str,
     capabilities: &'a [String],
-    metadata: &'a Map<String, Value>,
+    metadata: &'a M,
 }
 
 #[derive(Serialize)]
-struct LegacyRegisterBody<'a> {
+struct LegacyRegisterBody<'a, M: Serialize> {
     did: &'a str,
     public_key: String,
     capabilities: &'a [String],
-    metadata: &'a Map<String, Value>,
+    metadata: &'a M,
 }
 
 #[derive(Serialize)]
@@ -56,7 +55,7 @@ pub fn register_body(
     identity: &Identity,
     timestamp: &str,
     capabilities: &[String],
-    metadata: &Map<String, Value>,
+    metadata: &impl Serialize,
 ) -> String {
     let (public_key, proof) = registration_proof(identity, timestamp);
     text(&RegisterBody {
@@ -70,7 +69,7 @@ pub fn register_body(
 
 /// `POST /v1/agents` as npm SDK 4.0.0 sends it: the X25519 identity key and
 /// no proof of possession.
-pub fn legacy_register_body(identity: &Identity, capabilities: &[String], metadata: &Map<String, Value>) -> String {
+pub fn legacy_register_body(identity: &Identity, capabilities: &[String], metadata: &impl Serialize) -> String {
     text(&LegacyRegisterBody {
         did: identity.did().as_str(),
         public_key: b64_url(identity.x25519_public().as_bytes()),

@@ -14,14 +14,13 @@
 //! `fetch_bundle` may consume a second one-time key on the registry if the
 //! first attempt reached it.
 
-use meshwire_proto::auth::{ed25519_timestamp_header, registration_proof};
-use meshwire_proto::encoding::b64_url;
+use meshwire_proto::auth::ed25519_timestamp_header;
+use meshwire_proto::registry_wire;
 use meshwire_proto::time::Timestamp;
 use meshwire_proto::{Did, Identity, OneTimeKeyId, PreKeyBundle, PreKeyError, PreKeys};
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rand_core::{OsRng, RngCore};
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -29,18 +28,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Largest response body the client reads.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
-
-/// What `encodeURIComponent` leaves alone: `A-Z a-z 0-9 - _ . ! ~ * ' ( )`.
-const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'!')
-    .remove(b'~')
-    .remove(b'*')
-    .remove(b'\'')
-    .remove(b'(')
-    .remove(b')');
 
 /// A registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +180,7 @@ impl RequestSpec {
 
 /// `did` percent-encoded as by `encodeURIComponent` (`did%3Amesh%3A...`).
 pub fn encode_path_segment(text: &str) -> String {
-    utf8_percent_encode(text, URI_COMPONENT).to_string()
+    registry_wire::encode_component(text)
 }
 
 fn agent_path(did: &Did, suffix: &str) -> String {
@@ -202,10 +189,6 @@ fn agent_path(did: &Did, suffix: &str) -> String {
 
 fn auth_header(identity: &Identity, timestamp: &str) -> (&'static str, String) {
     ("authorization", ed25519_timestamp_header(identity, timestamp))
-}
-
-fn json_body<T: Serialize>(value: &T) -> Result<String, RegistryError> {
-    serde_json::to_string(value).map_err(|e| RegistryError::InvalidRequest(e.to_string()))
 }
 
 fn json_request(method: Method, path: String, identity: &Identity, timestamp: &str, body: String) -> RequestSpec {
@@ -229,15 +212,6 @@ fn authed_request(method: Method, path: String, identity: &Identity, timestamp: 
     }
 }
 
-#[derive(Serialize)]
-struct RegisterBody<'a> {
-    public_key: &'a str,
-    proof: &'a str,
-    proof_timestamp: &'a str,
-    capabilities: &'a [String],
-    metadata: &'a BTreeMap<String, String>,
-}
-
 /// `POST /v1/agents` with the registration proof of possession over
 /// `timestamp` (also used for the Authorization header, as the TypeScript
 /// client sends one).
@@ -247,14 +221,7 @@ pub fn register_request(
     metadata: &BTreeMap<String, String>,
     timestamp: &str,
 ) -> Result<RequestSpec, RegistryError> {
-    let (public_key, proof) = registration_proof(identity, timestamp);
-    let body = json_body(&RegisterBody {
-        public_key: &public_key,
-        proof: &proof,
-        proof_timestamp: timestamp,
-        capabilities,
-        metadata,
-    })?;
+    let body = registry_wire::register_body(identity, timestamp, capabilities, metadata);
     Ok(json_request(
         Method::POST,
         "/v1/agents".to_owned(),
@@ -262,27 +229,6 @@ pub fn register_request(
         timestamp,
         body,
     ))
-}
-
-#[derive(Serialize)]
-struct PreKeysBody<'a> {
-    identity_key: String,
-    identity_key_ed: String,
-    signed_pre_key: SignedPreKeyBody,
-    one_time_pre_keys: &'a [OneTimeKeyBody],
-}
-
-#[derive(Serialize)]
-struct SignedPreKeyBody {
-    key_id: u32,
-    public_key: String,
-    signature: String,
-}
-
-#[derive(Serialize)]
-struct OneTimeKeyBody {
-    key_id: OneTimeKeyId,
-    public_key: String,
 }
 
 /// `PUT /v1/agents/{did}/prekeys`: the identity keys, the signed pre-key and
@@ -294,29 +240,10 @@ pub fn upload_prekeys_request(
     one_time_ids: &[OneTimeKeyId],
     timestamp: &str,
 ) -> Result<RequestSpec, RegistryError> {
-    let spk = prekeys.signed_pre_key();
-    let otks = one_time_ids
-        .iter()
-        .map(|&id| {
-            prekeys
-                .one_time_key(id)
-                .map(|pair| OneTimeKeyBody {
-                    key_id: id,
-                    public_key: b64_url(pair.public().as_bytes()),
-                })
-                .ok_or(PreKeyError::Unknown(id))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let body = json_body(&PreKeysBody {
-        identity_key: b64_url(identity.x25519_public().as_bytes()),
-        identity_key_ed: b64_url(identity.ed25519_public().as_bytes()),
-        signed_pre_key: SignedPreKeyBody {
-            key_id: spk.id,
-            public_key: b64_url(spk.pair.public().as_bytes()),
-            signature: b64_url(&spk.signature),
-        },
-        one_time_pre_keys: &otks,
-    })?;
+    if let Some(&unknown) = one_time_ids.iter().find(|&&id| prekeys.one_time_key(id).is_none()) {
+        return Err(PreKeyError::Unknown(unknown).into());
+    }
+    let body = registry_wire::prekeys_body(identity, prekeys, one_time_ids);
     Ok(json_request(
         Method::PUT,
         agent_path(identity.did(), "/prekeys"),
