@@ -1,1 +1,31 @@
-//! Embedded AgentMesh relay and registry.
+//! An embedded, in-memory AgentMesh relay and registry that speaks the HTTP
+//! and WebSocket protocol of the reference Python servers of AGT 5.0.0
+//! (`agentmesh.relay`, `agentmesh.registry`), for examples, tests and
+//! `meshwire serve`: [`start`] one on a free local port, point clients at
+//! [`RunningServer::relay_url`] and [`RunningServer::registry_url`], and
+//! [`RunningServer::shutdown`] it when done. It is stricter than the
+//! reference where the reference is exploitable (relay `from` fields are
+//! bound to the connection's proven DID, only a recipient may acknowledge
+//! its mail) and forwards frames byte for byte.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), meshwire_server::ServerError> {
+//! let server = meshwire_server::start(meshwire_server::ServerConfig::default()).await?;
+//! println!("relay {}/ws, registry {}", server.relay_url(), server.registry_url());
+//! server.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+mod config;
+mod http;
+mod registry;
+mod relay;
+mod server;
+mod util;
+
+pub use config::{Clock, ManualClock, ServerConfig, SystemClock};
+pub use relay::close_code;
+pub use server::{serve, serve_with_shutdown, start, start_split, RunningServer, Server, ServerError, Stats};

@@ -1,0 +1,183 @@
+//! Server configuration and the injectable wall clock.
+
+use meshwire_proto::time::Timestamp;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The wall clock the server reads: replay windows, registration and
+/// presence timestamps, heartbeat throttling, relay liveness and the
+/// store-and-forward TTL all go through it. Socket timeouts (connect, idle)
+/// are real timers and are configured separately.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Timestamp;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Timestamp(ms)
+    }
+}
+
+/// A clock that only moves when told to, for deterministic tests. Clones
+/// share the same time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub fn new(start: Timestamp) -> Self {
+        Self(Arc::new(AtomicU64::new(start.0)))
+    }
+
+    pub fn set(&self, now: Timestamp) {
+        self.0.store(now.0, Ordering::SeqCst);
+    }
+
+    pub fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        // fetch_update with a total closure never fails.
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| Some(t.saturating_add(ms)));
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// Relay and registry settings. `Default` matches the reference servers'
+/// constants (and their defaults for the environment switches).
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Shared secret that `connect` frames must carry in `token`
+    /// (`AGENTMESH_RELAY_TOKEN`); `None` accepts any connection.
+    pub relay_token: Option<String>,
+    /// Accept `connect` frames without DID proof of possession
+    /// (`AGENTMESH_RELAY_ALLOW_UNAUTHED_DID=1`). Anyone can then connect as
+    /// any DID and read its mail: local development with legacy clients only.
+    pub allow_unauthenticated_did: bool,
+    /// Accept the npm SDK 4.0.0 registration body `{did, public_key,
+    /// capabilities, metadata}` (no proof of possession, X25519 key) and
+    /// unauthenticated pre-key uploads for agents registered that way.
+    ///
+    /// **Risk:** nothing binds such a DID to a key, so anyone can register
+    /// any unclaimed DID and replace the pre-keys of a legacy-registered
+    /// agent, which lets them impersonate it to new peers. A proper
+    /// (proof-carrying) registration of the same DID replaces a legacy
+    /// record, so a real key holder can always reclaim its DID. Off by
+    /// default; use only on trusted networks.
+    pub legacy_registration: bool,
+    /// Largest relay frame that is parsed; larger text frames get an error
+    /// frame. Frames over twice this (and at least 64 KiB more) end the
+    /// connection at the WebSocket layer.
+    pub max_frame_bytes: usize,
+    /// Time for a new WebSocket to send its `connect` frame.
+    pub connect_timeout: Duration,
+    /// A relay connection that sends nothing for this long is closed (4004).
+    pub idle_timeout: Duration,
+    /// A connected agent silent for longer than this (by [`Clock`]) is
+    /// stale: messages for it are stored instead of sent live.
+    pub stale_after: Duration,
+    /// How long the relay keeps an unacknowledged stored message.
+    pub message_ttl: Duration,
+    /// Stored messages per recipient.
+    pub max_stored_per_recipient: usize,
+    /// Stored messages in total.
+    pub max_stored_total: usize,
+    /// Bytes of stored frames in total.
+    pub max_stored_bytes: usize,
+    /// Frames queued for one live connection before further messages to it
+    /// are stored instead.
+    pub outbound_queue: usize,
+    /// Bytes of frames queued for one live connection before further
+    /// messages to it are stored instead.
+    pub outbound_queue_bytes: usize,
+    /// Registered agents.
+    pub max_agents: usize,
+    /// One-time pre-keys in one upload.
+    pub max_one_time_keys: usize,
+    /// Largest HTTP request body (larger ones get 413). Together with
+    /// `max_agents` this bounds the registry's memory.
+    pub max_body_bytes: usize,
+    /// Minimum time between two accepted registry heartbeats of one agent.
+    pub heartbeat_min_interval: Duration,
+    /// The wall clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl ServerConfig {
+    /// The same configuration reading time from `clock`.
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            relay_token: None,
+            allow_unauthenticated_did: false,
+            legacy_registration: false,
+            max_frame_bytes: 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            stale_after: Duration::from_secs(90),
+            message_ttl: Duration::from_secs(72 * 3600),
+            max_stored_per_recipient: 10_000,
+            max_stored_total: 100_000,
+            max_stored_bytes: 256 * 1024 * 1024,
+            outbound_queue: 1024,
+            outbound_queue_bytes: 16 * 1024 * 1024,
+            max_agents: 100_000,
+            max_one_time_keys: 1000,
+            max_body_bytes: 256 * 1024,
+            heartbeat_min_interval: Duration::from_secs(10),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("relay_token", &self.relay_token.as_ref().map(|_| "<set>"))
+            .field("allow_unauthenticated_did", &self.allow_unauthenticated_did)
+            .field("legacy_registration", &self.legacy_registration)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("stale_after", &self.stale_after)
+            .field("message_ttl", &self.message_ttl)
+            .field("max_stored_per_recipient", &self.max_stored_per_recipient)
+            .field("max_stored_total", &self.max_stored_total)
+            .field("max_stored_bytes", &self.max_stored_bytes)
+            .field("outbound_queue", &self.outbound_queue)
+            .field("outbound_queue_bytes", &self.outbound_queue_bytes)
+            .field("max_agents", &self.max_agents)
+            .field("max_one_time_keys", &self.max_one_time_keys)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("heartbeat_min_interval", &self.heartbeat_min_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

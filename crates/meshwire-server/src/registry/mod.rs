@@ -1,0 +1,780 @@
+//! The registry: agent registration with proof of possession, pre-key
+//! bundles with one-time key consumption, presence, reputation and
+//! capability discovery (`agentmesh.registry` of AGT 5.0.0).
+
+pub(crate) mod store;
+
+use crate::config::duration_ms;
+use crate::http::{as_integer, json_object, ApiError, Fields, Issue};
+use crate::server::Shared;
+use crate::util::{parse_iso, python_isoformat, IsoError};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use indexmap::IndexMap;
+use meshwire_proto::auth::{verify_registration_proof, AuthError, AuthHeader, REPLAY_WINDOW_MS};
+use meshwire_proto::encoding::{b64_decode, b64_url};
+use meshwire_proto::Did;
+use serde::Serialize;
+use serde_json::{Number, Value};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use store::{AgentRecord, Outcome, StoredSignedPreKey};
+
+const SCHEME: &str = "Ed25519-Timestamp ";
+/// `GET .../presence` reports an agent online when seen this recently.
+const PRESENCE_ONLINE_MS: u64 = 90_000;
+const DISCOVER_DEFAULT_LIMIT: i64 = 50;
+const DISCOVER_MAX_LIMIT: i64 = 200;
+const MAX_VERIFICATION_TOKEN: usize = 8192;
+
+type Ctx = State<Arc<Shared>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The registry routes (without `/health`).
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1/agents", post(register))
+        .route("/v1/agents/:did", get(get_agent).delete(deregister))
+        .route("/v1/agents/:did/prekeys", put(upload_prekeys).get(fetch_prekeys))
+        .route("/v1/agents/:did/presence", get(presence))
+        .route("/v1/agents/:did/heartbeat", post(heartbeat))
+        .route("/v1/agents/:did/reputation", post(submit_reputation))
+        .route("/v1/registry/reputation/session", post(submit_session_reputation))
+        .route("/v1/registry/verify", post(verify_identity))
+        .route("/v1/discover", get(discover))
+}
+
+#[derive(Serialize)]
+pub(crate) struct RegistryHealth {
+    status: &'static str,
+    service: &'static str,
+    entra_verify_enabled: bool,
+}
+
+pub(crate) async fn health() -> Json<RegistryHealth> {
+    Json(RegistryHealth {
+        status: "healthy",
+        service: "agentmesh-registry",
+        entra_verify_enabled: false,
+    })
+}
+
+fn path_did(path: Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    path.map(|Path(did)| did)
+        .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
+}
+
+fn authorization(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(AUTHORIZATION)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+}
+
+fn missing_header() -> Issue {
+    Issue::missing(vec![Value::from("header"), Value::from("Authorization")])
+}
+
+/// Verifies `Authorization: Ed25519-Timestamp <did> <iso8601> <base64url
+/// signature over utf8(iso8601)>` against the registered key; returns the
+/// authenticated DID. Checks and messages in the reference's order.
+fn authenticate(shared: &Shared, header: Option<&str>) -> ApiResult<String> {
+    let value = header.ok_or_else(|| ApiError::unauthorized("Missing or invalid Authorization header"))?;
+    let rest = value
+        .strip_prefix(SCHEME)
+        .ok_or_else(|| ApiError::unauthorized("Missing or invalid Authorization header"))?;
+    let mut parts = rest.splitn(3, ' ');
+    let (Some(did), Some(timestamp), Some(_signature)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(ApiError::unauthorized("Malformed Ed25519-Timestamp header"));
+    };
+    let ts = parse_iso(timestamp).map_err(|e| match e {
+        IsoError::Invalid => ApiError::unauthorized("Invalid timestamp format"),
+        IsoError::Naive => ApiError::unauthorized("Timestamp must include timezone offset"),
+    })?;
+    let now = shared.config.now();
+    if ts.abs_diff(now) > REPLAY_WINDOW_MS {
+        return Err(ApiError::unauthorized("Timestamp outside replay window"));
+    }
+    let key = {
+        let agents = shared.registry.lock();
+        let agent = agents
+            .by_did
+            .get(did)
+            .ok_or_else(|| ApiError::unauthorized("Agent not registered"))?;
+        agent.signing_key
+    };
+    // A legacy (npm 4.0.0) registration has no Ed25519 key to check against.
+    let key = key.ok_or_else(|| ApiError::unauthorized("Invalid signature"))?;
+    let parsed = AuthHeader::parse(value).map_err(|_| ApiError::unauthorized("Invalid signature"))?;
+    parsed
+        .verify(&key, now)
+        .map_err(|_| ApiError::unauthorized("Invalid signature"))?;
+    Ok(did.to_owned())
+}
+
+// ── Registration ─────────────────────────────────────────────────────
+
+#[derive(Serialize)]
+struct Registered {
+    did: String,
+    status: &'static str,
+}
+
+async fn register(State(shared): Ctx, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let object = json_object(body)?;
+    if shared.config.legacy_registration && object.contains_key("did") && !object.contains_key("proof") {
+        return legacy_register(&shared, &object);
+    }
+    let mut fields = Fields::new(&object);
+    let public_key_b64 = fields.string("public_key");
+    let proof_b64 = fields.string("proof");
+    let proof_timestamp = fields.string("proof_timestamp");
+    let capabilities = fields.string_list("capabilities");
+    let metadata = fields.string_map("metadata");
+    fields.finish()?;
+
+    let key_bytes = b64_decode(&public_key_b64).map_err(|_| ApiError::bad_request("Invalid public_key encoding"))?;
+    if key_bytes.len() != 32 {
+        return Err(ApiError::bad_request("public_key must be 32 bytes"));
+    }
+    // The reference answers a timestamp without offset with a 500; 400 here.
+    let ts = parse_iso(&proof_timestamp).map_err(|_| ApiError::bad_request("Invalid proof_timestamp"))?;
+    let now = shared.config.now();
+    if ts.abs_diff(now) > REPLAY_WINDOW_MS {
+        return Err(ApiError::unauthorized("Proof timestamp outside replay window"));
+    }
+    let proof = b64_decode(&proof_b64).map_err(|_| ApiError::bad_request("Malformed proof"))?;
+    if proof.len() != 64 {
+        return Err(ApiError::bad_request("Malformed proof"));
+    }
+    // Signature over utf8(public_key_b64 + proof_timestamp), as sent.
+    let (key, did) =
+        verify_registration_proof(&public_key_b64, &proof_b64, &proof_timestamp, now).map_err(|e| match e {
+            AuthError::BadSignature => ApiError::unauthorized("Invalid proof-of-possession"),
+            AuthError::Stale => ApiError::unauthorized("Proof timestamp outside replay window"),
+            _ => ApiError::bad_request("Malformed proof"),
+        })?;
+    let did = did.to_string();
+
+    let mut agents = shared.registry.lock();
+    match agents.by_did.get(&did) {
+        // Proof of possession outranks a legacy claim on the same DID.
+        Some(existing) if existing.is_legacy() => {
+            tracing::warn!(%did, "proof-carrying registration replaces a legacy registration");
+            agents.by_did.shift_remove(&did);
+        }
+        Some(_) => return Err(ApiError::new(StatusCode::CONFLICT, "Agent already registered")),
+        None => {}
+    }
+    if agents.by_did.len() >= shared.config.max_agents {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Registry is full"));
+    }
+    agents.by_did.insert(
+        did.clone(),
+        AgentRecord::new(did.clone(), Some(key), capabilities, metadata, now),
+    );
+    drop(agents);
+    tracing::info!(%did, "registered agent");
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            did,
+            status: "registered",
+        }),
+    )
+        .into_response())
+}
+
+/// npm SDK 4.0.0: `{did, public_key (X25519), capabilities, metadata}`,
+/// no proof. Only with `ServerConfig::legacy_registration`.
+fn legacy_register(shared: &Shared, object: &crate::http::RawObject) -> ApiResult<Response> {
+    let mut fields = Fields::new(object);
+    let did = fields.string("did");
+    let public_key_b64 = fields.string("public_key");
+    let capabilities = fields.string_list("capabilities");
+    let metadata = fields.string_map("metadata");
+    fields.finish()?;
+    let did = Did::parse(&did).map_err(|e| ApiError::bad_request(format!("Invalid did: {e}")))?;
+    let key = b64_decode(&public_key_b64).map_err(|_| ApiError::bad_request("Invalid public_key encoding"))?;
+    if key.len() != 32 {
+        return Err(ApiError::bad_request("public_key must be 32 bytes"));
+    }
+    let did = did.to_string();
+    let now = shared.config.now();
+    let mut agents = shared.registry.lock();
+    if agents.by_did.contains_key(&did) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "Agent already registered"));
+    }
+    if agents.by_did.len() >= shared.config.max_agents {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Registry is full"));
+    }
+    agents.by_did.insert(
+        did.clone(),
+        AgentRecord::new(did.clone(), None, capabilities, metadata, now),
+    );
+    drop(agents);
+    tracing::warn!(%did, "registered agent WITHOUT proof of possession (legacy compat mode)");
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            did,
+            status: "registered",
+        }),
+    )
+        .into_response())
+}
+
+#[derive(Serialize)]
+struct AgentView {
+    did: String,
+    capabilities: Vec<String>,
+    metadata: IndexMap<String, String>,
+    registered_at: String,
+    last_seen: String,
+    reputation_score: f64,
+    total_sessions: u64,
+    successful_sessions: u64,
+    failed_sessions: u64,
+    timeout_sessions: u64,
+    last_session_at: Option<String>,
+    completion_rate: Option<f64>,
+    tier: &'static str,
+    verified_app_id: Option<String>,
+    verified_tenant_id: Option<String>,
+    verified_at: Option<String>,
+}
+
+async fn get_agent(State(shared): Ctx, path: Result<Path<String>, PathRejection>) -> ApiResult<Json<AgentView>> {
+    let did = path_did(path)?;
+    let agents = shared.registry.lock();
+    let a = agents
+        .by_did
+        .get(&did)
+        .ok_or_else(|| ApiError::not_found("Agent not found"))?;
+    Ok(Json(AgentView {
+        did: a.did.clone(),
+        capabilities: a.capabilities.clone(),
+        metadata: a.metadata.clone(),
+        registered_at: python_isoformat(a.registered_at),
+        last_seen: python_isoformat(a.last_seen),
+        reputation_score: a.reputation_score,
+        total_sessions: a.total_sessions,
+        successful_sessions: a.successful_sessions,
+        failed_sessions: a.failed_sessions,
+        timeout_sessions: a.timeout_sessions,
+        last_session_at: a.last_session_at.map(python_isoformat),
+        completion_rate: (a.total_sessions > 0).then(|| a.successful_sessions as f64 / a.total_sessions as f64),
+        tier: "anonymous",
+        verified_app_id: None,
+        verified_tenant_id: None,
+        verified_at: None,
+    }))
+}
+
+async fn deregister(
+    State(shared): Ctx,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    let did = path_did(path)?;
+    let header = authorization(&headers).ok_or_else(|| ApiError::unprocessable(vec![missing_header()]))?;
+    let authed = authenticate(&shared, Some(&header))?;
+    if authed != did {
+        return Err(ApiError::forbidden("DID mismatch"));
+    }
+    if shared.registry.lock().by_did.shift_remove(&did).is_none() {
+        return Err(ApiError::not_found("Agent not found"));
+    }
+    tracing::info!(%did, "deregistered agent");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ── Pre-keys ─────────────────────────────────────────────────────────
+
+#[derive(Serialize)]
+struct PreKeysUploaded {
+    did: String,
+    otk_count: usize,
+}
+
+fn bundle_error(detail: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(format!("Invalid pre-key bundle: {detail}"))
+}
+
+fn decode_exact<const N: usize>(field: &str, text: &str) -> ApiResult<[u8; N]> {
+    let bytes = b64_decode(text).map_err(|_| bundle_error(format!("{field} is not valid base64")))?;
+    <[u8; N]>::try_from(bytes.as_slice()).map_err(|_| bundle_error(format!("{field} must be {N} bytes")))
+}
+
+fn spk_string<'a>(spk: &'a IndexMap<String, Value>, name: &str) -> ApiResult<&'a str> {
+    match spk.get(name) {
+        None => Err(bundle_error(format!("'{name}'"))),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(bundle_error(format!("signed_pre_key.{name} must be a string"))),
+    }
+}
+
+async fn upload_prekeys(
+    State(shared): Ctx,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<PreKeysUploaded>> {
+    let did = path_did(path)?;
+    let header = authorization(&headers);
+    // Request validation first (FastAPI validates body and headers before
+    // the handler runs); collect body and header problems together.
+    let object = json_object(body)?;
+    let legacy_unauthenticated = shared.config.legacy_registration
+        && shared
+            .registry
+            .lock()
+            .by_did
+            .get(&did)
+            .is_some_and(AgentRecord::is_legacy);
+    let mut fields = Fields::new(&object);
+    let identity_key = fields.string("identity_key");
+    let identity_key_ed = fields.optional_string("identity_key_ed");
+    let spk = fields.object("signed_pre_key");
+    let otks = fields.object_list("one_time_pre_keys");
+    if header.is_none() && !legacy_unauthenticated {
+        fields.issues.push(missing_header());
+    }
+    fields.finish()?;
+
+    if !shared.registry.lock().by_did.contains_key(&did) {
+        return Err(ApiError::not_found("Agent not found"));
+    }
+    if !legacy_unauthenticated {
+        let authed = authenticate(&shared, header.as_deref())?;
+        if authed != did {
+            return Err(ApiError::forbidden("DID mismatch"));
+        }
+    }
+
+    // Validate everything before touching the record (the reference
+    // assigns field by field and can leave a half-updated bundle).
+    let identity_key = decode_exact::<32>("identity_key", &identity_key)?;
+    let identity_key_ed = match identity_key_ed.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(
+            b64_decode(text)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| bundle_error("400: identity_key_ed must be exactly 32 bytes (Ed25519 public key)"))?,
+        ),
+    };
+    let spk_public = spk_string(&spk, "public_key")?;
+    let spk_signature = spk_string(&spk, "signature")?;
+    let key_id = spk.get("key_id").ok_or_else(|| bundle_error("'key_id'"))?;
+    let key_id = as_integer(key_id).ok_or_else(|| bundle_error("signed_pre_key.key_id must be an integer"))?;
+    let signed_pre_key = StoredSignedPreKey {
+        key_id,
+        public_key: decode_exact::<32>("signed_pre_key.public_key", spk_public)?,
+        signature: decode_exact::<64>("signed_pre_key.signature", spk_signature)?,
+    };
+    if otks.len() > shared.config.max_one_time_keys {
+        return Err(bundle_error(format!(
+            "too many one_time_pre_keys ({}, at most {})",
+            otks.len(),
+            shared.config.max_one_time_keys
+        )));
+    }
+    for (i, otk) in otks.iter().enumerate() {
+        if otk.get("key_id").and_then(as_integer).is_none() {
+            return Err(bundle_error(format!(
+                "one_time_pre_keys[{i}].key_id must be an integer"
+            )));
+        }
+        let Some(Value::String(public_key)) = otk.get("public_key") else {
+            return Err(bundle_error(format!(
+                "one_time_pre_keys[{i}].public_key must be a string"
+            )));
+        };
+        decode_exact::<32>(&format!("one_time_pre_keys[{i}].public_key"), public_key)?;
+    }
+
+    let mut agents = shared.registry.lock();
+    let agent = agents
+        .by_did
+        .get_mut(&did)
+        .ok_or_else(|| ApiError::not_found("Agent not found"))?;
+    agent.identity_key = Some(identity_key);
+    if identity_key_ed.is_some() {
+        agent.identity_key_ed = identity_key_ed;
+    }
+    agent.signed_pre_key = Some(signed_pre_key);
+    agent.one_time_pre_keys = VecDeque::from(otks);
+    let otk_count = agent.one_time_pre_keys.len();
+    drop(agents);
+    Ok(Json(PreKeysUploaded { did, otk_count }))
+}
+
+#[derive(Serialize)]
+struct SignedPreKeyView {
+    key_id: Number,
+    public_key: String,
+    signature: String,
+}
+
+#[derive(Serialize)]
+struct BundleView {
+    identity_key: String,
+    identity_key_ed: Option<String>,
+    signed_pre_key: SignedPreKeyView,
+    one_time_pre_key: Option<IndexMap<String, Value>>,
+}
+
+/// Serves the bundle and consumes one one-time key, both under one lock:
+/// each uploaded one-time key goes to exactly one caller.
+async fn fetch_prekeys(State(shared): Ctx, path: Result<Path<String>, PathRejection>) -> ApiResult<Json<BundleView>> {
+    let did = path_did(path)?;
+    let mut agents = shared.registry.lock();
+    let not_found = || ApiError::not_found("Pre-key bundle not found");
+    let agent = agents.by_did.get_mut(&did).ok_or_else(not_found)?;
+    let spk = agent.signed_pre_key.clone().ok_or_else(not_found)?;
+    let one_time_pre_key = agent.one_time_pre_keys.pop_front();
+    Ok(Json(BundleView {
+        identity_key: agent.identity_key.map(|k| b64_url(&k)).unwrap_or_default(),
+        identity_key_ed: agent.identity_key_ed.map(|k| b64_url(&k)),
+        signed_pre_key: SignedPreKeyView {
+            key_id: spk.key_id,
+            public_key: b64_url(&spk.public_key),
+            signature: b64_url(&spk.signature),
+        },
+        one_time_pre_key,
+    }))
+}
+
+// ── Presence ─────────────────────────────────────────────────────────
+
+#[derive(Serialize)]
+struct PresenceView {
+    did: String,
+    last_seen: String,
+    online: bool,
+}
+
+async fn presence(State(shared): Ctx, path: Result<Path<String>, PathRejection>) -> ApiResult<Json<PresenceView>> {
+    let did = path_did(path)?;
+    let now = shared.config.now();
+    let agents = shared.registry.lock();
+    let agent = agents
+        .by_did
+        .get(&did)
+        .ok_or_else(|| ApiError::not_found("Agent not found"))?;
+    Ok(Json(PresenceView {
+        did: agent.did.clone(),
+        last_seen: python_isoformat(agent.last_seen),
+        // Python: (now - last_seen) < 90 s; a last_seen in the future counts as online.
+        online: now.0 < agent.last_seen.0.saturating_add(PRESENCE_ONLINE_MS),
+    }))
+}
+
+#[derive(Serialize)]
+struct HeartbeatView {
+    did: String,
+    last_seen: Option<String>,
+}
+
+async fn heartbeat(
+    State(shared): Ctx,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Json<HeartbeatView>> {
+    let did = path_did(path)?;
+    let authed = authenticate(&shared, authorization(&headers).as_deref())?;
+    if authed != did {
+        return Err(ApiError::forbidden("Authenticated DID does not match heartbeat target"));
+    }
+    let now = shared.config.now();
+    let min_interval = duration_ms(shared.config.heartbeat_min_interval);
+    let mut agents = shared.registry.lock();
+    let agent = agents
+        .by_did
+        .get_mut(&did)
+        .ok_or_else(|| ApiError::not_found("Agent not found"))?;
+    if let Some(last) = agent.last_heartbeat {
+        // Python: elapsed < min_interval (a clock that went back throttles too).
+        if now.0 < last.0.saturating_add(min_interval) {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Heartbeat throttled; retry after 10s",
+            ));
+        }
+    }
+    agent.last_seen = now;
+    agent.last_heartbeat = Some(now);
+    Ok(Json(HeartbeatView {
+        did,
+        last_seen: Some(python_isoformat(now)),
+    }))
+}
+
+// ── Reputation ───────────────────────────────────────────────────────
+
+#[derive(Serialize)]
+struct ReputationView {
+    did: String,
+    reputation_score: f64,
+}
+
+async fn submit_reputation(
+    State(shared): Ctx,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ReputationView>> {
+    let did = path_did(path)?;
+    let object = json_object(body)?;
+    let mut fields = Fields::new(&object);
+    let score = fields.float("score");
+    let _reason = fields.string_or("reason", "");
+    if fields.issues.is_empty() {
+        if score < 0.0 {
+            fields.issues.push(
+                Issue::new(
+                    "greater_than_equal",
+                    vec![Value::from("body"), Value::from("score")],
+                    "Input should be greater than or equal to 0",
+                    fields.raw("score"),
+                )
+                .with_ctx(serde_json::json!({"ge": 0.0})),
+            );
+        } else if score > 1.0 {
+            fields.issues.push(
+                Issue::new(
+                    "less_than_equal",
+                    vec![Value::from("body"), Value::from("score")],
+                    "Input should be less than or equal to 1",
+                    fields.raw("score"),
+                )
+                .with_ctx(serde_json::json!({"le": 1.0})),
+            );
+        }
+    }
+    fields.finish()?;
+    let authed = authenticate(&shared, authorization(&headers).as_deref())?;
+    if authed == did {
+        return Err(ApiError::forbidden("Agents may not submit reputation about themselves"));
+    }
+    let bucket = if score >= 0.7 {
+        Outcome::Success
+    } else if score < 0.3 {
+        Outcome::Failed
+    } else {
+        Outcome::Timeout
+    };
+    let now = shared.config.now();
+    let new_score = shared
+        .registry
+        .lock()
+        .apply_reputation(&did, score, 0.3, Some(bucket), now)
+        .ok_or_else(|| ApiError::not_found("Agent not found"))?;
+    Ok(Json(ReputationView {
+        did,
+        reputation_score: new_score,
+    }))
+}
+
+#[derive(Serialize)]
+struct SessionReputationView {
+    session_id: String,
+    outcome: String,
+    reputation: IndexMap<String, f64>,
+}
+
+async fn submit_session_reputation(
+    State(shared): Ctx,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<SessionReputationView>> {
+    let object = json_object(body)?;
+    let mut fields = Fields::new(&object);
+    let session_id = fields.string("session_id");
+    let initiator = fields.string("initiator_amid");
+    let receiver = fields.string("receiver_amid");
+    let _intent = fields.string_or("intent", "");
+    let raw_outcome = fields.string("outcome");
+    let _started_at = fields.string_or("started_at", "");
+    let reporter = fields.string("reporter_amid");
+    let _timestamp = fields.string_or("timestamp", "");
+    let _signature = fields.string_or("signature", "");
+    fields.finish()?;
+
+    let authed = authenticate(&shared, authorization(&headers).as_deref())?;
+    if authed != reporter {
+        return Err(ApiError::forbidden("reporter_amid does not match authenticated DID"));
+    }
+    if reporter != initiator && reporter != receiver {
+        return Err(ApiError::forbidden("reporter_amid must be a session participant"));
+    }
+    let now = shared.config.now();
+    let mut agents = shared.registry.lock();
+    if !agents.by_did.contains_key(&reporter) {
+        return Err(ApiError::forbidden("reporter_amid is not a registered agent"));
+    }
+    let outcome = raw_outcome.to_lowercase();
+    let (bucket, targets): (Outcome, Vec<(&str, f64)>) = match outcome.as_str() {
+        "success" => (Outcome::Success, vec![(&receiver, 1.0), (&initiator, 1.0)]),
+        "failed" => (Outcome::Failed, vec![(&receiver, 0.0)]),
+        "timeout" => (Outcome::Timeout, vec![(&receiver, 0.2)]),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid outcome '{raw_outcome}' (expected success|failed|timeout)"
+            )))
+        }
+    };
+    let mut reputation = IndexMap::new();
+    for (did, target) in targets {
+        if let Some(score) = agents.apply_reputation(did, target, 0.2, Some(bucket), now) {
+            reputation.insert(did.to_owned(), score);
+        }
+    }
+    drop(agents);
+    Ok(Json(SessionReputationView {
+        session_id,
+        outcome,
+        reputation,
+    }))
+}
+
+/// Entra identity verification is not supported: like a reference registry
+/// deployed without the Entra settings, known agents get 503.
+async fn verify_identity(State(shared): Ctx, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let object = json_object(body)?;
+    let mut fields = Fields::new(&object);
+    let amid = fields.string("amid");
+    let token = fields.string("verification_token");
+    if token.chars().count() > MAX_VERIFICATION_TOKEN {
+        fields.issues.push(
+            Issue::new(
+                "string_too_long",
+                vec![Value::from("body"), Value::from("verification_token")],
+                format!("String should have at most {MAX_VERIFICATION_TOKEN} characters"),
+                Value::from(token),
+            )
+            .with_ctx(serde_json::json!({"max_length": MAX_VERIFICATION_TOKEN})),
+        );
+    }
+    fields.finish()?;
+    let agents = shared.registry.lock();
+    let known = agents.by_did.contains_key(&amid)
+        || (!amid.starts_with("did:")
+            && b64_decode(&amid).is_ok_and(|key| {
+                agents.by_did.values().any(|a| {
+                    a.identity_key.is_some_and(|k| k[..] == key[..])
+                        || a.identity_key_ed.is_some_and(|k| k[..] == key[..])
+                })
+            }));
+    drop(agents);
+    if !known {
+        return Err(ApiError::not_found("Agent not registered"));
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Entra verification not configured on this registry",
+    ))
+}
+
+// ── Discovery ────────────────────────────────────────────────────────
+
+#[derive(Serialize)]
+struct DiscoverResult {
+    did: String,
+    capabilities: Vec<String>,
+    reputation_score: f64,
+    last_seen: String,
+    /// Not in the reference's results; an extension clients may use.
+    metadata: IndexMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct DiscoverView {
+    results: Vec<DiscoverResult>,
+    total: usize,
+}
+
+fn query_issue(kind: &'static str, msg: impl Into<String>, input: &str) -> Issue {
+    Issue::new(
+        kind,
+        vec![Value::from("query"), Value::from("limit")],
+        msg,
+        Value::from(input),
+    )
+}
+
+async fn discover(
+    State(shared): Ctx,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<DiscoverView>> {
+    let Query(pairs) = query.map_err(|rejection| {
+        ApiError::unprocessable(vec![Issue::new(
+            "query_invalid",
+            vec![Value::from("query")],
+            rejection.body_text(),
+            Value::Null,
+        )])
+    })?;
+    // FastAPI takes the last value of a repeated scalar parameter.
+    let lookup = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let mut issues = Vec::new();
+    let capability = lookup("capability");
+    if capability.is_none() {
+        issues.push(Issue::missing(vec![Value::from("query"), Value::from("capability")]));
+    }
+    let limit = match lookup("limit") {
+        None => DISCOVER_DEFAULT_LIMIT,
+        Some(text) => match text.trim().parse::<i64>() {
+            Err(_) => {
+                issues.push(query_issue(
+                    "int_parsing",
+                    "Input should be a valid integer, unable to parse string as an integer",
+                    text,
+                ));
+                DISCOVER_DEFAULT_LIMIT
+            }
+            Ok(n) if n < 1 => {
+                issues.push(
+                    query_issue("greater_than_equal", "Input should be greater than or equal to 1", text)
+                        .with_ctx(serde_json::json!({"ge": 1})),
+                );
+                DISCOVER_DEFAULT_LIMIT
+            }
+            Ok(n) if n > DISCOVER_MAX_LIMIT => {
+                issues.push(
+                    query_issue("less_than_equal", "Input should be less than or equal to 200", text)
+                        .with_ctx(serde_json::json!({"le": DISCOVER_MAX_LIMIT})),
+                );
+                DISCOVER_DEFAULT_LIMIT
+            }
+            Ok(n) => n,
+        },
+    };
+    let (Some(capability), true) = (capability, issues.is_empty()) else {
+        return Err(ApiError::unprocessable(issues));
+    };
+    let limit = usize::try_from(limit).unwrap_or(0);
+    let agents = shared.registry.lock();
+    let results: Vec<DiscoverResult> = agents
+        .by_did
+        .values()
+        .filter(|a| a.capabilities.iter().any(|c| c == capability))
+        .take(limit)
+        .map(|a| DiscoverResult {
+            did: a.did.clone(),
+            capabilities: a.capabilities.clone(),
+            reputation_score: a.reputation_score,
+            last_seen: python_isoformat(a.last_seen),
+            metadata: a.metadata.clone(),
+        })
+        .collect();
+    drop(agents);
+    let total = results.len();
+    Ok(Json(DiscoverView { results, total }))
+}

@@ -1,0 +1,211 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use futures_util::{SinkExt, StreamExt};
+use meshwire_proto::auth::{ed25519_timestamp_header, registration_proof};
+use meshwire_proto::encoding::b64_url;
+use meshwire_proto::frames::{self, ConnectFrame};
+use meshwire_proto::time::Timestamp;
+use meshwire_proto::{Identity, PreKeys};
+use meshwire_server::{ManualClock, RunningServer, ServerConfig};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The fixed wall-clock time of every test server.
+pub const NOW: &str = "2026-11-21T12:00:00.000Z";
+
+pub fn now() -> Timestamp {
+    Timestamp::parse_iso(NOW).unwrap()
+}
+
+/// `now() + ms` as ISO-8601 (negative offsets go back).
+pub fn iso_at(offset_ms: i64) -> String {
+    Timestamp(now().0.checked_add_signed(offset_ms).unwrap()).to_iso()
+}
+
+pub struct TestServer {
+    pub server: RunningServer,
+    pub clock: ManualClock,
+    pub http: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::with_config(ServerConfig::default()).await
+    }
+
+    pub async fn with_config(config: ServerConfig) -> Self {
+        let clock = ManualClock::new(now());
+        let server = meshwire_server::start(config.with_clock(clock.clone())).await.unwrap();
+        Self {
+            server,
+            clock,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.registry_url())
+    }
+
+    /// The registration body with a proof made at `timestamp`.
+    pub fn registration_body(id: &Identity, timestamp: &str, capabilities: &[&str]) -> Value {
+        let (public_key, proof) = registration_proof(id, timestamp);
+        json!({
+            "public_key": public_key,
+            "proof": proof,
+            "proof_timestamp": timestamp,
+            "capabilities": capabilities,
+            "metadata": {"name": "test", "zeta": "1", "alpha": "2"},
+        })
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http.post(self.url(path)).json(body).send().await.unwrap()
+    }
+
+    pub async fn register(&self, id: &Identity, capabilities: &[&str]) -> reqwest::Response {
+        self.post_json("/v1/agents", &Self::registration_body(id, NOW, capabilities))
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// Uploads a signed pre-key and `otks` one-time keys for `id`.
+    pub async fn upload_prekeys(&self, id: &Identity, otks: usize) -> (reqwest::Response, PreKeys) {
+        let (body, keys) = prekey_upload(id, otks);
+        let response = self
+            .http
+            .put(self.url(&format!("/v1/agents/{}/prekeys", id.did())))
+            .header("Authorization", ed25519_timestamp_header(id, NOW))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (response, keys)
+    }
+
+    pub async fn ws(&self) -> Ws {
+        let url = format!("{}/ws", self.server.relay_url());
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws
+    }
+
+    /// A relay connection that sent a valid `connect` frame for `id`.
+    pub async fn connect(&self, id: &Identity) -> Ws {
+        let mut ws = self.ws().await;
+        send(&mut ws, &frames::to_text(&ConnectFrame::new(id, NOW))).await;
+        self.wait_connected(id).await;
+        ws
+    }
+
+    /// Waits until the relay has `id` registered as connected.
+    pub async fn wait_connected(&self, id: &Identity) {
+        for _ in 0..500 {
+            if self.server.server().connected_dids().contains(&id.did().to_string()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{} never connected", id.did());
+    }
+
+    /// Waits until nobody is connected as `id`.
+    pub async fn wait_disconnected(&self, id: &Identity) {
+        for _ in 0..500 {
+            if !self.server.server().connected_dids().contains(&id.did().to_string()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{} never disconnected", id.did());
+    }
+}
+
+pub fn identity(n: u8) -> Identity {
+    Identity::from_seed(&[n; 32])
+}
+
+pub fn prekey_upload(id: &Identity, otks: usize) -> (Value, PreKeys) {
+    let mut keys = PreKeys::generate(&mut rand_core::OsRng, id);
+    let ids = keys.generate_one_time_keys(&mut rand_core::OsRng, otks).unwrap();
+    let bundle = keys.bundle(id, None);
+    let one_time: Vec<Value> = ids
+        .iter()
+        .map(|otk| {
+            let public = keys.one_time_key(*otk).unwrap().public();
+            json!({"key_id": otk, "public_key": b64_url(public.as_bytes())})
+        })
+        .collect();
+    let body = json!({
+        "identity_key": b64_url(bundle.identity_key.as_bytes()),
+        "identity_key_ed": b64_url(bundle.identity_key_ed.as_bytes()),
+        "signed_pre_key": {
+            "key_id": bundle.signed_pre_key_id,
+            "public_key": b64_url(bundle.signed_pre_key.as_bytes()),
+            "signature": b64_url(&bundle.signed_pre_key_signature),
+        },
+        "one_time_pre_keys": one_time,
+    });
+    (body, keys)
+}
+
+pub async fn send(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(text.to_owned())).await.unwrap();
+}
+
+/// The next message (pings and pongs skipped), within 5 s.
+pub async fn next_message(ws: &mut Ws) -> Option<Message> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("timed out waiting for a frame");
+        match message {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(message)) => return Some(message),
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+/// The next text frame.
+pub async fn recv_text(ws: &mut Ws) -> String {
+    match next_message(ws).await {
+        Some(Message::Text(text)) => text,
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+pub async fn recv_json(ws: &mut Ws) -> Value {
+    serde_json::from_str(&recv_text(ws).await).unwrap()
+}
+
+/// The close frame's code and reason.
+pub async fn recv_close(ws: &mut Ws) -> (u16, String) {
+    match next_message(ws).await {
+        Some(Message::Close(Some(frame))) => (u16::from(frame.code), frame.reason.to_string()),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+/// Asserts an error frame with `detail`.
+pub async fn expect_error(ws: &mut Ws, detail: &str) {
+    let frame = recv_json(ws).await;
+    assert_eq!(frame, json!({"type": "error", "detail": detail}));
+}
+
+/// A `message` frame as a client would write it.
+pub fn message(from: &Identity, to: &Identity, id: &str) -> String {
+    format!(
+        r#"{{"v":1,"type":"message","from":"{}","to":"{}","id":"{id}","ciphertext":"AAEC","timestamp":"{NOW}"}}"#,
+        from.did(),
+        to.did()
+    )
+}
