@@ -1,5 +1,7 @@
 //! `meshwire`: the command-line front of meshwire.
 
+mod interop_peer;
+
 use clap::{Parser, Subcommand};
 use meshwire_vectors::{verify_path, CaseOutcome};
 use std::path::PathBuf;
@@ -23,6 +25,8 @@ enum Command {
         #[command(subcommand)]
         command: VectorsCommand,
     },
+    /// Interop peer: the line protocol of interop/PROTOCOL.md on stdin/stdout.
+    InteropPeer,
     /// Run the embedded relay (WebSocket /ws) and registry (HTTP /v1) on one port.
     Serve {
         /// Address to listen on.
@@ -54,6 +58,22 @@ enum VectorsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::InteropPeer => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(interop_peer::run()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve {
             listen,
             allow_unauthenticated_did,

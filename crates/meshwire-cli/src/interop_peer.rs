@@ -1,0 +1,160 @@
+//! `meshwire interop-peer`: the Rust peer of the interop harness, driven
+//! over stdin/stdout with the line protocol of interop/PROTOCOL.md.
+
+use meshwire::{ClientConfig, FileStore, Identity, MemoryStore, MeshClient, Message, SessionStore};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+struct Peer {
+    client: Option<MeshClient>,
+    identity_seed: Option<[u8; 32]>,
+    config: Option<ClientConfig>,
+    store: Arc<dyn SessionStore>,
+    received: Vec<Value>,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn message_json(m: &Message) -> Value {
+    let payload = m.payload.as_json().cloned().unwrap_or(Value::Null);
+    json!({"from": m.from, "id": m.id, "payload": payload, "t_us": now_us()})
+}
+
+fn field<'a>(request: &'a Value, name: &str) -> Result<&'a str, String> {
+    request
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("missing string field {name:?}"))
+}
+
+impl Peer {
+    fn client(&self) -> Result<&MeshClient, String> {
+        self.client.as_ref().ok_or_else(|| "not connected".to_owned())
+    }
+
+    async fn join(&mut self) -> Result<String, String> {
+        let (Some(seed), Some(config)) = (self.identity_seed, self.config.clone()) else {
+            return Err("connect first".into());
+        };
+        let client = MeshClient::connect(Identity::from_seed(&seed), config, Some(self.store.clone()), None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let did = client.did().to_owned();
+        self.client = Some(client);
+        Ok(did)
+    }
+
+    async fn handle(&mut self, request: &Value) -> Result<Value, String> {
+        match field(request, "cmd")? {
+            "hello" => Ok(
+                json!({"runtime": format!("meshwire-rust {}", env!("CARGO_PKG_VERSION")),
+                                 "features": ["receipts", "persist"]}),
+            ),
+            "connect" => {
+                let mut seed = [0u8; 32];
+                hex::decode_to_slice(field(request, "seed")?, &mut seed).map_err(|e| format!("seed: {e}"))?;
+                let mut config = ClientConfig::new(field(request, "relay")?, field(request, "registry")?);
+                config.display_name = Some(field(request, "name")?.to_owned());
+                config.reconnect_base = Duration::from_millis(200);
+                config.reconnect_max = Duration::from_secs(2);
+                config.retransmit_after = Duration::from_secs(3);
+                if let Some(dir) = request.get("state_dir").and_then(Value::as_str) {
+                    self.store = Arc::new(FileStore::new(dir));
+                }
+                self.identity_seed = Some(seed);
+                self.config = Some(config);
+                Ok(json!({"did": self.join().await?}))
+            }
+            "send" => {
+                let to = field(request, "to")?;
+                let payload = request.get("payload").ok_or("missing payload")?;
+                let id = self.client()?.send(to, payload).await.map_err(|e| e.to_string())?;
+                Ok(json!({"id": id}))
+            }
+            "recv" => {
+                let count = request.get("count").and_then(Value::as_u64).unwrap_or(1) as usize;
+                let timeout =
+                    Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(10_000));
+                let deadline = tokio::time::Instant::now() + timeout;
+                let client = self.client()?.clone();
+                let mut messages: Vec<Value> = std::mem::take(&mut self.received);
+                while messages.len() < count {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match client.recv_timeout(left).await {
+                        Ok(m) => messages.push(message_json(&m)),
+                        Err(_) => break,
+                    }
+                }
+                let rest = messages.split_off(messages.len().min(count));
+                self.received = rest;
+                Ok(json!({"messages": messages}))
+            }
+            "drain" => {
+                let mut messages = std::mem::take(&mut self.received);
+                if let Some(client) = &self.client {
+                    messages.extend(client.drain().iter().map(message_json));
+                }
+                Ok(json!({"messages": messages}))
+            }
+            "disconnect" => {
+                if let Some(client) = self.client.take() {
+                    self.received.extend(client.drain().iter().map(message_json));
+                    client.close().await;
+                }
+                Ok(json!({}))
+            }
+            "reconnect" => {
+                self.join().await?;
+                Ok(json!({}))
+            }
+            "close" => {
+                if let Some(client) = self.client.take() {
+                    client.close().await;
+                }
+                Ok(json!({}))
+            }
+            other => Err(format!("unknown cmd {other:?}")),
+        }
+    }
+}
+
+/// Runs the peer until stdin closes.
+pub async fn run() -> std::io::Result<()> {
+    let mut peer = Peer {
+        client: None,
+        identity_seed: None,
+        config: None,
+        store: Arc::new(MemoryStore::new()),
+        received: Vec::new(),
+    };
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdout = tokio::io::stdout();
+    while let Some(line) = lines.next_line().await? {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match serde_json::from_str::<Value>(&line) {
+            Ok(request) => match peer.handle(&request).await {
+                Ok(mut body) => {
+                    body["ok"] = json!(true);
+                    body
+                }
+                Err(error) => json!({"ok": false, "error": error}),
+            },
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        stdout.write_all(format!("{response}\n").as_bytes()).await?;
+        stdout.flush().await?;
+    }
+    if let Some(client) = peer.client.take() {
+        client.close().await;
+    }
+    Ok(())
+}
