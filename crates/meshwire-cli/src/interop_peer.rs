@@ -27,6 +27,14 @@ fn message_json(m: &Message) -> Value {
     json!({"from": m.from, "id": m.id, "payload": payload, "t_us": now_us()})
 }
 
+/// `{"seq", "t_us", "pad"}` padded so its JSON text is `size` bytes.
+fn padded(seq: u64, size: usize) -> Value {
+    let mut value = json!({"seq": seq, "t_us": now_us(), "pad": ""});
+    let len = value.to_string().len();
+    value["pad"] = json!("x".repeat(size.saturating_sub(len)));
+    value
+}
+
 fn field<'a>(request: &'a Value, name: &str) -> Result<&'a str, String> {
     request
         .get(name)
@@ -77,6 +85,21 @@ impl Peer {
                 let payload = request.get("payload").ok_or("missing payload")?;
                 let id = self.client()?.send(to, payload).await.map_err(|e| e.to_string())?;
                 Ok(json!({"id": id}))
+            }
+            "send_many" => {
+                let to = field(request, "to")?.to_owned();
+                let count = request.get("count").and_then(Value::as_u64).unwrap_or(1);
+                let size = request.get("payload_bytes").and_then(Value::as_u64).unwrap_or(256) as usize;
+                let interval = Duration::from_millis(request.get("interval_ms").and_then(Value::as_u64).unwrap_or(0));
+                let client = self.client()?.clone();
+                let mut tick = tokio::time::interval(interval.max(Duration::from_micros(1)));
+                for seq in 0..count {
+                    if !interval.is_zero() {
+                        tick.tick().await;
+                    }
+                    client.send(&to, &padded(seq, size)).await.map_err(|e| e.to_string())?;
+                }
+                Ok(json!({"sent": count}))
             }
             "recv" => {
                 let count = request.get("count").and_then(Value::as_u64).unwrap_or(1) as usize;
