@@ -50,6 +50,11 @@ pub struct MeshConfig {
     pub pre_knock_ttl_ms: u64,
     /// Peers with buffered messages at once.
     pub pre_knock_max_peers: usize,
+    /// Messages kept per peer whose KNOCK arrived but awaits the policy's
+    /// verdict (they are not dropped after `pre_knock_ttl_ms`).
+    pub verdict_buffer_per_peer: usize,
+    /// A KNOCK without a verdict after this long is rejected (TypeScript: 10 s).
+    pub knock_timeout_ms: u64,
     /// Frames longer than this are rejected unread.
     pub max_frame_bytes: usize,
     /// Message ids remembered per peer for duplicate detection.
@@ -64,6 +69,8 @@ impl Default for MeshConfig {
             pre_knock_buffer_per_peer: 5,
             pre_knock_ttl_ms: 3_000,
             pre_knock_max_peers: 100,
+            verdict_buffer_per_peer: 1000,
+            knock_timeout_ms: 10_000,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             seen_ids_per_peer: 4096,
             plaintext_peers: BTreeSet::new(),
@@ -205,7 +212,7 @@ struct Peer {
     accepted_eks: VecDeque<X25519PublicKey>,
     /// An accepted inbound establishment not yet confirmed by a message.
     pending: Option<Establishment>,
-    awaiting_verdict: Option<KnockFrame>,
+    awaiting_verdict: Option<(Timestamp, KnockFrame)>,
     buffer: VecDeque<(Timestamp, MessageFrame)>,
     seen: VecDeque<String>,
     seen_set: HashSet<String>,
@@ -452,7 +459,7 @@ impl Mesh {
         let me = self.identity.did().as_str();
         match frame {
             Frame::Message(m) if m.to == me => self.on_message(rng, now, m, &mut events),
-            Frame::Knock(k) if k.to == me => self.on_knock(k, &mut events),
+            Frame::Knock(k) if k.to == me => self.on_knock(now, k, &mut events),
             Frame::KnockAccept(a) if a.to == me => events.push(Event::KnockAccepted { from: a.from }),
             Frame::KnockReject(r) if r.to == me => {
                 if let Some(p) = self.peers.get_mut(&r.from) {
@@ -498,7 +505,7 @@ impl Mesh {
         events
     }
 
-    fn on_knock(&mut self, knock: KnockFrame, events: &mut Vec<Event>) {
+    fn on_knock(&mut self, now: Timestamp, knock: KnockFrame, events: &mut Vec<Event>) {
         let p = self.peers.entry(knock.from.clone()).or_default();
         if let Some(e) = &knock.establishment {
             // A relay redelivers stored KNOCKs: one already accepted (or
@@ -516,7 +523,7 @@ impl Mesh {
             knock_id: knock.id.clone(),
             intent: knock.intent.clone(),
         });
-        p.awaiting_verdict = Some(knock);
+        p.awaiting_verdict = Some((now, knock));
     }
 
     /// Applies the policy's verdict on the KNOCK `from` sent.
@@ -529,7 +536,7 @@ impl Mesh {
     ) -> Vec<Event> {
         let mut events = Vec::new();
         let me = self.identity.did().to_string();
-        let Some(knock) = self.peers.get_mut(from).and_then(|p| p.awaiting_verdict.take()) else {
+        let Some((_, knock)) = self.peers.get_mut(from).and_then(|p| p.awaiting_verdict.take()) else {
             return events;
         };
         let mut accept = accept;
@@ -637,7 +644,7 @@ impl Mesh {
                 ));
                 return;
             }
-            if self.config.pre_knock_buffer_per_peer == 0 {
+            if self.config.pre_knock_buffer_per_peer == 0 && p.awaiting_verdict.is_none() {
                 events.push(error(
                     ErrorKind::NoSession,
                     Some(&m.from),
@@ -645,7 +652,14 @@ impl Mesh {
                 ));
                 return;
             }
-            while p.buffer.len() >= self.config.pre_knock_buffer_per_peer {
+            // Messages after a KNOCK wait for its verdict (as TypeScript's do);
+            // before any KNOCK only a few are kept, briefly.
+            let limit = if p.awaiting_verdict.is_some() {
+                self.config.verdict_buffer_per_peer
+            } else {
+                self.config.pre_knock_buffer_per_peer
+            };
+            while p.buffer.len() >= limit {
                 if let Some((_, old)) = p.buffer.pop_front() {
                     events.push(error(
                         ErrorKind::NoSession,
@@ -758,16 +772,27 @@ impl Mesh {
     pub fn next_timeout(&self) -> Option<Timestamp> {
         self.peers
             .values()
-            .filter_map(|p| p.buffer.front())
-            .map(|(at, _)| at.plus_ms(self.config.pre_knock_ttl_ms))
+            .filter_map(|p| match &p.awaiting_verdict {
+                Some((since, _)) => Some(since.plus_ms(self.config.knock_timeout_ms)),
+                None => p.buffer.front().map(|(at, _)| at.plus_ms(self.config.pre_knock_ttl_ms)),
+            })
             .min()
     }
 
-    /// Drops buffered messages whose KNOCK did not come in time.
-    pub fn handle_timeout(&mut self, now: Timestamp) -> Vec<Event> {
+    /// Drops buffered messages whose KNOCK did not come in time, and rejects
+    /// KNOCKs left without a verdict for too long.
+    pub fn handle_timeout(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp) -> Vec<Event> {
         let ttl = self.config.pre_knock_ttl_ms;
+        let knock_timeout = self.config.knock_timeout_ms;
         let mut events = Vec::new();
-        for p in self.peers.values_mut() {
+        let mut expired_knocks = Vec::new();
+        for (did, p) in &mut self.peers {
+            if let Some((since, _)) = &p.awaiting_verdict {
+                if since.plus_ms(knock_timeout) <= now {
+                    expired_knocks.push(did.clone());
+                }
+                continue;
+            }
             while p.buffer.front().is_some_and(|(at, _)| at.plus_ms(ttl) <= now) {
                 if let Some((_, m)) = p.buffer.pop_front() {
                     events.push(error(
@@ -777,6 +802,14 @@ impl Mesh {
                     ));
                 }
             }
+        }
+        for did in expired_knocks {
+            events.push(error(
+                ErrorKind::Knock,
+                Some(&did),
+                format!("no verdict within {knock_timeout} ms: rejected"),
+            ));
+            events.extend(self.decide_knock(rng, now, &did, false));
         }
         events
     }

@@ -93,7 +93,12 @@ struct ScriptedIds(Arc<Mutex<VecDeque<String>>>);
 
 impl IdSource for ScriptedIds {
     fn next_id(&mut self) -> String {
-        self.0.lock().map(|mut q| q.pop_front()).ok().flatten().unwrap_or_else(|| "<no recorded id left>".into())
+        self.0
+            .lock()
+            .map(|mut q| q.pop_front())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "<no recorded id left>".into())
     }
 }
 
@@ -126,13 +131,19 @@ impl Player {
         let spk = X25519Secret::from_bytes(unhex32("spk_private", &client.spk_private)?);
         let mut prekeys = PreKeys::with_signed_pre_key(&identity, client.spk_id, spk);
         if let Some(signature) = &client.spk_signature {
-            same(&format!("{name} spk_signature"), signature, &hex::encode(prekeys.signed_pre_key().signature))?;
+            same(
+                &format!("{name} spk_signature"),
+                signature,
+                &hex::encode(prekeys.signed_pre_key().signature),
+            )?;
         }
         let mut otks: Vec<&Otk> = client.otks.iter().collect();
         otks.sort_by_key(|o| o.key_id);
         for otk in &otks {
             let secret = X25519Secret::from_bytes(unhex32("otk private", &otk.private)?);
-            prekeys.add_one_time_key(otk.key_id, secret).map_err(|e| e.to_string())?;
+            prekeys
+                .add_one_time_key(otk.key_id, secret)
+                .map_err(|e| e.to_string())?;
         }
         // Key generation happened before the recording's first frame; the
         // draws left are the session's: ephemeral, ratchet keys, nonces.
@@ -148,11 +159,24 @@ impl Player {
         let ids: VecDeque<String> = case
             .frames
             .iter()
-            .filter(|f| f.sender == name && matches!(f.kind.as_str(), "knock" | "knock_accept" | "knock_reject" | "message"))
-            .filter_map(|f| serde_json::from_str::<serde_json::Value>(&f.frame_json).ok()?.get("id")?.as_str().map(str::to_owned))
+            .filter(|f| {
+                f.sender == name && matches!(f.kind.as_str(), "knock" | "knock_accept" | "knock_reject" | "message")
+            })
+            .filter_map(|f| {
+                serde_json::from_str::<serde_json::Value>(&f.frame_json)
+                    .ok()?
+                    .get("id")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
             .collect();
         let ids = Arc::new(Mutex::new(ids));
-        let mesh = Mesh::new(identity, prekeys, MeshConfig::default(), Box::new(ScriptedIds(ids.clone())));
+        let mesh = Mesh::new(
+            identity,
+            prekeys,
+            MeshConfig::default(),
+            Box::new(ScriptedIds(ids.clone())),
+        );
         Ok(Self {
             name: name.to_owned(),
             mesh,
@@ -176,7 +200,10 @@ enum Step<'a> {
 pub fn verify_mesh_session(case: &MeshSessionCase, dialect: KdfDialect) -> Check {
     let legacy = dialect == KdfDialect::LegacyFfSalt;
     let now = Timestamp::parse_iso(&case.fixed_time).map_err(|e| e.to_string())?;
-    let mut players = [Player::new("alice", &case.alice, case)?, Player::new("bob", &case.bob, case)?];
+    let mut players = [
+        Player::new("alice", &case.alice, case)?,
+        Player::new("bob", &case.bob, case)?,
+    ];
     let index = |name: &str| -> Result<usize, String> {
         match name {
             "alice" => Ok(0),
@@ -184,8 +211,11 @@ pub fn verify_mesh_session(case: &MeshSessionCase, dialect: KdfDialect) -> Check
             other => Err(format!("unknown client {other:?}")),
         }
     };
-    let did_of: HashMap<String, usize> =
-        players.iter().enumerate().map(|(i, p)| (p.mesh.identity().did().to_string(), i)).collect();
+    let did_of: HashMap<String, usize> = players
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.mesh.identity().did().to_string(), i))
+        .collect();
     if legacy {
         for p in &mut players {
             let peers: Vec<String> = did_of.keys().cloned().collect();
@@ -197,7 +227,12 @@ pub fn verify_mesh_session(case: &MeshSessionCase, dialect: KdfDialect) -> Check
 
     let mut steps: Vec<(u64, Step<'_>)> = Vec::new();
     steps.extend(case.http_requests.iter().map(|h| (h.t, Step::Http(h))));
-    steps.extend(case.frames.iter().filter(|f| f.emitted_while_handling_seq.is_none()).map(|f| (f.t, Step::Own(f))));
+    steps.extend(
+        case.frames
+            .iter()
+            .filter(|f| f.emitted_while_handling_seq.is_none())
+            .map(|f| (f.t, Step::Own(f))),
+    );
     steps.extend(case.deliveries.iter().map(|d| (d.t, Step::Deliver(d))));
     steps.sort_by_key(|(t, _)| *t);
     let by_seq: HashMap<u64, &RecordedFrame> = case.frames.iter().map(|f| (f.seq, f)).collect();
@@ -207,16 +242,24 @@ pub fn verify_mesh_session(case: &MeshSessionCase, dialect: KdfDialect) -> Check
         match step {
             Step::Http(h) => {
                 let p = &mut players[index(&h.client)?];
-                replay_http(p, h, legacy, &case.fixed_time).map_err(|e| format!("{} {} {}: {e}", h.client, h.method, h.url))?;
+                replay_http(p, h, legacy, &case.fixed_time)
+                    .map_err(|e| format!("{} {} {}: {e}", h.client, h.method, h.url))?;
             }
             Step::Own(f) => {
                 let p = &mut players[index(&f.sender)?];
-                let text = own_frame(p, f, legacy, now).map_err(|e| format!("{} {} frame {}: {e}", f.sender, f.kind, f.seq))?;
-                same(&format!("{} {} frame {}", f.sender, f.kind, f.seq), &f.frame_json, &text)?;
+                let text = own_frame(p, f, legacy, now)
+                    .map_err(|e| format!("{} {} frame {}: {e}", f.sender, f.kind, f.seq))?;
+                same(
+                    &format!("{} {} frame {}", f.sender, f.kind, f.seq),
+                    &f.frame_json,
+                    &text,
+                )?;
                 compared_frames += 1;
             }
             Step::Deliver(d) => {
-                let delivered = by_seq.get(&d.frame_seq).ok_or(format!("delivery of unknown frame {}", d.frame_seq))?;
+                let delivered = by_seq
+                    .get(&d.frame_seq)
+                    .ok_or(format!("delivery of unknown frame {}", d.frame_seq))?;
                 let p = &mut players[index(&d.to)?];
                 let emitted = deliver(p, &delivered.frame_json, now);
                 let expected: Vec<&RecordedFrame> = case
@@ -226,10 +269,18 @@ pub fn verify_mesh_session(case: &MeshSessionCase, dialect: KdfDialect) -> Check
                     .collect();
                 let what = format!("{} handling frame {}", d.to, d.frame_seq);
                 if emitted.len() != expected.len() {
-                    return Err(format!("{what}: emitted {} frames, recorded {}: {emitted:?}", emitted.len(), expected.len()));
+                    return Err(format!(
+                        "{what}: emitted {} frames, recorded {}: {emitted:?}",
+                        emitted.len(),
+                        expected.len()
+                    ));
                 }
                 for (text, recorded) in emitted.iter().zip(expected) {
-                    same(&format!("{what}: {} frame {}", recorded.kind, recorded.seq), &recorded.frame_json, text)?;
+                    same(
+                        &format!("{what}: {} frame {}", recorded.kind, recorded.seq),
+                        &recorded.frame_json,
+                        text,
+                    )?;
                     compared_frames += 1;
                 }
             }
@@ -241,8 +292,12 @@ pub fn verify_mesh_session(case: &MeshSessionCase, dialect: KdfDialect) -> Check
         return Err(format!("compared {compared_frames} of {client_frames} recorded frames"));
     }
     for p in &players {
-        let expected: Vec<(String, String)> =
-            case.received.iter().filter(|r| r.receiver == p.name).map(|r| (r.from.clone(), r.payload_json.clone())).collect();
+        let expected: Vec<(String, String)> = case
+            .received
+            .iter()
+            .filter(|r| r.receiver == p.name)
+            .map(|r| (r.from.clone(), r.payload_json.clone()))
+            .collect();
         if p.received != expected {
             return Err(format!("{} received {:?}, recorded {:?}", p.name, p.received, expected));
         }
@@ -257,9 +312,17 @@ pub fn verify_mesh_session(case: &MeshSessionCase, dialect: KdfDialect) -> Check
 
 fn replay_http(p: &mut Player, h: &HttpRequest, legacy: bool, timestamp: &str) -> Check {
     let identity = p.mesh.identity();
-    let path = h.url.split_once("://").and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..])).unwrap_or_default();
+    let path = h
+        .url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..]))
+        .unwrap_or_default();
     if let Some(header) = h.headers.get("authorization") {
-        same("authorization", header, &auth::ed25519_timestamp_header(identity, timestamp))?;
+        same(
+            "authorization",
+            header,
+            &auth::ed25519_timestamp_header(identity, timestamp),
+        )?;
     } else if !legacy {
         return Err("no authorization header recorded".into());
     }
@@ -274,7 +337,11 @@ fn replay_http(p: &mut Player, h: &HttpRequest, legacy: bool, timestamp: &str) -
             same("register body", h.body_json.as_deref().unwrap_or_default(), &body)
         }
         ("PUT", path) if path.ends_with("/prekeys") => {
-            same("prekeys path", &format!("{}/prekeys", registry_wire::agent_path(identity.did())), path)?;
+            same(
+                "prekeys path",
+                &format!("{}/prekeys", registry_wire::agent_path(identity.did())),
+                path,
+            )?;
             let body = registry_wire::prekeys_body(identity, p.mesh.prekeys(), &p.otk_ids);
             same("prekeys body", h.body_json.as_deref().unwrap_or_default(), &body)
         }
@@ -292,7 +359,11 @@ fn replay_http(p: &mut Player, h: &HttpRequest, legacy: bool, timestamp: &str) -
 
 fn own_frame(p: &mut Player, f: &RecordedFrame, legacy: bool, now: Timestamp) -> Result<String, String> {
     let recorded: serde_json::Value = serde_json::from_str(&f.frame_json).map_err(|e| e.to_string())?;
-    let to = recorded.get("to").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let to = recorded
+        .get("to")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
     let identity = p.mesh.identity();
     match f.kind.as_str() {
         "connect" if legacy => Ok(frames::to_text(&ConnectFrame::legacy(identity.did()))),
@@ -301,13 +372,20 @@ fn own_frame(p: &mut Player, f: &RecordedFrame, legacy: bool, now: Timestamp) ->
         "heartbeat" => Ok(p.mesh.heartbeat_frame(now)),
         "knock" => {
             let bundle = p.bundles.get(&to).ok_or(format!("no bundle fetched for {to}"))?.clone();
-            p.mesh.open_session(&mut p.rng, now, &to, &bundle).map_err(|e| e.to_string())
+            p.mesh
+                .open_session(&mut p.rng, now, &to, &bundle)
+                .map_err(|e| e.to_string())
         }
         "message" => {
             let payload = f.plaintext_json.as_deref().ok_or("message without plaintext_json")?;
-            p.mesh.encrypt(&mut p.rng, now, &to, payload.as_bytes()).map(|(_, text)| text).map_err(|e| e.to_string())
+            p.mesh
+                .encrypt(&mut p.rng, now, &to, payload.as_bytes())
+                .map(|(_, text)| text)
+                .map_err(|e| e.to_string())
         }
-        other => Err(format!("no replay for a {other} frame sent on the client's own initiative")),
+        other => Err(format!(
+            "no replay for a {other} frame sent on the client's own initiative"
+        )),
     }
 }
 
@@ -319,7 +397,8 @@ fn deliver(p: &mut Player, text: &str, now: Timestamp) -> Vec<String> {
         match event {
             Event::Transmit(text) => out.push(text),
             Event::Message(m) => {
-                p.received.push((m.from, String::from_utf8_lossy(&m.payload).into_owned()));
+                p.received
+                    .push((m.from, String::from_utf8_lossy(&m.payload).into_owned()));
                 out.push(m.ack);
             }
             Event::KnockRequest { from, .. } => {

@@ -529,9 +529,21 @@ fn verify_identity(case: &IdentityCase) -> Check {
     let rc = &case.relay_connect;
     same_text("relay_connect.type", &rc.kind, connect.kind)?;
     same_text("relay_connect.from", &rc.from, &connect.from)?;
-    same_text("relay_connect.public_key", &rc.public_key, connect.public_key.as_deref().unwrap_or_default())?;
-    same_text("relay_connect.timestamp", &rc.timestamp, connect.timestamp.as_deref().unwrap_or_default())?;
-    same_text("relay_connect.signature", &rc.signature, connect.signature.as_deref().unwrap_or_default())?;
+    same_text(
+        "relay_connect.public_key",
+        &rc.public_key,
+        connect.public_key.as_deref().unwrap_or_default(),
+    )?;
+    same_text(
+        "relay_connect.timestamp",
+        &rc.timestamp,
+        connect.timestamp.as_deref().unwrap_or_default(),
+    )?;
+    same_text(
+        "relay_connect.signature",
+        &rc.signature,
+        connect.signature.as_deref().unwrap_or_default(),
+    )?;
     if let Some(expected) = &case.connect_frame_json {
         same_text("connect_frame_json", expected, &frames::to_text(&connect))?;
     }

@@ -274,41 +274,87 @@ fn mutated_mesh_session_recordings_fail() {
         };
         assert_eq!(outcome(&|_| {}), CaseOutcome::Passed, "{producer} unmutated");
         let frame_with = |c: &Value, kind: &str| {
-            c["frames"].as_array().unwrap().iter().position(|f| f["type"] == kind).unwrap()
+            c["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .position(|f| f["type"] == kind)
+                .unwrap()
         };
         let mutations: Vec<(&str, Mutation)> = vec![
-            ("message frame", Box::new(move |c| {
-                let i = frame_with(c, "message");
-                let s = c["frames"][i]["frame_json"].as_str().unwrap().replacen("\"n\":0", "\"n\":1", 1);
-                c["frames"][i]["frame_json"] = s.into();
-            })),
-            ("knock frame", Box::new(move |c| {
-                let i = frame_with(c, "knock");
-                let s = c["frames"][i]["frame_json"].as_str().unwrap().replace("establish_session", "establish");
-                c["frames"][i]["frame_json"] = s.into();
-            })),
-            ("knock_accept", Box::new(move |c| {
-                let i = frame_with(c, "knock_accept");
-                let s = c["frames"][i]["frame_json"].as_str().unwrap().replace("\"knock_id\"", "\"knockId\"");
-                c["frames"][i]["frame_json"] = s.into();
-            })),
-            ("connect", Box::new(move |c| {
-                let i = frame_with(c, "connect");
-                let s = c["frames"][i]["frame_json"].as_str().unwrap().replace("\"v\":1,", "");
-                c["frames"][i]["frame_json"] = s.into();
-            })),
-            ("received", Box::new(|c| c["received"][0]["payload_json"] = "{\"text\":\"hello bobby\"}".into())),
-            ("randomness", Box::new(|c| {
-                let r = c["random_inputs"].as_array_mut().unwrap().iter_mut().find(|r| r["role"] == "alice/nonce-1").unwrap();
-                r["value"] = "000000000000000000000000".into();
-            })),
-            ("register body", Box::new(|c| {
-                let s = c["http_requests"][0]["body_json"].as_str().unwrap().replace("\"capabilities\":[]", "\"capabilities\":[\"x\"]");
-                c["http_requests"][0]["body_json"] = s.into();
-            })),
+            (
+                "message frame",
+                Box::new(move |c| {
+                    let i = frame_with(c, "message");
+                    let s = c["frames"][i]["frame_json"]
+                        .as_str()
+                        .unwrap()
+                        .replacen("\"n\":0", "\"n\":1", 1);
+                    c["frames"][i]["frame_json"] = s.into();
+                }),
+            ),
+            (
+                "knock frame",
+                Box::new(move |c| {
+                    let i = frame_with(c, "knock");
+                    let s = c["frames"][i]["frame_json"]
+                        .as_str()
+                        .unwrap()
+                        .replace("establish_session", "establish");
+                    c["frames"][i]["frame_json"] = s.into();
+                }),
+            ),
+            (
+                "knock_accept",
+                Box::new(move |c| {
+                    let i = frame_with(c, "knock_accept");
+                    let s = c["frames"][i]["frame_json"]
+                        .as_str()
+                        .unwrap()
+                        .replace("\"knock_id\"", "\"knockId\"");
+                    c["frames"][i]["frame_json"] = s.into();
+                }),
+            ),
+            (
+                "connect",
+                Box::new(move |c| {
+                    let i = frame_with(c, "connect");
+                    let s = c["frames"][i]["frame_json"].as_str().unwrap().replace("\"v\":1,", "");
+                    c["frames"][i]["frame_json"] = s.into();
+                }),
+            ),
+            (
+                "received",
+                Box::new(|c| c["received"][0]["payload_json"] = "{\"text\":\"hello bobby\"}".into()),
+            ),
+            (
+                "randomness",
+                Box::new(|c| {
+                    let r = c["random_inputs"]
+                        .as_array_mut()
+                        .unwrap()
+                        .iter_mut()
+                        .find(|r| r["role"] == "alice/nonce-1")
+                        .unwrap();
+                    r["value"] = "000000000000000000000000".into();
+                }),
+            ),
+            (
+                "register body",
+                Box::new(|c| {
+                    let s = c["http_requests"][0]["body_json"]
+                        .as_str()
+                        .unwrap()
+                        .replace("\"capabilities\":[]", "\"capabilities\":[\"x\"]");
+                    c["http_requests"][0]["body_json"] = s.into();
+                }),
+            ),
         ];
         for (what, mutate) in mutations {
-            assert!(matches!(outcome(&*mutate), CaseOutcome::Failed(_)), "{producer}: mutating {what} was not detected");
+            assert!(
+                matches!(outcome(&*mutate), CaseOutcome::Failed(_)),
+                "{producer}: mutating {what} was not detected"
+            );
         }
     }
 }

@@ -301,6 +301,10 @@ struct Inner {
     peer_info: Mutex<HashMap<String, Option<BTreeMap<String, String>>>>,
     open_locks: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     connected: watch::Sender<bool>,
+    /// KNOCK verdicts, applied by the connection task so that messages are
+    /// handed to the application in the order their frames arrived.
+    verdicts: mpsc::UnboundedSender<(String, bool)>,
+    verdicts_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, bool)>>,
     closed: AtomicBool,
     shutdown: Notify,
     consumed_since_upload: AtomicU64,
@@ -439,8 +443,7 @@ impl Inner {
                 from: from.clone(),
                 accepted,
             });
-            let events = lock(&inner.mesh).decide_knock(&mut OsRng, now(), &from, accepted);
-            inner.process(events);
+            let _ = inner.verdicts.send((from, accepted));
         });
     }
 
@@ -653,6 +656,7 @@ impl MeshClient {
         }
 
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
         let (connected, mut connected_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
             did,
@@ -670,6 +674,8 @@ impl MeshClient {
             peer_info: Mutex::new(HashMap::new()),
             open_locks: tokio::sync::Mutex::new(HashMap::new()),
             connected,
+            verdicts,
+            verdicts_rx: tokio::sync::Mutex::new(verdicts_rx),
             closed: AtomicBool::new(false),
             shutdown: Notify::new(),
             consumed_since_upload: AtomicU64::new(0),
@@ -1099,6 +1105,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
     let mut retransmit = tokio::time::interval(inner.config.retransmit_after.max(Duration::from_millis(100)));
     retransmit.reset();
     let mut last_error = String::new();
+    let mut verdicts = inner.verdicts_rx.lock().await;
     loop {
         // Flush before waiting: a notification may have come while busy.
         loop {
@@ -1131,6 +1138,10 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
                 None => return Ended::Lost { code: None, reason: "connection closed".into() },
             },
             _ = inner.outgoing_notify.notified() => {}
+            Some((from, accepted)) = verdicts.recv() => {
+                let events = lock(&inner.mesh).decide_knock(&mut OsRng, now(), &from, accepted);
+                inner.process(events);
+            }
             _ = heartbeat.tick() => {
                 let text = lock(&inner.mesh).heartbeat_frame(now());
                 if let Err(e) = send_text(inner, socket, text).await {
@@ -1143,7 +1154,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
                     let mut mesh = lock(&inner.mesh);
                     let mut events = Vec::new();
                     if mesh.next_timeout().is_some_and(|at| at <= t) {
-                        events.extend(mesh.handle_timeout(t));
+                        events.extend(mesh.handle_timeout(&mut OsRng, t));
                     }
                     events.extend(mesh.flush_receipts(&mut OsRng, t));
                     events

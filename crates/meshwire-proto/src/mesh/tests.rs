@@ -159,9 +159,9 @@ fn pre_knock_buffer_is_bounded_and_expires() {
         [ErrorKind::NoSession, ErrorKind::NoSession],
         "two oldest evicted"
     );
-    assert!(bob.handle_timeout(T0.plus_ms(2999)).is_empty());
+    assert!(bob.handle_timeout(&mut OsRng, T0.plus_ms(2999)).is_empty());
     assert_eq!(
-        errors(&bob.handle_timeout(T0.plus_ms(3000))),
+        errors(&bob.handle_timeout(&mut OsRng, T0.plus_ms(3000))),
         vec![ErrorKind::NoSession; 5]
     );
     assert_eq!(bob.next_timeout(), None);
@@ -416,4 +416,45 @@ fn random_uuids_are_v4() {
     assert_eq!(id.len(), 36);
     assert_eq!(&id[14..15], "4");
     assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
+}
+
+#[test]
+fn messages_wait_for_a_slow_verdict_and_a_missing_verdict_rejects() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 1);
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    let sent: Vec<String> = (0..50)
+        .map(|i| {
+            alice
+                .encrypt(&mut OsRng, T0, &did(&bob), format!("{i}").as_bytes())
+                .unwrap()
+                .1
+        })
+        .collect();
+    assert!(matches!(
+        &bob.handle_text(&mut OsRng, T0, &knock)[..],
+        [Event::KnockRequest { .. }]
+    ));
+    for m in &sent {
+        assert!(
+            bob.handle_text(&mut OsRng, T0, m).is_empty(),
+            "held while the verdict is pending"
+        );
+    }
+    // Past the 3 s pre-KNOCK TTL, nothing is dropped: the KNOCK is known.
+    assert!(bob.handle_timeout(&mut OsRng, T0.plus_ms(5_000)).is_empty());
+    let events = bob.decide_knock(&mut OsRng, T0.plus_ms(5_000), &did(&alice), true);
+    assert_eq!(
+        messages(&events),
+        (0..50).map(|i| i.to_string()).collect::<Vec<_>>(),
+        "all, in order"
+    );
+
+    let mut carol = agent("c", 0);
+    let knock = carol.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    bob.handle_text(&mut OsRng, T0, &knock);
+    assert_eq!(bob.next_timeout(), Some(T0.plus_ms(10_000)));
+    let events = bob.handle_timeout(&mut OsRng, T0.plus_ms(10_000));
+    assert_eq!(errors(&events), [ErrorKind::Knock]);
+    assert!(transmits(&events).iter().any(|t| kind(t) == "knock_reject"));
 }

@@ -109,13 +109,13 @@ impl Inbox {
 
     /// The unexpired frames stored for `recipient`, oldest first. They stay
     /// stored until acknowledged.
-    pub(crate) fn pending(&mut self, recipient: &str, now: Timestamp) -> Vec<Arc<str>> {
+    pub(crate) fn pending(&mut self, recipient: &str, now: Timestamp) -> Vec<(String, Arc<str>)> {
         self.drop_expired(recipient, now);
         self.boxes.get(recipient).map_or_else(Vec::new, |mailbox| {
             mailbox
                 .order
                 .values()
-                .filter_map(|id| mailbox.by_id.get(id).map(|m| Arc::clone(&m.text)))
+                .filter_map(|id| mailbox.by_id.get(id).map(|m| (id.clone(), Arc::clone(&m.text))))
                 .collect()
         })
     }
@@ -194,7 +194,7 @@ mod tests {
         assert_eq!(inbox.store("b", "1", "one".into(), now), StoreOutcome::Stored);
         assert_eq!(inbox.store("b", "2", "two".into(), now), StoreOutcome::Stored);
         assert_eq!(inbox.store("b", "1", "again".into(), now), StoreOutcome::Duplicate);
-        let texts: Vec<String> = inbox.pending("b", now).iter().map(|t| t.to_string()).collect();
+        let texts: Vec<String> = inbox.pending("b", now).iter().map(|(_, t)| t.to_string()).collect();
         assert_eq!(texts, ["one", "two"]);
         assert!(!inbox.ack("c", "1"), "only the recipient's mailbox");
         assert!(inbox.ack("b", "1"));

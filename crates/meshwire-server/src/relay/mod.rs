@@ -396,6 +396,10 @@ struct Connection {
     replaced: oneshot::Receiver<()>,
     done: watch::Sender<bool>,
     last_active: Arc<AtomicU64>,
+    /// Stored frames already sent on this connection: `fetch_pending` (which
+    /// TypeScript clients send right after `connect`) must not send them
+    /// again, or clients whose ratchet is not transactional break.
+    sent_stored: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Connection {
@@ -435,6 +439,7 @@ impl Connection {
             replaced,
             done,
             last_active,
+            sent_stored: Default::default(),
         }
     }
 
@@ -450,7 +455,10 @@ impl Connection {
     }
 
     async fn main_loop(&mut self, shared: &Shared, sink: &mut Sink, stream: &mut Stream) -> End {
-        if deliver_pending(shared, &self.did, sink).await.is_err() {
+        if deliver_pending(shared, &self.did, &self.sent_stored, sink)
+            .await
+            .is_err()
+        {
             return End::Gone;
         }
         let idle_timeout = shared.config.idle_timeout;
@@ -537,7 +545,7 @@ impl Connection {
                 // Any frame refreshes liveness; nothing else to do.
                 "heartbeat" => {}
                 "disconnect" => return Ok(Flow::Close(close_code::NORMAL)),
-                "fetch_pending" => deliver_pending(shared, &self.did, sink).await?,
+                "fetch_pending" => deliver_pending(shared, &self.did, &self.sent_stored, sink).await?,
                 other => send_error(sink, &format!("Unknown frame type: {other}")).await?,
             },
             // Python formats a missing type as None.
@@ -564,11 +572,21 @@ impl Connection {
     }
 }
 
-/// Sends every stored frame for `did`, oldest first. They stay stored
-/// until acknowledged.
-async fn deliver_pending(shared: &Shared, did: &str, sink: &mut Sink) -> Result<(), Gone> {
+/// Sends every stored frame for `did` not yet sent on this connection,
+/// oldest first. They stay stored until acknowledged (and are sent again on
+/// the next connection).
+async fn deliver_pending(
+    shared: &Shared,
+    did: &str,
+    sent: &std::sync::Mutex<std::collections::HashSet<String>>,
+    sink: &mut Sink,
+) -> Result<(), Gone> {
     let pending = shared.relay.inbox().pending(did, shared.config.now());
-    for text in pending {
+    for (id, text) in pending {
+        let fresh = sent.lock().map(|mut s| s.insert(id)).unwrap_or(true);
+        if !fresh {
+            continue;
+        }
         send_text(sink, text.to_string()).await?;
         shared.relay.delivered.fetch_add(1, Ordering::Relaxed);
     }
