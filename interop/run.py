@@ -140,7 +140,8 @@ class PeerKind:
     name: str
     argv: list[str]
     needs_unauthenticated_relay: bool = False
-    note: str = ""
+    # X3DH KDF dialects the runtime can speak.
+    dialects: tuple[str, ...] = ("spec", "legacy-ff-salt")
 
 
 class Peer:
@@ -288,7 +289,8 @@ async def run_cell(cell: Cell, kinds: dict[str, PeerKind], relay: Relay, seq: in
             who = [k for k in (cell.sender, cell.receiver) if k not in MESHWIRE_RUNTIMES]
             cell.notes.append(
                 f"relay restart: {lost}/{len(expected)} lost ({', '.join(who)}: no end-to-end receipts;"
-                f" the AGT relay keeps stored messages in memory{'; sends while down failed: ' + str(send_errors) if send_errors else ''})"
+                f" the relay keeps stored messages in memory and lost them in the restart"
+                f"{'; sends while the relay was down failed: ' + str(send_errors) if send_errors else ''})"
             )
     except Exception as e:  # noqa: BLE001 - every failure is reported in the table
         cell.status = "fail"
@@ -355,8 +357,10 @@ async def main() -> int:
     kinds = {
         "rust": PeerKind("rust", [args.meshwire_bin, "interop-peer"]),
         "wheel": PeerKind("wheel", [find_python(Path(args.wheel_venv)), str(REPO / "interop/peers/wheel_peer.py")]),
-        "node": PeerKind("node", ["node", str(REPO / "interop/node/peer.mjs")], needs_unauthenticated_relay=True),
-        "agt-python": PeerKind("agt-python", [find_python(Path(args.agt_venv)), str(REPO / "interop/python/agt_peer.py")]),
+        "node": PeerKind("node", ["node", str(REPO / "interop/node/peer.mjs")], needs_unauthenticated_relay=True,
+                         dialects=("legacy-ff-salt",)),
+        "agt-python": PeerKind("agt-python", [find_python(Path(args.agt_venv)), str(REPO / "interop/python/agt_peer.py")],
+                               dialects=("spec",)),
     }
     unknown = [p for p in wanted if p not in kinds]
     if unknown:
@@ -408,7 +412,14 @@ async def main() -> int:
                 for relay in relays:
                     cell = Cell(sender, receiver, relay.name)
                     legacy_peer = kinds[sender].needs_unauthenticated_relay or kinds[receiver].needs_unauthenticated_relay
-                    if legacy_peer and not relay.allows_unauthenticated:
+                    common = set(kinds[sender].dialects) & set(kinds[receiver].dialects)
+                    if not common:
+                        cell.status = "n/a"
+                        cell.notes.append(
+                            f"no common X3DH KDF: {sender} speaks {'/'.join(kinds[sender].dialects)},"
+                            f" {receiver} speaks {'/'.join(kinds[receiver].dialects)}"
+                        )
+                    elif legacy_peer and not relay.allows_unauthenticated:
                         cell.status = "n/a"
                         cell.notes.append("npm SDK 4.0.0 connects without proof of possession; this relay requires it")
                     elif not legacy_peer and relay.allows_unauthenticated:
@@ -425,6 +436,8 @@ async def main() -> int:
                     for receiver in wanted:
                         legacy_peer = kinds[sender].needs_unauthenticated_relay or kinds[receiver].needs_unauthenticated_relay
                         if legacy_peer != relay.allows_unauthenticated:
+                            continue
+                        if not set(kinds[sender].dialects) & set(kinds[receiver].dialects):
                             continue
                         log(f"figures: {sender} -> {receiver} on {relay.name}")
                         figures.append(await run_figures(kinds, relay, (sender, receiver), args.figure_messages, args.figure_paced))
