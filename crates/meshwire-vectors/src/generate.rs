@@ -465,10 +465,10 @@ pub fn documents() -> Result<Vec<(String, Document)>, String> {
             schema_conversation("conversation", &with_otk)?,
             schema_conversation("conversation-no-otk", &without_otk)?,
         ];
+        ratchets.push(skip_exactly_100(&with_otk)?);
+        ratchets.push(skip_101_rejected(&with_otk)?);
+        ratchets.push(random_order(&with_otk, 200)?);
         if dialect == KdfDialect::Spec {
-            ratchets.push(skip_exactly_100(&with_otk)?);
-            ratchets.push(skip_101_rejected(&with_otk)?);
-            ratchets.push(random_order(&with_otk, 200)?);
             // Kept apart: the 1 MiB message makes this file 6 MB of hex.
             let large = vec![large_message(&without_otk)?];
             docs.push((
