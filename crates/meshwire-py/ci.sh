@@ -6,7 +6,7 @@
 #   bash crates/meshwire-py/ci.sh
 #
 # Environment: CARGO_TARGET_DIR (default <repo>/target), MESHWIRE_PY_VENV
-# (default $CARGO_TARGET_DIR/py-ci-venv), BENCH_SECONDS (default 2).
+# (default $CARGO_TARGET_DIR/py-ci-venv), BENCH_SECONDS (default 3).
 # Needs python3 (>= 3.9, with venv) and the registries (PyPI, crates.io).
 set -euo pipefail
 
@@ -51,8 +51,11 @@ print("wheel contents ok:", ", ".join(sorted(n for n in names if n.startswith("m
 PY
 
 step "install the wheel and the test dependencies"
-"$py" -m pip install "${pip_flags[@]}" "$wheel" "agent-governance-toolkit-core[api]==5.0.0" uvicorn websockets pytest
+"$py" -m pip install "${pip_flags[@]}" "$wheel" "agent-governance-toolkit-core[api]==5.0.0" uvicorn websockets pytest mypy
 "$py" -c "import meshwire, agentmesh.encryption.channel; print('meshwire', meshwire.__version__, 'from', meshwire.__file__)"
+
+step "type stubs match the module (mypy stubtest)"
+"$py" -m mypy.stubtest meshwire --allowlist crates/meshwire-py/stubtest-allowlist.txt
 
 step "Rust binaries for the tests (meshwire serve, the echo example)"
 cargo build -p meshwire-cli
@@ -73,5 +76,5 @@ fi
 
 step "benchmark: wheel versus agentmesh 5.0.0"
 mkdir -p "$CARGO_TARGET_DIR/bench"
-"$py" crates/meshwire-py/bench/bench_wheel.py --seconds "${BENCH_SECONDS:-2}" \
+"$py" crates/meshwire-py/bench/bench_wheel.py --seconds "${BENCH_SECONDS:-3}" \
     --json "$CARGO_TARGET_DIR/bench/bench_wheel.json"

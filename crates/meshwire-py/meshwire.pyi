@@ -11,10 +11,33 @@ Low level, for runtimes with their own transport: :class:`Identity`,
 
 import os
 from types import TracebackType
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union, final
 
 __version__: str
-__all__: List[str]
+__all__ = [
+    "Identity",
+    "PreKeys",
+    "PreKeyBundle",
+    "Establishment",
+    "EncryptedMessage",
+    "SecureChannel",
+    "MeshClient",
+    "Message",
+    "Event",
+    "MessageIterator",
+    "EventIterator",
+    "MeshError",
+    "DecryptError",
+    "RegistryError",
+    "RelayError",
+    "ProtocolError",
+    "StateError",
+    "ClosedError",
+    "MeshTimeoutError",
+    "StoreError",
+    "KDF_DIALECTS",
+    "__version__",
+]
 
 #: The X3DH KDF dialects: ``"spec"`` (Signal's X3DH; TypeScript main and
 #: Python agentmesh 5.0.0) and ``"legacy-ff-salt"`` (npm SDK 4.0.0).
@@ -22,9 +45,9 @@ KDF_DIALECTS: Tuple[str, str]
 
 _Path = Union[str, "os.PathLike[str]"]
 #: A decoded JSON value.
-JSON = Any
+_JSON = Any
 #: ``policy(from_did, intent, metadata) -> bool``, or an ``async def`` one.
-KnockPolicy = Callable[[str, JSON, Optional[Dict[str, str]]], Union[bool, Awaitable[bool]]]
+_KnockPolicy = Callable[[str, _JSON, Optional[Dict[str, str]]], Union[bool, Awaitable[bool]]]
 
 # ---------------------------------------------------------------- errors
 
@@ -66,6 +89,7 @@ class StoreError(MeshError, OSError):
 
 # ---------------------------------------------------------------- low level
 
+@final
 class Identity:
     """An agent's long-term identity: an Ed25519 key, the X25519 key derived
     from it (libsodium's ``sk_to_curve25519``) and the DID."""
@@ -92,14 +116,15 @@ class Identity:
         """The X25519 identity public key (32 bytes)."""
     def sign(self, message: bytes) -> bytes:
         """The Ed25519 signature (64 bytes) of ``message``."""
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
+@final
 class PreKeyBundle:
     """A responder's public pre-keys (what the registry serves)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         identity_key: bytes,
         identity_key_ed: bytes,
         signed_pre_key_id: int,
@@ -107,7 +132,7 @@ class PreKeyBundle:
         signed_pre_key_signature: bytes,
         one_time_pre_key_id: Optional[int] = None,
         one_time_pre_key: Optional[bytes] = None,
-    ) -> None:
+    ) -> "PreKeyBundle":
         """Keys are 32 bytes, the signature 64 (``ProtocolError`` otherwise);
         the one-time key id and key go together. Not verified here: call
         ``verify()`` (``SecureChannel.initiate`` does)."""
@@ -132,8 +157,9 @@ class PreKeyBundle:
     def one_time_pre_key_id(self) -> Optional[int]: ...
     @property
     def one_time_pre_key(self) -> Optional[bytes]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
+@final
 class PreKeys:
     """A responder's private pre-keys: one signed pre-key and the one-time
     pre-keys not used yet. One-time key ids are never reused."""
@@ -162,11 +188,12 @@ class PreKeys:
         """The inverse of ``export_json`` (``StateError`` if invalid or not
         signed by ``identity``)."""
 
+@final
 class Establishment:
     """What an initiator sends with its first message so that the responder
     can run X3DH (the KNOCK's ``{ik, ek, otk}``)."""
 
-    def __init__(self, identity_key: bytes, ephemeral_key: bytes, one_time_key_id: Optional[int] = None) -> None: ...
+    def __new__(cls, identity_key: bytes, ephemeral_key: bytes, one_time_key_id: Optional[int] = None) -> "Establishment": ...
     @property
     def identity_key(self) -> bytes:
         """The initiator's X25519 identity key."""
@@ -174,13 +201,14 @@ class Establishment:
     def ephemeral_key(self) -> bytes: ...
     @property
     def one_time_key_id(self) -> Optional[int]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
+@final
 class EncryptedMessage:
     """A Double Ratchet message: header (``dh``, ``pn``, ``n``) and
     ``nonce || ciphertext || tag``."""
 
-    def __init__(self, dh: bytes, pn: int, n: int, ciphertext: bytes) -> None: ...
+    def __new__(cls, dh: bytes, pn: int, n: int, ciphertext: bytes) -> "EncryptedMessage": ...
     @staticmethod
     def from_header(header: bytes, ciphertext: bytes) -> "EncryptedMessage":
         """From the 40-byte header ``dh || u32be(pn) || u32be(n)``."""
@@ -203,8 +231,9 @@ class EncryptedMessage:
         """The 40-byte header the AEAD authenticates."""
     @property
     def ciphertext(self) -> bytes: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
+@final
 class SecureChannel:
     """An end-to-end encrypted session with one peer: X3DH plus a Double
     Ratchet whose associated data is
@@ -272,6 +301,7 @@ class SecureChannel:
 
 # ---------------------------------------------------------------- client
 
+@final
 class Message:
     """A message received from a peer."""
 
@@ -281,7 +311,7 @@ class Message:
     @property
     def id(self) -> str: ...
     @property
-    def payload(self) -> Union[JSON, bytes]:
+    def payload(self) -> Union[_JSON, bytes]:
         """The decoded JSON value, or ``bytes`` for a payload sent as bytes."""
     @property
     def raw(self) -> bytes:
@@ -292,6 +322,7 @@ class Message:
     def plaintext(self) -> bool:
         """Sent in plaintext by an allow-listed peer."""
 
+@final
 class Event:
     """Something that happened besides messages."""
 
@@ -321,14 +352,17 @@ class Event:
         """``frame``, ``unknown_frame``, ``decrypt``, ``no_session``,
         ``knock``, ``plaintext`` or ``relay`` (``error``)."""
 
+@final
 class MessageIterator:
     def __aiter__(self) -> "MessageIterator": ...
     def __anext__(self) -> Awaitable[Message]: ...
 
+@final
 class EventIterator:
     def __aiter__(self) -> "EventIterator": ...
     def __anext__(self) -> Awaitable[Event]: ...
 
+@final
 class MeshClient:
     """An agent on the mesh.
 
@@ -341,19 +375,19 @@ class MeshClient:
     agent) and survive restarts.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         identity: Identity,
         *,
         relay_url: str,
         registry_url: str,
         display_name: Optional[str] = None,
-        capabilities: Sequence[str] = (),
+        capabilities: Sequence[str] = ...,
         store_dir: Optional[_Path] = None,
-        knock_policy: Optional[KnockPolicy] = None,
+        knock_policy: Optional[_KnockPolicy] = None,
         metadata: Optional[Mapping[str, str]] = None,
         connect_timeout: float = 10.0,
-    ) -> None: ...
+    ) -> "MeshClient": ...
     @property
     def did(self) -> str: ...
     @property
@@ -374,7 +408,7 @@ class MeshClient:
         exc: Optional[BaseException],
         traceback: Optional[TracebackType],
     ) -> bool: ...
-    def send(self, peer: str, payload: Union[JSON, bytes, bytearray, memoryview]) -> Awaitable[str]:
+    def send(self, peer: str, payload: Union[_JSON, bytes, bytearray, memoryview]) -> Awaitable[str]:
         """Sends ``payload`` end to end encrypted and resolves to the message
         id. Bytes-like payloads go as bytes; anything else as the JSON text
         ``json.dumps(payload, separators=(",", ":"), ensure_ascii=False)``
@@ -401,7 +435,7 @@ class MeshClient:
         ``reputation_score`` and ``metadata`` (None unless the registry sends it)."""
     def find(self, display_name: str) -> Awaitable[Optional[str]]:
         """The DID published under ``display_name`` (most recently seen), or None."""
-    def set_knock_policy(self, policy: Optional[KnockPolicy]) -> None:
+    def set_knock_policy(self, policy: Optional[_KnockPolicy]) -> None:
         """Decides on incoming KNOCKs; sync or async, run on the client's
         event loop. None accepts all. An exception, or no answer within 30 s,
         rejects."""

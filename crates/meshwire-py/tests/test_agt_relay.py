@@ -58,8 +58,7 @@ def test_python_to_python_over_agt(agt_servers, tmp_path):
             assert got == list(range(5))
             assert bob.drain() == []
 
-        # Bob persisted his session: a restarted Bob (same identity file,
-        # same store) keeps talking without a new KNOCK.
+        # Bob's store holds his state (one private file).
         assert any((tmp_path / "bob").iterdir())
 
     asyncio.run(main())
