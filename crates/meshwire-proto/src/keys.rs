@@ -3,6 +3,7 @@
 use crate::crypto::{Active, CryptoProvider};
 use rand_core::CryptoRngCore;
 use std::fmt;
+use std::sync::OnceLock;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -110,10 +111,6 @@ public_key_type!(
     Ed25519PublicKey
 );
 secret_key_type!(
-    /// An X25519 private key, stored as drawn (X25519 clamps when it uses it).
-    X25519Secret
-);
-secret_key_type!(
     /// The 32-byte secret X3DH agrees on.
     SharedSecret
 );
@@ -130,25 +127,80 @@ secret_key_type!(
     MessageKey
 );
 
+/// An X25519 private key, stored as drawn (X25519 clamps when it uses it),
+/// with the provider's parsed form made on first use.
+pub struct X25519Secret {
+    bytes: [u8; 32],
+    prepared: OnceLock<<Active as CryptoProvider>::PreparedSecret>,
+}
+
+impl Clone for X25519Secret {
+    fn clone(&self) -> Self {
+        Self::from_bytes(self.bytes)
+    }
+}
+
+impl Drop for X25519Secret {
+    fn drop(&mut self) {
+        self.bytes.zeroize();
+    }
+}
+
+impl PartialEq for X25519Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes.ct_eq(&other.bytes).into()
+    }
+}
+
+impl Eq for X25519Secret {}
+
+impl fmt::Debug for X25519Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("X25519Secret(<redacted>)")
+    }
+}
+
 impl X25519Secret {
+    /// Wraps 32 raw secret bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self {
+            bytes,
+            prepared: OnceLock::new(),
+        }
+    }
+
+    /// Parses a slice that must be exactly 32 bytes long.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
+        array32(bytes).map(Self::from_bytes)
+    }
+
+    /// The raw secret bytes: handle with care.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.bytes
+    }
+
     /// Draws 32 bytes from `rng`.
     pub fn generate(rng: &mut impl CryptoRngCore) -> Self {
         let mut bytes = [0u8; 32];
         rng.fill_bytes(&mut bytes);
-        let secret = Self(bytes);
+        let secret = Self::from_bytes(bytes);
         bytes.zeroize();
         secret
     }
 
+    fn prepared(&self) -> &<Active as CryptoProvider>::PreparedSecret {
+        self.prepared.get_or_init(|| Active::prepare(&self.bytes))
+    }
+
     /// The matching public key.
     pub fn public_key(&self) -> X25519PublicKey {
-        X25519PublicKey(Active::x25519_base(&self.0))
+        X25519PublicKey(Active::prepared_public(self.prepared()))
     }
 
     /// X25519 with `public`; refuses a low-order `public` (all-zero output),
     /// as libsodium and OpenSSL do for the reference runtimes.
     pub fn diffie_hellman(&self, public: &X25519PublicKey) -> Result<SharedDh, KeyError> {
-        let out = SharedDh(Active::x25519(&self.0, &public.0));
+        let out = SharedDh(Active::prepared_x25519(self.prepared(), &public.0));
         if bool::from(out.0.ct_eq(&[0u8; 32])) {
             return Err(KeyError::NonContributory);
         }

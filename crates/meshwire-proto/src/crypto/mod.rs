@@ -43,6 +43,20 @@ pub trait CryptoProvider {
     /// X25519 with the base point: the public key of `secret`.
     fn x25519_base(secret: &[u8; 32]) -> [u8; 32];
 
+    /// A private key parsed once for repeated Diffie-Hellman (aws-lc keeps
+    /// the key object and its public half; re-parsing costs a base-point
+    /// multiplication per operation).
+    type PreparedSecret: Send + Sync;
+
+    /// Parses a raw (unclamped) X25519 private key.
+    fn prepare(secret: &[u8; 32]) -> Self::PreparedSecret;
+
+    /// The public key of a prepared secret.
+    fn prepared_public(secret: &Self::PreparedSecret) -> [u8; 32];
+
+    /// X25519 with a prepared secret; all zeros for low-order points.
+    fn prepared_x25519(secret: &Self::PreparedSecret, public: &[u8; 32]) -> [u8; 32];
+
     /// HKDF-SHA256 extract-and-expand into `out` (at most 255 * 32 bytes).
     fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]);
 
