@@ -506,7 +506,7 @@ impl Inner {
             let mut mesh = lock(&self.mesh);
             let ids = mesh
                 .prekeys_mut()
-                .generate_one_time_keys(&mut OsRng, self.config.one_time_keys)
+                .generate_one_time_keys(&mut rand::thread_rng(), self.config.one_time_keys)
                 .map_err(|e| ClientError::Relay(format!("one-time keys: {e}")))?;
             let held: Vec<u32> = mesh.prekeys().one_time_key_ids().collect();
             for old in held.iter().take(held.len().saturating_sub(MAX_HELD)) {
@@ -618,7 +618,7 @@ impl MeshClient {
                 Box::new(RandomUuids),
             )?,
             None => {
-                let prekeys = PreKeys::generate(&mut OsRng, &identity);
+                let prekeys = PreKeys::generate(&mut rand::thread_rng(), &identity);
                 Mesh::new(
                     Identity::from_seed(&identity.seed()),
                     prekeys,
@@ -783,11 +783,11 @@ impl MeshClient {
             let sent = {
                 let mut mesh = lock(&self.inner.mesh);
                 if mesh.has_session(peer) || mesh.is_plaintext_peer(peer) {
-                    let (id, text) = mesh.encrypt(&mut OsRng, now(), peer, json)?;
+                    let (id, text) = mesh.encrypt(&mut rand::thread_rng(), now(), peer, json)?;
                     Some((id, vec![text]))
                 } else if let Some(bundle) = bundle.take() {
-                    let knock = mesh.open_session(&mut OsRng, now(), peer, &bundle)?;
-                    let (id, text) = mesh.encrypt(&mut OsRng, now(), peer, json)?;
+                    let knock = mesh.open_session(&mut rand::thread_rng(), now(), peer, &bundle)?;
+                    let (id, text) = mesh.encrypt(&mut rand::thread_rng(), now(), peer, json)?;
                     Some((id, vec![knock, text]))
                 } else {
                     None
@@ -815,7 +815,7 @@ impl MeshClient {
             return Ok(());
         }
         let bundle = self.fetch_bundle(peer).await?;
-        let knock = lock(&self.inner.mesh).open_session(&mut OsRng, now(), &key, &bundle)?;
+        let knock = lock(&self.inner.mesh).open_session(&mut rand::thread_rng(), now(), &key, &bundle)?;
         self.inner.persist();
         self.inner.enqueue([knock]);
         Ok(())
@@ -1080,7 +1080,7 @@ async fn drive(inner: &Arc<Inner>, mut socket: Socket, reconnect: bool) -> Ended
     if reconnect {
         // The relay may have lost what it held (AGT keeps it in memory):
         // resend what receipt-capable peers have not confirmed.
-        let events = lock(&inner.mesh).retransmit(&mut OsRng, now(), inner.config.retransmit_after.as_millis() as u64);
+        let events = lock(&inner.mesh).retransmit(&mut rand::thread_rng(), now(), inner.config.retransmit_after.as_millis() as u64);
         inner.process(events);
     }
     let registry_heartbeat = {
@@ -1120,7 +1120,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
             incoming = socket.next() => match incoming {
                 Some(Ok(WsMessage::Text(text))) => {
                     inner.count(false, &text);
-                    let events = lock(&inner.mesh).handle_text(&mut OsRng, now(), &text);
+                    let events = lock(&inner.mesh).handle_text(&mut rand::thread_rng(), now(), &text);
                     if let Some(detail) = events.iter().find_map(|e| match e {
                         Event::Error(m) if m.kind == ErrorKind::Relay => Some(m.detail.clone()),
                         _ => None,
@@ -1139,7 +1139,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
             },
             _ = inner.outgoing_notify.notified() => {}
             Some((from, accepted)) = verdicts.recv() => {
-                let events = lock(&inner.mesh).decide_knock(&mut OsRng, now(), &from, accepted);
+                let events = lock(&inner.mesh).decide_knock(&mut rand::thread_rng(), now(), &from, accepted);
                 inner.process(events);
             }
             _ = heartbeat.tick() => {
@@ -1154,9 +1154,9 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
                     let mut mesh = lock(&inner.mesh);
                     let mut events = Vec::new();
                     if mesh.next_timeout().is_some_and(|at| at <= t) {
-                        events.extend(mesh.handle_timeout(&mut OsRng, t));
+                        events.extend(mesh.handle_timeout(&mut rand::thread_rng(), t));
                     }
-                    events.extend(mesh.flush_receipts(&mut OsRng, t));
+                    events.extend(mesh.flush_receipts(&mut rand::thread_rng(), t));
                     events
                 };
                 if !events.is_empty() {
@@ -1164,7 +1164,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
                 }
             }
             _ = retransmit.tick() => {
-                let events = lock(&inner.mesh).retransmit(&mut OsRng, now(), inner.config.retransmit_after.as_millis() as u64);
+                let events = lock(&inner.mesh).retransmit(&mut rand::thread_rng(), now(), inner.config.retransmit_after.as_millis() as u64);
                 inner.process(events);
             }
             _ = inner.shutdown.notified() => {
