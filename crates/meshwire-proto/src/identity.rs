@@ -1,7 +1,7 @@
 //! Agent identity: an Ed25519 key, the X25519 key derived from it, and the DID.
 
 use crate::keys::{Ed25519PublicKey, KeyPair, X25519PublicKey, X25519Secret};
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use rand_core::CryptoRngCore;
 use sha2::{Digest, Sha256, Sha512};
 use std::fmt;
@@ -177,7 +177,7 @@ pub fn verify_signature(key: &Ed25519PublicKey, message: &[u8], signature: &[u8]
         .try_into()
         .map_err(|_| SignatureError::InvalidLength(signature.len()))?;
     let key = VerifyingKey::from_bytes(key.as_bytes()).map_err(|_| SignatureError::InvalidKey)?;
-    key.verify(message, &ed25519_dalek::Signature::from_bytes(&signature))
+    key.verify_strict(message, &ed25519_dalek::Signature::from_bytes(&signature))
         .map_err(|_| SignatureError::Mismatch)
 }
 
