@@ -15,12 +15,13 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+mod support;
 
 const FIXED_TS: &str = "2026-11-21T12:00:00.000Z";
 
@@ -166,103 +167,19 @@ fn builders_percent_encode_and_reject_unknown_otk_ids() {
 
 // ── The real AGT registry ──────────────────────────────────────────────
 
-fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// The AGT venv's python, installed on first use; None (skip) only outside
-/// CI when python3 is missing.
-fn agt_python() -> Option<PathBuf> {
-    let has_python = Command::new("python3")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_python {
-        assert!(!in_ci(), "python3 is required under CI");
-        eprintln!("skipping: python3 is not available");
-        return None;
-    }
-    let setup = repo().join("interop/python/setup_venv.sh");
-    let output = Command::new("bash").arg(&setup).output().unwrap();
-    assert!(
-        output.status.success(),
-        "setup_venv.sh failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let venv = String::from_utf8(output.stdout).unwrap().trim().to_owned();
-    Some(Path::new(&venv).join("bin/python"))
-}
-
 /// A running `python -m agentmesh.registry`, killed on drop.
 struct AgtRegistry {
-    child: Child,
+    /// Kept for its drop, which stops the process.
+    _process: support::AgtProcess,
     url: String,
-    log: PathBuf,
-}
-
-impl Drop for AgtRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_file(&self.log);
-        }
-    }
 }
 
 impl AgtRegistry {
     async fn start() -> Option<Self> {
-        let python = agt_python()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("agt-registry-{port}.log"));
-        let child = Command::new(&python)
-            .args(["-m", "agentmesh.registry", "--host", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .args(["--log-level", "warning"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut server = Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("registry exited with {status}:\n{}", server.log_text());
-            }
-            if let Ok(r) = http.get(format!("{}/health", server.url)).send().await {
-                if r.status().is_success() {
-                    let body: Value = r.json().await.unwrap();
-                    assert_eq!(body["service"], "agentmesh-registry");
-                    return Some(server);
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "registry did not start:\n{}",
-                server.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let python = support::agt_python()?;
+        let process = support::AgtProcess::start(&python, "registry", support::free_port(), &[]).await;
+        let url = format!("http://127.0.0.1:{}", process.port);
+        Some(Self { _process: process, url })
     }
 
     fn client(&self) -> RegistryClient {
