@@ -1080,7 +1080,11 @@ async fn drive(inner: &Arc<Inner>, mut socket: Socket, reconnect: bool) -> Ended
     if reconnect {
         // The relay may have lost what it held (AGT keeps it in memory):
         // resend what receipt-capable peers have not confirmed.
-        let events = lock(&inner.mesh).retransmit(&mut rand::thread_rng(), now(), inner.config.retransmit_after.as_millis() as u64);
+        let events = lock(&inner.mesh).retransmit(
+            &mut rand::thread_rng(),
+            now(),
+            inner.config.retransmit_after.as_millis() as u64,
+        );
         inner.process(events);
     }
     let registry_heartbeat = {
