@@ -452,8 +452,9 @@ async def main() -> int:
     for c in cells:
         if (c.sender, c.receiver) not in pairs:
             pairs.append((c.sender, c.receiver))
-    width = max(len(f"{s} -> {r}") for s, r in pairs) + 2
-    print("pair".ljust(width) + "".join(col.ljust(26) for col in columns))
+    width = max((len(f"{s} -> {r}") for s, r in pairs), default=4) + 2
+    if pairs:
+        print("pair".ljust(width) + "".join(col.ljust(26) for col in columns))
     for s, r in pairs:
         row = f"{s} -> {r}".ljust(width)
         for col in columns:
@@ -486,8 +487,10 @@ async def main() -> int:
     failed = sum(1 for c in cells if c.status == "fail")
     na = sum(1 for c in cells if c.status == "n/a")
     print(f"\ntable written to {out}; {na} cells not applicable")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    if cells:
+        print(f"{passed} passed, {failed} failed")
+    failed_figures = sum(1 for f in figures if "error" in f)
+    return 1 if failed or failed_figures else 0
 
 
 if __name__ == "__main__":
