@@ -27,7 +27,10 @@ class Peer:
     def __init__(self) -> None:
         self.client: meshwire.MeshClient | None = None
         self.settings: dict | None = None
+        # Messages as they arrived, stamped on arrival by a background task.
         self.received: list[dict] = []
+        self.arrived = asyncio.Event()
+        self.collector: asyncio.Task | None = None
         self.store_dir = tempfile.mkdtemp(prefix="meshwire-wheel-peer-")
 
     def message(self, m) -> dict:
@@ -45,7 +48,17 @@ class Peer:
             store_dir=s.get("state_dir") or self.store_dir,
         )
         await self.client.connect()
+        self.collector = asyncio.create_task(self.collect(self.client))
         return self.client.did
+
+    async def collect(self, client) -> None:
+        try:
+            while True:
+                message = await client.recv()
+                self.received.append(self.message(message))
+                self.arrived.set()
+        except (meshwire.ClosedError, asyncio.CancelledError):
+            pass
 
     def need(self) -> meshwire.MeshClient:
         if self.client is None:
@@ -71,28 +84,25 @@ class Peer:
             return {"sent": req.get("count", 1)}
         if cmd == "recv":
             count, deadline = req.get("count", 1), time.monotonic() + req.get("timeout_ms", 10000) / 1000
-            messages, self.received = self.received, []
-            client = self.need()
-            while len(messages) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+            self.need()
+            while len(self.received) < count and time.monotonic() < deadline:
+                self.arrived.clear()
                 try:
-                    messages.append(self.message(await client.recv(timeout=left)))
-                except meshwire.MeshTimeoutError:
+                    await asyncio.wait_for(self.arrived.wait(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
                     break
-            self.received = messages[count:]
-            return {"messages": messages[:count]}
+            messages, self.received = self.received[:count], self.received[count:]
+            return {"messages": messages}
         if cmd == "drain":
             messages, self.received = self.received, []
-            if self.client:
-                messages += [self.message(m) for m in self.client.drain()]
             return {"messages": messages}
         if cmd in ("disconnect", "close"):
             if self.client:
-                self.received += [self.message(m) for m in self.client.drain()]
                 await self.client.close()
                 self.client = None
+            if self.collector:
+                self.collector.cancel()
+                self.collector = None
             return {}
         if cmd == "reconnect":
             await self.join()

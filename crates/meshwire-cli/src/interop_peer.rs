@@ -3,7 +3,8 @@
 
 use meshwire::{ClientConfig, FileStore, Identity, MemoryStore, MeshClient, Message, SessionStore};
 use serde_json::{json, Value};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -12,7 +13,10 @@ struct Peer {
     identity_seed: Option<[u8; 32]>,
     config: Option<ClientConfig>,
     store: Arc<dyn SessionStore>,
-    received: Vec<Value>,
+    /// Messages as they arrived, stamped on arrival by a background task.
+    inbox: Arc<Mutex<Vec<Value>>>,
+    arrived: Arc<Notify>,
+    collector: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn now_us() -> u64 {
@@ -55,6 +59,15 @@ impl Peer {
             .await
             .map_err(|e| e.to_string())?;
         let did = client.did().to_owned();
+        let (collector, inbox, arrived) = (client.clone(), self.inbox.clone(), self.arrived.clone());
+        self.collector = Some(tokio::spawn(async move {
+            while let Some(m) = collector.recv().await {
+                if let Ok(mut inbox) = inbox.lock() {
+                    inbox.push(message_json(&m));
+                }
+                arrived.notify_one();
+            }
+        }));
         self.client = Some(client);
         Ok(did)
     }
@@ -103,33 +116,31 @@ impl Peer {
             }
             "recv" => {
                 let count = request.get("count").and_then(Value::as_u64).unwrap_or(1) as usize;
-                let timeout =
-                    Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(10_000));
+                let timeout = Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(10_000));
                 let deadline = tokio::time::Instant::now() + timeout;
-                let client = self.client()?.clone();
-                let mut messages: Vec<Value> = std::mem::take(&mut self.received);
-                while messages.len() < count {
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    match client.recv_timeout(left).await {
-                        Ok(m) => messages.push(message_json(&m)),
-                        Err(_) => break,
+                loop {
+                    let notified = self.arrived.notified();
+                    let have = self.inbox.lock().map(|i| i.len()).unwrap_or(0);
+                    if have >= count || tokio::time::Instant::now() >= deadline {
+                        break;
                     }
+                    let _ = tokio::time::timeout_at(deadline, notified).await;
                 }
-                let rest = messages.split_off(messages.len().min(count));
-                self.received = rest;
+                let mut inbox = self.inbox.lock().map_err(|_| "inbox poisoned")?;
+                let take = inbox.len().min(count);
+                let messages: Vec<Value> = inbox.drain(..take).collect();
                 Ok(json!({"messages": messages}))
             }
             "drain" => {
-                let mut messages = std::mem::take(&mut self.received);
-                if let Some(client) = &self.client {
-                    messages.extend(client.drain().iter().map(message_json));
-                }
+                let messages: Vec<Value> = self.inbox.lock().map(|mut i| i.drain(..).collect()).unwrap_or_default();
                 Ok(json!({"messages": messages}))
             }
             "disconnect" => {
                 if let Some(client) = self.client.take() {
-                    self.received.extend(client.drain().iter().map(message_json));
                     client.close().await;
+                }
+                if let Some(collector) = self.collector.take() {
+                    let _ = collector.await;
                 }
                 Ok(json!({}))
             }
@@ -155,7 +166,9 @@ pub async fn run() -> std::io::Result<()> {
         identity_seed: None,
         config: None,
         store: Arc::new(MemoryStore::new()),
-        received: Vec::new(),
+        inbox: Arc::new(Mutex::new(Vec::new())),
+        arrived: Arc::new(Notify::new()),
+        collector: None,
     };
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = tokio::io::stdout();
