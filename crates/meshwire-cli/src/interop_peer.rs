@@ -4,9 +4,9 @@
 use meshwire::{ClientConfig, FileStore, Identity, MemoryStore, MeshClient, Message, SessionStore};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::Notify;
 
 struct Peer {
     client: Option<MeshClient>,
@@ -116,7 +116,8 @@ impl Peer {
             }
             "recv" => {
                 let count = request.get("count").and_then(Value::as_u64).unwrap_or(1) as usize;
-                let timeout = Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(10_000));
+                let timeout =
+                    Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(10_000));
                 let deadline = tokio::time::Instant::now() + timeout;
                 loop {
                     let notified = self.arrived.notified();

@@ -34,6 +34,9 @@ pub const META_RECEIPTS: &str = "meshwire_receipts";
 /// Registry metadata key of the display name (as the TypeScript client).
 pub const META_DISPLAY_NAME: &str = "display_name";
 
+/// Longest time a state change waits before it is saved to the store.
+pub const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Relay close code: another connection took over this DID.
 pub const CLOSE_TAKEOVER: u16 = 4006;
 /// Relay close code: the connect proof was rejected.
@@ -308,6 +311,7 @@ struct Inner {
     closed: AtomicBool,
     shutdown: Notify,
     consumed_since_upload: AtomicU64,
+    dirty: AtomicBool,
     replenishing: AtomicBool,
     published: Mutex<usize>,
 }
@@ -353,7 +357,25 @@ impl Inner {
         self.outgoing_notify.notify_one();
     }
 
+    /// Marks the state for saving; the persister task saves it within
+    /// [`PERSIST_INTERVAL`], and [`MeshClient::close`] saves it at once.
+    /// Saving after every message would re-serialize every session and
+    /// the receipt bookkeeping per message. A crash loses at most that
+    /// interval of ratchet progress: the peer's later messages still
+    /// decrypt (the receiving chains only move forward), and a message we
+    /// encrypt again with an old number is rejected by the peer as a
+    /// duplicate rather than weakening anything (nonces are random).
     fn persist(&self) {
+        if self.store.is_some() {
+            self.dirty.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Saves the state now if it changed since the last save.
+    fn flush_state(&self) {
+        if !self.dirty.swap(false, Ordering::SeqCst) {
+            return;
+        }
         if let Some(store) = &self.store {
             let state = lock(&self.mesh).export_state();
             if let Err(e) = store.save(&self.did, &state) {
@@ -366,8 +388,7 @@ impl Inner {
         }
     }
 
-    /// Applies state-machine events: persist first, then transmit, so a
-    /// crash cannot lose a ratchet step that a peer already saw.
+    /// Applies state-machine events.
     fn process(self: &Arc<Self>, events: Vec<Event>) {
         let mut transmit = Vec::new();
         let mut changed = false;
@@ -679,6 +700,7 @@ impl MeshClient {
             closed: AtomicBool::new(false),
             shutdown: Notify::new(),
             consumed_since_upload: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
             replenishing: AtomicBool::new(false),
             published: Mutex::new(0),
         });
@@ -704,6 +726,19 @@ impl MeshClient {
         }
 
         let task = tokio::spawn(run_connection(inner.clone()));
+        if inner.store.is_some() {
+            let persister = Arc::downgrade(&inner);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(PERSIST_INTERVAL).await;
+                    let Some(inner) = persister.upgrade() else { return };
+                    inner.flush_state();
+                    if inner.closed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
+            });
+        }
         let client = Self {
             inner: inner.clone(),
             events: Arc::new(tokio::sync::Mutex::new(events_rx)),
@@ -974,6 +1009,7 @@ impl MeshClient {
             return;
         }
         self.inner.persist();
+        self.inner.flush_state();
         self.inner.shutdown.notify_one();
         self.inner.inbox_notify.notify_waiters();
         let task = lock(&self.task).take();
