@@ -10,42 +10,14 @@
 
 #[path = "../../../fuzz/checks.rs"]
 mod checks;
+#[path = "../../../fuzz/corpus_walk.rs"]
+mod corpus_walk;
 
+use corpus_walk::{corpus_dir, replay};
 use meshwire_proto::encoding::b64_std;
 use meshwire_proto::{
     DoubleRatchet, Header, Identity, KdfDialect, KeyPair, PreKeys, SecureChannel, SharedSecret, X25519Secret,
 };
-use std::path::{Path, PathBuf};
-
-fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
-        .join(target)
-}
-
-/// Runs `check` on every file of the target's corpus; returns how many.
-fn replay(target: &str, check: fn(&[u8])) -> usize {
-    let dir = corpus_dir(target);
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("corpus {} is missing: {e}", dir.display()));
-    let mut files: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
-    files.sort();
-    assert!(
-        !files.is_empty(),
-        "corpus {} is empty: it would check nothing",
-        dir.display()
-    );
-    for file in &files {
-        let data = std::fs::read(file).unwrap();
-        if std::panic::catch_unwind(|| check(&data)).is_err() {
-            panic!(
-                "{target}: corpus file {} fails its check (message above)",
-                file.display()
-            );
-        }
-    }
-    println!("{target}: {} corpus files checked", files.len());
-    files.len()
-}
 
 #[test]
 fn header_corpus() {

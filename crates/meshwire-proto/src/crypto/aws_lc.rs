@@ -9,35 +9,6 @@ pub struct AwsLc;
 impl CryptoProvider for AwsLc {
     const NAME: &'static str = "aws-lc-rs";
 
-    fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        let Ok(private) = agreement::PrivateKey::from_private_key(&agreement::X25519, secret) else {
-            return out;
-        };
-        let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, public);
-        // AWS-LC refuses low-order points; an all-zero result reports that to
-        // the caller exactly as the raw function would.
-        let _ = agreement::agree(&private, peer, (), |shared| {
-            if shared.len() == 32 {
-                out.copy_from_slice(shared);
-            }
-            Ok(())
-        });
-        out
-    }
-
-    fn x25519_base(secret: &[u8; 32]) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        if let Ok(private) = agreement::PrivateKey::from_private_key(&agreement::X25519, secret) {
-            if let Ok(public) = private.compute_public_key() {
-                if public.as_ref().len() == 32 {
-                    out.copy_from_slice(public.as_ref());
-                }
-            }
-        }
-        out
-    }
-
     type PreparedSecret = Option<agreement::PrivateKey>;
 
     fn prepare(secret: &[u8; 32]) -> Self::PreparedSecret {

@@ -36,13 +36,6 @@ pub trait CryptoProvider {
     /// Human-readable provider name, reported by benchmarks and the CLI.
     const NAME: &'static str;
 
-    /// Raw X25519 (RFC 7748): clamps `secret`, multiplies `public`. The result
-    /// may be all zeros for low-order points; callers reject that.
-    fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32];
-
-    /// X25519 with the base point: the public key of `secret`.
-    fn x25519_base(secret: &[u8; 32]) -> [u8; 32];
-
     /// A private key parsed once for repeated Diffie-Hellman (aws-lc keeps
     /// the key object and its public half; re-parsing costs a base-point
     /// multiplication per operation).
@@ -56,6 +49,17 @@ pub trait CryptoProvider {
 
     /// X25519 with a prepared secret; all zeros for low-order points.
     fn prepared_x25519(secret: &Self::PreparedSecret, public: &[u8; 32]) -> [u8; 32];
+
+    /// Raw X25519 (RFC 7748): clamps `secret`, multiplies `public`. The result
+    /// may be all zeros for low-order points; callers reject that.
+    fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
+        Self::prepared_x25519(&Self::prepare(secret), public)
+    }
+
+    /// X25519 with the base point: the public key of `secret`.
+    fn x25519_base(secret: &[u8; 32]) -> [u8; 32] {
+        Self::prepared_public(&Self::prepare(secret))
+    }
 
     /// HKDF-SHA256 extract-and-expand into `out` (at most 255 * 32 bytes).
     fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]);

@@ -34,23 +34,14 @@ pub struct RustCrypto;
 impl CryptoProvider for RustCrypto {
     const NAME: &'static str = "rustcrypto";
 
-    fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
-        x25519_dalek::x25519(*secret, *public)
-    }
-
-    fn x25519_base(secret: &[u8; 32]) -> [u8; 32] {
-        // StaticSecret -> PublicKey uses the precomputed Edwards base-point
-        // table, several times faster than a ladder with the base point.
-        let secret = x25519_dalek::StaticSecret::from(*secret);
-        x25519_dalek::PublicKey::from(&secret).to_bytes()
-    }
-
     type PreparedSecret = x25519_dalek::StaticSecret;
 
     fn prepare(secret: &[u8; 32]) -> Self::PreparedSecret {
         x25519_dalek::StaticSecret::from(*secret)
     }
 
+    // StaticSecret -> PublicKey uses the precomputed Edwards base-point
+    // table, several times faster than a ladder with the base point.
     fn prepared_public(secret: &Self::PreparedSecret) -> [u8; 32] {
         x25519_dalek::PublicKey::from(secret).to_bytes()
     }

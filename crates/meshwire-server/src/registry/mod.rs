@@ -180,14 +180,19 @@ async fn register(State(shared): Ctx, body: Result<Bytes, BytesRejection>) -> Ap
     );
     drop(agents);
     tracing::info!(%did, "registered agent");
-    Ok((
+    Ok(registered(did))
+}
+
+/// `201 {"did", "status": "registered"}`.
+fn registered(did: String) -> Response {
+    (
         StatusCode::CREATED,
         Json(Registered {
             did,
             status: "registered",
         }),
     )
-        .into_response())
+        .into_response()
 }
 
 /// npm SDK 4.0.0: `{did, public_key (X25519), capabilities, metadata}`,
@@ -219,14 +224,7 @@ fn legacy_register(shared: &Shared, object: &crate::http::RawObject) -> ApiResul
     );
     drop(agents);
     tracing::warn!(%did, "registered agent WITHOUT proof of possession (legacy compat mode)");
-    Ok((
-        StatusCode::CREATED,
-        Json(Registered {
-            did,
-            status: "registered",
-        }),
-    )
-        .into_response())
+    Ok(registered(did))
 }
 
 #[derive(Serialize)]
