@@ -6,7 +6,9 @@
 #   bash crates/meshwire-py/ci.sh
 #
 # Environment: CARGO_TARGET_DIR (default <repo>/target), MESHWIRE_PY_VENV
-# (default $CARGO_TARGET_DIR/py-ci-venv), BENCH_SECONDS (default 3).
+# (default $CARGO_TARGET_DIR/py-ci-venv), MESHWIRE_PY_WHEELS (where the wheel is
+# built, default $CARGO_TARGET_DIR/wheels; separate ones let two runs share a
+# target dir), BENCH_SECONDS (default 3).
 # Needs python3 (>= 3.9, with venv) and the registries (PyPI, crates.io).
 set -euo pipefail
 
@@ -16,7 +18,7 @@ cd "$repo"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 venv="${MESHWIRE_PY_VENV:-$CARGO_TARGET_DIR/py-ci-venv}"
-wheels="$CARGO_TARGET_DIR/wheels"
+wheels="${MESHWIRE_PY_WHEELS:-$CARGO_TARGET_DIR/wheels}"
 pip_flags=(--disable-pip-version-check --no-input -q)
 
 step() { printf '\n== %s\n' "$*"; }
@@ -44,7 +46,7 @@ echo "$wheel"
 "$py" - "$wheel" <<'PY'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-for needed in ("meshwire/__init__.pyi", "meshwire/py.typed", "meshwire/__init__.py"):
+for needed in ("meshwire/__init__.pyi", "meshwire/py.typed", "meshwire/__init__.py", "meshwire/sync.py"):
     assert needed in names, f"{needed} missing from the wheel: {sorted(names)}"
 assert any(n.startswith("meshwire/meshwire") and n.endswith(".so") for n in names), sorted(names)
 print("wheel contents ok:", ", ".join(sorted(n for n in names if n.startswith("meshwire/"))))

@@ -6,5 +6,8 @@
 #[path = "../checks.rs"]
 pub mod checks;
 
+#[path = "../knock_checks.rs"]
+pub mod knock_checks;
+
 #[path = "../vector_checks.rs"]
 pub mod vector_checks;

@@ -105,7 +105,7 @@ impl Peer {
                 let size = request.get("payload_bytes").and_then(Value::as_u64).unwrap_or(256) as usize;
                 let interval = Duration::from_millis(request.get("interval_ms").and_then(Value::as_u64).unwrap_or(0));
                 let client = self.client()?.clone();
-                let mut tick = tokio::time::interval(interval.max(Duration::from_micros(1)));
+                let mut tick = tokio::time::interval(meshwire::client::saturating_period(interval));
                 for seq in 0..count {
                     if !interval.is_zero() {
                         tick.tick().await;
@@ -118,7 +118,8 @@ impl Peer {
                 let count = request.get("count").and_then(Value::as_u64).unwrap_or(1) as usize;
                 let timeout =
                     Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(10_000));
-                let deadline = tokio::time::Instant::now() + timeout;
+                // Saturates: a huge `timeout_ms` on stdin must not panic.
+                let deadline = meshwire::client::deadline_after(timeout);
                 loop {
                     let notified = self.arrived.notified();
                     let have = self.inbox.lock().map(|i| i.len()).unwrap_or(0);

@@ -1,8 +1,8 @@
 //! The secure channel: X3DH plus a Double Ratchet bound to both agents' DIDs.
 
 use crate::identity::{Did, Identity};
-use crate::keys::X25519PublicKey;
-use crate::prekeys::{PreKeyBundle, PreKeys};
+use crate::keys::{KeyPair, X25519PublicKey};
+use crate::prekeys::{PreKeyBundle, PreKeys, SignedPreKey};
 use crate::ratchet::{DecryptError, DoubleRatchet, EncryptError, EncryptedMessage};
 use crate::x3dh::{self, KdfDialect, X3dhError};
 use rand_core::CryptoRngCore;
@@ -15,8 +15,10 @@ pub type Establishment = x3dh::Initiation;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AcceptError {
     #[error(transparent)]
+    /// The X3DH step failed.
     X3dh(#[from] X3dhError),
     #[error("first message: {0}")]
+    /// The first message did not decrypt.
     Decrypt(#[from] DecryptError),
 }
 
@@ -28,6 +30,16 @@ pub fn mesh_associated_data(initiator: &Did, responder: &Did, x3dh_associated_da
     ad.extend_from_slice(responder.as_str().as_bytes());
     ad.extend_from_slice(x3dh_associated_data);
     ad
+}
+
+/// Checks that the establishment's X25519 identity key is `initiator`'s.
+fn check_initiator(initiator: &Did, establishment: &Establishment) -> Result<(), X3dhError> {
+    crate::binding::check_x25519_identity(initiator, &establishment.identity_key)
+        .map(drop)
+        .map_err(|reason| X3dhError::NotTheInitiatorsKey {
+            did: initiator.to_string(),
+            reason,
+        })
 }
 
 /// An end-to-end encrypted session with one peer.
@@ -51,7 +63,9 @@ impl fmt::Debug for SecureChannel {
 }
 
 impl SecureChannel {
-    /// Opens a session to the owner of `bundle`: verifies the bundle, runs
+    /// Opens a session to `responder` from its `bundle`: checks that the
+    /// bundle's identity keys are `responder`'s (see [`crate::binding`]) and
+    /// that its signed pre-key verifies under them, runs
     /// X3DH (the ephemeral key is 32 bytes of `rng`), then draws the first
     /// ratchet key (32 more). Send the [`Establishment`] with the first
     /// message.
@@ -62,7 +76,11 @@ impl SecureChannel {
         bundle: &PreKeyBundle,
         dialect: KdfDialect,
     ) -> Result<(Self, Establishment), X3dhError> {
-        let (x3dh, establishment) = x3dh::initiate(rng, identity, bundle, dialect)?;
+        // The bundle must speak for `responder`: a bundle of another
+        // identity's keys would hand the session to whoever holds them.
+        bundle.verify_for(responder)?;
+        let ephemeral = KeyPair::generate(rng);
+        let (x3dh, establishment) = x3dh::initiate_with_ephemeral(identity, bundle, &ephemeral, dialect)?;
         let ratchet = DoubleRatchet::init_sender(rng, &x3dh.shared_secret, &bundle.signed_pre_key)?;
         let associated_data = mesh_associated_data(identity.did(), responder, &x3dh.associated_data);
         Ok((
@@ -89,8 +107,21 @@ impl SecureChannel {
         first_message: &EncryptedMessage,
         dialect: KdfDialect,
     ) -> Result<(Self, Vec<u8>), AcceptError> {
-        let mut channel = Self::respond(identity, prekeys, initiator, establishment, dialect)?;
-        let plaintext = channel.decrypt(rng, first_message)?;
+        check_initiator(initiator, establishment)?;
+        // An establishment does not name the signed pre-key it used: after a
+        // rotation, the previous one (kept for a grace period) is tried too.
+        let mut result = Err(AcceptError::Decrypt(DecryptError::AuthenticationFailed));
+        for spk in std::iter::once(prekeys.signed_pre_key()).chain(prekeys.previous_signed_pre_key()) {
+            let mut channel = Self::respond_unchecked(identity, spk, prekeys, initiator, establishment, dialect)?;
+            match channel.decrypt(rng, first_message) {
+                Ok(plaintext) => {
+                    result = Ok((channel, plaintext));
+                    break;
+                }
+                Err(e) => result = Err(AcceptError::Decrypt(e)),
+            }
+        }
+        let (channel, plaintext) = result?;
         if let Some(id) = establishment.one_time_key_id {
             // respond() found the key, so it is there to remove.
             let _ = prekeys.remove_one_time_key(id);
@@ -109,8 +140,27 @@ impl SecureChannel {
         establishment: &Establishment,
         dialect: KdfDialect,
     ) -> Result<Self, X3dhError> {
-        let x3dh = x3dh::respond(identity, prekeys, establishment, dialect)?;
-        let ratchet = DoubleRatchet::init_receiver(&x3dh.shared_secret, prekeys.signed_pre_key().pair.clone());
+        check_initiator(initiator, establishment)?;
+        Self::respond_unchecked(
+            identity,
+            prekeys.signed_pre_key(),
+            prekeys,
+            initiator,
+            establishment,
+            dialect,
+        )
+    }
+
+    fn respond_unchecked(
+        identity: &Identity,
+        spk: &SignedPreKey,
+        prekeys: &PreKeys,
+        initiator: &Did,
+        establishment: &Establishment,
+        dialect: KdfDialect,
+    ) -> Result<Self, X3dhError> {
+        let x3dh = x3dh::respond_with(identity, spk, prekeys, establishment, dialect)?;
+        let ratchet = DoubleRatchet::init_receiver(&x3dh.shared_secret, spk.pair.clone());
         let associated_data = mesh_associated_data(initiator, identity.did(), &x3dh.associated_data);
         Ok(Self::from_parts(
             ratchet,
@@ -155,6 +205,7 @@ impl SecureChannel {
         self.ratchet.decrypt(rng, message, &self.associated_data)
     }
 
+    /// The Double Ratchet underneath.
     pub fn ratchet(&self) -> &DoubleRatchet {
         &self.ratchet
     }
@@ -164,14 +215,17 @@ impl SecureChannel {
         &self.associated_data
     }
 
+    /// Our X25519 identity key.
     pub fn local_identity_key(&self) -> &X25519PublicKey {
         &self.local_identity_key
     }
 
+    /// The peer's X25519 identity key.
     pub fn remote_identity_key(&self) -> &X25519PublicKey {
         &self.remote_identity_key
     }
 
+    /// The X3DH KDF dialect the session was agreed in.
     pub fn dialect(&self) -> KdfDialect {
         self.dialect
     }
@@ -281,6 +335,8 @@ mod tests {
         assert_eq!(&ad[prefix.len()..prefix.len() + 32], p.alice.x25519_public().as_bytes());
         assert_eq!(&ad[prefix.len() + 32..], p.bob.x25519_public().as_bytes());
         let first = alice_ch.encrypt(&mut OsRng, b"hi").unwrap();
+        // Claiming another DID for Alice's establishment is refused before
+        // any DH: her identity key does not belong to it.
         let impostor = Did::parse("did:mesh:impostor").unwrap();
         let err = SecureChannel::accept(
             &mut OsRng,
@@ -292,7 +348,145 @@ mod tests {
             KdfDialect::Spec,
         )
         .unwrap_err();
-        assert_eq!(err, AcceptError::Decrypt(DecryptError::AuthenticationFailed));
+        assert!(matches!(
+            err,
+            AcceptError::X3dh(X3dhError::NotTheInitiatorsKey {
+                reason: crate::BindingError::DidMismatch,
+                ..
+            })
+        ));
+        assert!(p.bob_keys.one_time_key(1).is_some(), "the one-time key is not burnt");
+    }
+
+    #[test]
+    fn a_bundle_of_another_identity_is_refused_by_the_initiator() {
+        // The attack: whoever writes the registry serves Mallory's own,
+        // validly signed bundle for Bob's DID; Alice must not open a session
+        // that Mallory can read.
+        let p = parties();
+        let mallory = Identity::generate(&mut OsRng);
+        let mut mallory_keys = PreKeys::generate(&mut OsRng, &mallory);
+        let otk = mallory_keys.generate_one_time_keys(&mut OsRng, 1).unwrap()[0];
+        let forged = mallory_keys.bundle(&mallory, Some(otk));
+        let err = SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &forged, KdfDialect::Spec).unwrap_err();
+        assert!(matches!(
+            err,
+            X3dhError::Bundle(crate::BundleError::NotTheDidsKeys {
+                reason: crate::BindingError::DidMismatch,
+                ..
+            })
+        ));
+        // Bob's signing key with Mallory's X25519 identity key and signed
+        // pre-key (signature made by... nobody: it cannot verify either).
+        let mut mixed = p.bundle.clone();
+        mixed.identity_key = *mallory.x25519_public();
+        let err = SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &mixed, KdfDialect::Spec).unwrap_err();
+        assert!(matches!(
+            err,
+            X3dhError::Bundle(crate::BundleError::NotTheDidsKeys {
+                reason: crate::BindingError::IdentityKeyMismatch,
+                ..
+            })
+        ));
+        SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::Spec).unwrap();
+    }
+
+    #[test]
+    fn a_knock_of_another_identity_is_refused_by_the_responder() {
+        // The attack: Mallory runs X3DH with her own identity key but claims
+        // Alice's DID, hoping Bob files the session under Alice.
+        let mut p = parties();
+        let mallory = Identity::generate(&mut OsRng);
+        let (mut ch, est) =
+            SecureChannel::initiate(&mut OsRng, &mallory, p.bob.did(), &p.bundle, KdfDialect::Spec).unwrap();
+        let first = ch.encrypt(&mut OsRng, b"I am alice").unwrap();
+        let err = SecureChannel::accept(
+            &mut OsRng,
+            &p.bob,
+            &mut p.bob_keys,
+            p.alice.did(),
+            &est,
+            &first,
+            KdfDialect::Spec,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            AcceptError::X3dh(X3dhError::NotTheInitiatorsKey {
+                reason: crate::BindingError::DidMismatch,
+                ..
+            })
+        ));
+        assert!(p.bob_keys.one_time_key(1).is_some());
+        assert!(SecureChannel::respond(&p.bob, &p.bob_keys, p.alice.did(), &est, KdfDialect::Spec).is_err());
+        // Under her own DID, the same establishment is fine.
+        SecureChannel::accept(
+            &mut OsRng,
+            &p.bob,
+            &mut p.bob_keys,
+            mallory.did(),
+            &est,
+            &first,
+            KdfDialect::Spec,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn sessions_from_a_bundle_fetched_before_a_rotation_still_establish() {
+        let mut p = parties();
+        let (mut old_ch, old_est) =
+            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &p.bundle, KdfDialect::Spec).unwrap();
+        let old_first = old_ch.encrypt(&mut OsRng, b"old").unwrap();
+        p.bob_keys.rotate_signed_pre_key(&mut OsRng, &p.bob, 1_000);
+        let new_bundle = p.bob_keys.bundle(&p.bob, Some(2));
+        let (mut new_ch, new_est) =
+            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &new_bundle, KdfDialect::Spec).unwrap();
+        let new_first = new_ch.encrypt(&mut OsRng, b"new").unwrap();
+        let (_, text) = SecureChannel::accept(
+            &mut OsRng,
+            &p.bob,
+            &mut p.bob_keys,
+            p.alice.did(),
+            &new_est,
+            &new_first,
+            KdfDialect::Spec,
+        )
+        .unwrap();
+        assert_eq!(text, b"new");
+        let (mut bob_ch, text) = SecureChannel::accept(
+            &mut OsRng,
+            &p.bob,
+            &mut p.bob_keys,
+            p.alice.did(),
+            &old_est,
+            &old_first,
+            KdfDialect::Spec,
+        )
+        .unwrap();
+        assert_eq!(text, b"old");
+        let reply = bob_ch.encrypt(&mut OsRng, b"reply").unwrap();
+        assert_eq!(old_ch.decrypt(&mut OsRng, &reply).unwrap(), b"reply");
+        // Once the previous key is forgotten, an old-bundle session fails.
+        assert!(p.bob_keys.forget_expired_signed_pre_key(u64::MAX, 1));
+        let mut old_bundle = p.bundle.clone();
+        old_bundle.one_time_pre_key = None;
+        let (mut late, late_est) =
+            SecureChannel::initiate(&mut OsRng, &p.alice, p.bob.did(), &old_bundle, KdfDialect::Spec).unwrap();
+        let late_first = late.encrypt(&mut OsRng, b"late").unwrap();
+        assert_eq!(
+            SecureChannel::accept(
+                &mut OsRng,
+                &p.bob,
+                &mut p.bob_keys,
+                p.alice.did(),
+                &late_est,
+                &late_first,
+                KdfDialect::Spec,
+            )
+            .unwrap_err(),
+            AcceptError::Decrypt(DecryptError::AuthenticationFailed)
+        );
     }
 
     #[test]

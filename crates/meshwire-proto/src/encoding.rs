@@ -13,8 +13,10 @@ use base64::Engine;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("invalid base64")]
+    /// Not valid base64 (either alphabet, padded or not).
     Base64,
     #[error("invalid hex")]
+    /// Not valid hex.
     Hex,
 }
 

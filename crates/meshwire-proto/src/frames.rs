@@ -24,17 +24,33 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     #[error("frame of {size} bytes exceeds the {limit}-byte limit")]
-    TooLarge { size: usize, limit: usize },
+    /// The text is longer than the limit (it was not parsed).
+    TooLarge {
+        /// The size of the text, in bytes.
+        size: usize,
+        /// The limit, in bytes.
+        limit: usize,
+    },
     #[error("frame is not JSON: {0}")]
+    /// Not JSON (the parser says why).
     Json(String),
     #[error("frame is not a JSON object")]
+    /// JSON, but not an object.
     NotAnObject,
     #[error("frame has no \"type\"")]
+    /// No `type` field.
     MissingType,
     #[error("unsupported frame version {0}")]
+    /// A `v` this version does not speak.
     Version(String),
     #[error("field {field}: {reason}")]
-    Field { field: &'static str, reason: &'static str },
+    /// A field is missing or malformed.
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 fn field_error(field: &'static str, reason: &'static str) -> FrameError {
@@ -44,16 +60,34 @@ fn field_error(field: &'static str, reason: &'static str) -> FrameError {
 /// `connect`. The proof fields are absent in legacy (npm 4.0.0) frames.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ConnectFrame {
+    /// The frame version (`1`).
     pub v: u8,
     #[serde(rename = "type")]
+    /// The frame type (`type` on the wire).
     pub kind: &'static str,
+    /// The sender's DID.
     pub from: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The Ed25519 public key, standard base64 (absent for legacy clients).
     pub public_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The signed timestamp (ISO-8601).
     pub timestamp: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The Ed25519 signature of the timestamp, standard base64.
     pub signature: Option<String>,
+    /// meshwire extension: `"meshwire-challenge-v1"` when `signature` is a
+    /// challenge-bound proof (docs/specs/MESHWIRE-CHALLENGE-AUTH.md) rather
+    /// than a signature over `timestamp`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_scheme: Option<String>,
+    /// meshwire extension: the nonce of the relay's upgrade response.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// meshwire extension: the relay origin the proof is for
+    /// (`wss://relay.example.com`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
 }
 
 impl ConnectFrame {
@@ -66,7 +100,66 @@ impl ConnectFrame {
             public_key: Some(b64_std(identity.ed25519_public().as_bytes())),
             timestamp: Some(timestamp.to_owned()),
             signature: Some(b64_std(&identity.sign(timestamp.as_bytes()))),
+            auth_scheme: None,
+            nonce: None,
+            audience: None,
         }
+    }
+
+    /// With a challenge-bound proof (meshwire extension): the signature is
+    /// over [`crate::auth::challenge_message`] of (`audience`, `GET`,
+    /// `path`, `nonce`, the DID, an empty body), where `nonce` is the
+    /// relay's `x-meshwire-challenge` upgrade response header, `audience`
+    /// the relay URL's origin and `path` the upgrade request's target
+    /// (`/ws`). Only for relays that sent the header.
+    pub fn challenge(
+        identity: &Identity,
+        relay_url: &str,
+        path: &str,
+        nonce: &str,
+    ) -> Result<Self, crate::auth::ChallengeError> {
+        let audience = crate::auth::normalize_origin(relay_url)?;
+        let did = identity.did().to_string();
+        let signature = crate::auth::sign_challenge(
+            identity,
+            &crate::auth::ChallengeRequest {
+                audience: &audience,
+                method: "GET",
+                path,
+                nonce,
+                did: &did,
+                body: b"",
+            },
+        )?;
+        Ok(Self {
+            v: FRAME_VERSION,
+            kind: "connect",
+            from: did,
+            public_key: Some(b64_std(identity.ed25519_public().as_bytes())),
+            timestamp: None,
+            signature: Some(b64_std(&signature)),
+            auth_scheme: Some(crate::auth::CHALLENGE_AUTH_SCHEME.to_owned()),
+            nonce: Some(nonce.to_owned()),
+            audience: Some(audience),
+        })
+    }
+
+    /// [`ConnectFrame::challenge`] for the WebSocket URL the client
+    /// connected to (`wss://relay.example.com/ws`): the audience is its
+    /// origin and the path its path and query.
+    pub fn challenge_for_url(
+        identity: &Identity,
+        ws_url: &str,
+        nonce: &str,
+    ) -> Result<Self, crate::auth::ChallengeError> {
+        let after_scheme = ws_url.split_once("://").map_or(ws_url, |(_, rest)| rest);
+        let without_fragment = after_scheme.split('#').next().unwrap_or(after_scheme);
+        let path = match without_fragment.find(['/', '?']) {
+            Some(at) if without_fragment[at..].starts_with('/') => without_fragment[at..].to_owned(),
+            Some(at) => format!("/{}", &without_fragment[at..]),
+            None => "/".to_owned(),
+        };
+        Self::challenge(identity, ws_url, &path, nonce)
     }
 
     /// Without proof, as npm SDK 4.0.0 connects.
@@ -78,6 +171,9 @@ impl ConnectFrame {
             public_key: None,
             timestamp: None,
             signature: None,
+            auth_scheme: None,
+            nonce: None,
+            audience: None,
         }
     }
 }
@@ -85,17 +181,22 @@ impl ConnectFrame {
 /// `fetch_pending`: asks the relay for stored messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FetchPendingFrame {
+    /// The frame version (`1`).
     pub v: u8,
     #[serde(rename = "type")]
+    /// The frame type (`type` on the wire).
     pub kind: &'static str,
+    /// The sender's DID.
     pub from: String,
 }
 
 impl FetchPendingFrame {
+    /// The frame for `identity`'s DID.
     pub fn new(identity: &Identity) -> Self {
         Self::for_did(identity.did())
     }
 
+    /// The frame for `did`.
     pub fn for_did(did: &Did) -> Self {
         Self {
             v: FRAME_VERSION,
@@ -114,38 +215,56 @@ pub fn to_text<T: Serialize>(frame: &T) -> String {
 /// `knock`: asks to open a session, carrying the X3DH establishment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KnockFrame {
+    /// The sender's DID.
     pub from: String,
+    /// The recipient's DID.
     pub to: String,
+    /// The frame id (a UUID).
     pub id: String,
+    /// When it was sent (ISO-8601).
     pub ts: String,
+    /// What the sender wants (`{"action": ...}`; plaintext, unauthenticated).
     pub intent: Value,
+    /// The X3DH establishment `{ik, ek, otk}`, if the KNOCK opens a session.
     pub establishment: Option<Establishment>,
 }
 
 /// `knock_accept`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnockAcceptFrame {
+    /// The sender's DID.
     pub from: String,
+    /// The recipient's DID.
     pub to: String,
+    /// The frame id (a UUID).
     pub id: String,
+    /// The id of the KNOCK this answers.
     pub knock_id: String,
+    /// When it was sent (ISO-8601).
     pub ts: String,
 }
 
 /// `knock_reject`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnockRejectFrame {
+    /// The sender's DID.
     pub from: String,
+    /// The recipient's DID.
     pub to: String,
+    /// The frame id (a UUID).
     pub id: String,
+    /// The id of the KNOCK this answers.
     pub knock_id: String,
+    /// Why, if given.
     pub reason: Option<String>,
+    /// When it was sent (ISO-8601).
     pub ts: String,
 }
 
 /// What a `message` frame carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageBody {
+    /// A Double Ratchet message.
     Encrypted(EncryptedMessage),
     /// Legacy plaintext peers: base64 of the JSON text, `plaintext: true`.
     Plaintext(Vec<u8>),
@@ -154,43 +273,66 @@ pub enum MessageBody {
 /// `message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageFrame {
+    /// The sender's DID.
     pub from: String,
+    /// The recipient's DID.
     pub to: String,
+    /// The frame id (a UUID).
     pub id: String,
+    /// When it was sent (ISO-8601).
     pub ts: String,
+    /// The encrypted or plaintext payload.
     pub body: MessageBody,
 }
 
 /// Every frame that crosses the relay socket.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
+    /// `connect`: the first frame of a connection, with the proof of possession.
     Connect(ConnectFrame),
+    /// `fetch_pending`: asks the relay for stored frames.
     FetchPending {
+        /// The sender's DID.
         from: String,
     },
+    /// `knock`.
     Knock(KnockFrame),
+    /// `knock_accept`.
     KnockAccept(KnockAcceptFrame),
+    /// `knock_reject`.
     KnockReject(KnockRejectFrame),
+    /// `message`.
     Message(MessageFrame),
+    /// `ack`: the recipient has the message with this id.
     Ack {
+        /// The frame id (a UUID).
         id: String,
     },
+    /// `heartbeat`: keeps the connection (and registry presence) alive.
     Heartbeat {
+        /// The sender's DID.
         from: Option<String>,
+        /// When it was sent (ISO-8601).
         ts: Option<String>,
     },
+    /// `disconnect`: the client leaves.
     Disconnect {
+        /// The sender's DID.
         from: Option<String>,
     },
+    /// `error`: the relay refused something.
     Error {
+        /// What the relay says went wrong.
         detail: String,
     },
     /// Stored messages replayed in one frame (`messages`: frames).
     PendingMessages {
+        /// The stored frames, oldest first.
         messages: Vec<Value>,
     },
     /// A type this version does not know: surfaced, not fatal.
     Unknown {
+        /// The frame type (`type` on the wire).
         kind: String,
     },
 }
@@ -415,6 +557,9 @@ impl Frame {
                 public_key: f.opt_string("public_key")?,
                 timestamp: f.opt_string("timestamp")?,
                 signature: f.opt_string("signature")?,
+                auth_scheme: f.opt_string("auth_scheme")?,
+                nonce: f.opt_string("nonce")?,
+                audience: f.opt_string("audience")?,
             }),
             "fetch_pending" => Frame::FetchPending {
                 from: f.string("from")?,

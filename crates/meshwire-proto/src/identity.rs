@@ -23,12 +23,16 @@ pub struct Did(String);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DidError {
     #[error("DID must start with \"did:mesh:\"")]
+    /// The text does not start with `did:mesh:`.
     WrongMethod,
     #[error("DID has an empty identifier")]
+    /// Nothing follows `did:mesh:`.
     Empty,
     #[error("DID identifier is longer than {MAX_DID_ID_LEN} characters")]
+    /// The identifier is longer than the limit.
     TooLong,
     #[error("DID identifier contains {0:?}")]
+    /// The identifier has a character outside `[A-Za-z0-9._-]`.
     InvalidCharacter(char),
 }
 
@@ -64,6 +68,7 @@ impl Did {
         *self == Self::from_public_key(key)
     }
 
+    /// The DID as text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -93,10 +98,13 @@ impl fmt::Debug for Did {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
     #[error("signature must be 64 bytes, got {0}")]
+    /// The signature is not 64 bytes (the length given).
     InvalidLength(usize),
     #[error("invalid Ed25519 public key")]
+    /// The public key is not a valid Ed25519 point.
     InvalidKey,
     #[error("signature does not verify")]
+    /// The signature does not verify.
     Mismatch,
 }
 
@@ -138,14 +146,17 @@ impl Identity {
         Zeroizing::new(self.signing.to_bytes())
     }
 
+    /// The DID this identity's key derives.
     pub fn did(&self) -> &Did {
         &self.did
     }
 
+    /// The Ed25519 public key.
     pub fn ed25519_public(&self) -> Ed25519PublicKey {
         Ed25519PublicKey::from_bytes(self.signing.verifying_key().to_bytes())
     }
 
+    /// The X25519 identity public key (the Ed25519 key's Montgomery image).
     pub fn x25519_public(&self) -> &X25519PublicKey {
         self.x25519.public()
     }

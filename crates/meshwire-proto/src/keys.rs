@@ -11,12 +11,21 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     #[error("expected {expected} bytes, got {actual}")]
-    InvalidLength { expected: usize, actual: usize },
+    /// The input had the wrong length.
+    InvalidLength {
+        /// The length required.
+        expected: usize,
+        /// The length given.
+        actual: usize,
+    },
     #[error("invalid encoding")]
+    /// Not valid text encoding.
     InvalidEncoding,
     #[error("Diffie-Hellman with a low-order public key")]
+    /// A Diffie-Hellman with a low-order point (all-zero output).
     NonContributory,
     #[error("invalid Ed25519 public key")]
+    /// Not a valid Ed25519 point.
     InvalidEd25519Key,
 }
 
@@ -248,10 +257,12 @@ impl KeyPair {
         Self { secret, public }
     }
 
+    /// The secret half (never printed).
     pub fn secret(&self) -> &X25519Secret {
         &self.secret
     }
 
+    /// The public half.
     pub fn public(&self) -> &X25519PublicKey {
         &self.public
     }

@@ -36,12 +36,14 @@
 //! assert_eq!(to_bob.decrypt(&mut OsRng, &reply).unwrap(), b"hi alice");
 //! ```
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 #![cfg_attr(
     test,
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)
 )]
 
 pub mod auth;
+pub mod binding;
 pub mod channel;
 pub mod crypto;
 pub mod encoding;
@@ -56,6 +58,7 @@ pub mod state;
 pub mod time;
 pub mod x3dh;
 
+pub use binding::BindingError;
 pub use channel::{AcceptError, Establishment, SecureChannel};
 pub use identity::{Did, DidError, Identity};
 pub use keys::{Ed25519PublicKey, KeyError, KeyPair, SharedSecret, X25519PublicKey, X25519Secret};

@@ -29,13 +29,11 @@ use crate::prekeys::{OneTimeKeyId, PreKeyBundle, PreKeys};
 use crate::ratchet::DecryptError;
 use crate::time::Timestamp;
 use crate::x3dh::{KdfDialect, X3dhError};
-use crate::StateError;
 use rand_core::{CryptoRngCore, OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
-use zeroize::Zeroizing;
 
 /// The reserved key of meshwire's own control messages inside the
 /// encrypted payload (never shown to the application).
@@ -61,6 +59,24 @@ pub struct MeshConfig {
     pub seen_ids_per_peer: usize,
     /// Peers allowed to send plaintext, until they are seen encrypted.
     pub plaintext_peers: BTreeSet<String>,
+    /// KNOCKs awaiting the policy's verdict at once, over all peers; more
+    /// are refused unasked (counted in [`MeshStats::knocks_refused`]).
+    pub max_pending_knocks: usize,
+    /// Peers with an established session; a KNOCK from a new peer beyond
+    /// this is rejected (`knock_reject` reason `capacity`), counted in
+    /// [`MeshStats::knocks_refused`]. Sessions the application opens are
+    /// not limited.
+    pub max_sessions: usize,
+    /// Messages per peer awaiting an end-to-end receipt; a send beyond it
+    /// fails with [`SendError::TooManyUnconfirmed`].
+    pub max_unconfirmed_per_peer: usize,
+    /// Payload bytes awaiting receipts, over all peers; a send beyond it
+    /// fails with [`SendError::TooManyUnconfirmed`].
+    pub max_unconfirmed_bytes: usize,
+    /// Receipts owed to one peer between two
+    /// [`Mesh::flush_receipts`]; the oldest are dropped beyond it (the
+    /// sender retransmits and gets a receipt for the copy).
+    pub max_receipts_due_per_peer: usize,
 }
 
 impl Default for MeshConfig {
@@ -74,12 +90,18 @@ impl Default for MeshConfig {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             seen_ids_per_peer: 4096,
             plaintext_peers: BTreeSet::new(),
+            max_pending_knocks: 100,
+            max_sessions: 10_000,
+            max_unconfirmed_per_peer: 1_000,
+            max_unconfirmed_bytes: 16 * 1024 * 1024,
+            max_receipts_due_per_peer: 1_000,
         }
     }
 }
 
 /// Where message, KNOCK and reply ids come from.
 pub trait IdSource: Send {
+    /// The next id: unique for the life of the agent.
     fn next_id(&mut self) -> String;
 }
 
@@ -121,20 +143,54 @@ pub enum ErrorKind {
     Plaintext,
     /// An `error` frame from the relay.
     Relay,
+    /// The peer reused message numbers: its session state looks restored
+    /// from an older copy (a backup or snapshot).
+    Rollback,
 }
 
 /// A problem, reported and survived.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshError {
+    /// What kind of problem.
     pub kind: ErrorKind,
+    /// The peer concerned, when known (unverified: from the frame).
     pub peer: Option<String>,
+    /// What happened, for people (untrusted parts are quoted).
     pub detail: String,
+}
+
+/// What a [`Mesh`] dropped or refused, since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeshStats {
+    /// Frames that could not be parsed, or were not addressed to us.
+    pub frames_rejected: u64,
+    /// Messages dropped from the pre-KNOCK buffers (full, too many peers,
+    /// or expired).
+    pub buffered_dropped: u64,
+    /// KNOCKs refused without asking the policy: identity key not the
+    /// sender's, too many awaiting a verdict, or too many sessions.
+    pub knocks_refused: u64,
+    /// KNOCKs replaced by a newer one from the same peer before a verdict.
+    pub knocks_superseded: u64,
+    /// Verdicts that named a KNOCK no longer awaiting one.
+    pub stale_verdicts: u64,
+    /// Sends refused because too much awaited receipts.
+    pub unconfirmed_refused: u64,
+    /// Receipts owed but dropped because too many were due.
+    pub receipts_dropped: u64,
+    /// Messages that did not decrypt.
+    pub decrypt_failures: u64,
+    /// Messages whose number was already used: the peer's state looked
+    /// restored from an older copy.
+    pub rollbacks_detected: u64,
 }
 
 /// A message for the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundMessage {
+    /// The sender's DID (authenticated by the session).
     pub from: String,
+    /// The message id.
     pub id: String,
     /// The decrypted payload: the UTF-8 JSON text the sender encrypted.
     pub payload: Vec<u8>,
@@ -153,34 +209,63 @@ pub enum Event {
     Message(InboundMessage),
     /// A peer knocks: call [`Mesh::decide_knock`] with the policy's verdict.
     KnockRequest {
+        /// The knocking peer's DID.
         from: String,
+        /// The KNOCK frame's id: pass it to [`Mesh::decide_knock`].
         knock_id: String,
+        /// What the peer says it wants (plaintext, unauthenticated).
         intent: Value,
     },
+    /// The peer accepted our KNOCK.
     KnockAccepted {
+        /// The peer.
         from: String,
     },
+    /// The peer rejected our latest KNOCK; the session opened for it is gone.
     KnockRejected {
+        /// The peer.
         from: String,
+        /// Its reason, if it gave one.
         reason: Option<String>,
     },
     /// The first message of an inbound session decrypted.
     SessionEstablished {
+        /// The peer.
         peer: String,
     },
     /// An accepted re-KNOCK's session took over from the old one.
     SessionReplaced {
+        /// The peer.
         peer: String,
     },
     /// A one-time pre-key was used up (persist the pre-keys, maybe replenish).
     OneTimeKeyConsumed {
+        /// The consumed key's id.
         id: OneTimeKeyId,
+    },
+    /// The peer's session state looks restored from an older copy: open a
+    /// new session with [`Mesh::resync`] (fetch its bundle first). Emitted at
+    /// most once per peer every 30 s, and only for receipt-capable peers.
+    ResyncNeeded {
+        /// The peer.
+        peer: String,
+    },
+    /// Close the relay socket with this code and reason (after transmitting
+    /// every frame before this event).
+    Close {
+        /// The WebSocket close code.
+        code: u16,
+        /// The close reason.
+        reason: String,
     },
     /// The peer confirmed these messages end to end.
     Delivered {
+        /// The peer.
         peer: String,
+        /// The confirmed message ids.
         ids: Vec<String>,
     },
+    /// A problem, reported and survived.
     Error(MeshError),
 }
 
@@ -188,20 +273,43 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
     #[error("no session with {0}: open one first")]
+    /// No session with the peer (open one first).
     NoSession(String),
     #[error(transparent)]
+    /// The ratchet could not encrypt.
     Encrypt(#[from] crate::ratchet::EncryptError),
     #[error(transparent)]
+    /// Opening the session failed (bundle or X3DH).
     X3dh(#[from] X3dhError),
     #[error("invalid peer DID: {0}")]
+    /// The peer is not a DID.
     Did(#[from] crate::identity::DidError),
+    /// Too many messages to the peer (or in all) await an end-to-end
+    /// receipt; send again once some are confirmed.
+    #[error("{peer} has {count} messages ({bytes} bytes in all) awaiting receipts: limit reached, try again later")]
+    TooManyUnconfirmed {
+        /// The peer.
+        peer: String,
+        /// Messages awaiting its receipts.
+        count: usize,
+        /// Payload bytes awaiting receipts over all peers.
+        bytes: usize,
+    },
 }
 
 #[derive(Clone, Serialize, Deserialize)]
 struct Unconfirmed {
     id: String,
+    /// The plaintext, kept for retransmission: zeroized on drop.
     payload: String,
     sent_at: u64,
+}
+
+impl Drop for Unconfirmed {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.payload.zeroize();
+    }
 }
 
 #[derive(Default)]
@@ -221,11 +329,59 @@ struct Peer {
     receipts: bool,
     unconfirmed: Vec<Unconfirmed>,
     receipts_due: Vec<String>,
+    /// The id of the last KNOCK we sent this peer.
+    sent_knock: Option<String>,
+    /// When we last asked this peer to resync.
+    last_resync: Option<Timestamp>,
 }
 
 const ACCEPTED_EKS_KEPT: usize = 32;
 
+/// The close code of a client that leaves on its own initiative.
+pub const CLOSE_NORMAL: u16 = 1000;
+/// The close reason the TypeScript client gives with [`CLOSE_NORMAL`].
+pub const CLOSE_REASON_CLIENT: &str = "client disconnect";
+
+/// The entry of `peer`, made with what the registry said of it if new (a
+/// free function, so that callers keep their other fields borrowable).
+fn peer_entry<'a>(peers: &'a mut HashMap<String, Peer>, info: &HashMap<String, PeerInfo>, peer: &str) -> &'a mut Peer {
+    peers.entry(peer.to_owned()).or_insert_with(|| {
+        let mut p = Peer::default();
+        if let Some(info) = info.get(peer) {
+            p.dialect = info.dialect;
+            p.receipts = info.receipts;
+        }
+        p
+    })
+}
+
+/// Peers without a session whose registry information is kept.
+pub const PEER_INFO_KEPT: usize = 1024;
+
+/// At most one resync per peer this often.
+pub const RESYNC_INTERVAL_MS: u64 = 30_000;
+
 impl Peer {
+    /// Whether the entry holds nothing worth keeping: entries made by
+    /// frames that led nowhere are dropped, so junk `from` values cannot
+    /// grow the state.
+    fn is_empty(&self) -> bool {
+        self.channel.is_none()
+            && self.pending.is_none()
+            && self.awaiting_verdict.is_none()
+            && self.buffer.is_empty()
+            && self.unconfirmed.is_empty()
+            && self.receipts_due.is_empty()
+            && self.accepted_eks.is_empty()
+            && self.seen.is_empty()
+    }
+
+    /// Whether none of the fields [`Mesh::export_state`] writes hold
+    /// anything (buffers and KNOCKs awaiting a verdict are not persisted).
+    fn persists_nothing(&self) -> bool {
+        self.channel.is_none() && self.accepted_eks.is_empty() && self.seen.is_empty() && self.unconfirmed.is_empty()
+    }
+
     fn accepted(&mut self, ek: X25519PublicKey) {
         self.accepted_eks.push_back(ek);
         while self.accepted_eks.len() > ACCEPTED_EKS_KEPT {
@@ -261,6 +417,33 @@ pub struct Mesh {
     config: MeshConfig,
     ids: Box<dyn IdSource>,
     peers: HashMap<String, Peer>,
+    stats: MeshStats,
+    /// Peers whose persisted state changed since [`Mesh::take_dirty`].
+    dirty_peers: BTreeSet<String>,
+    /// Whether the pre-keys changed since [`Mesh::take_dirty`].
+    dirty_prekeys: bool,
+    /// What the registry said of peers without an entry yet.
+    peer_info: HashMap<String, PeerInfo>,
+    /// `peer_info`'s keys, oldest first.
+    peer_info_order: VecDeque<String>,
+}
+
+/// What changed since the last [`Mesh::take_dirty`]: the rows a store must
+/// write ([`Mesh::export_prekeys`], [`Mesh::export_peer`]) to be current.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// The pre-keys changed.
+    pub prekeys: bool,
+    /// These peers' rows changed (write [`Mesh::export_peer`], or delete
+    /// the row when it returns `None`), in DID order.
+    pub peers: Vec<String>,
+}
+
+impl Dirty {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        !self.prekeys && self.peers.is_empty()
+    }
 }
 
 impl fmt::Debug for Mesh {
@@ -285,6 +468,7 @@ fn error(kind: ErrorKind, peer: Option<&str>, detail: impl Into<String>) -> Even
 }
 
 impl Mesh {
+    /// A mesh for `identity` with its `prekeys`, limits and id source.
     pub fn new(identity: Identity, prekeys: PreKeys, config: MeshConfig, ids: Box<dyn IdSource>) -> Self {
         Self {
             identity,
@@ -292,21 +476,67 @@ impl Mesh {
             config,
             ids,
             peers: HashMap::new(),
+            stats: MeshStats::default(),
+            dirty_peers: BTreeSet::new(),
+            dirty_prekeys: false,
+            peer_info: HashMap::new(),
+            peer_info_order: VecDeque::new(),
         }
     }
 
+    /// What changed since the last call (and forgets it). A driver that
+    /// persists incrementally calls it after every operation and commits
+    /// those rows before it transmits the operation's frames or acks its
+    /// messages: then a crash never loses a ratchet step the peer saw.
+    pub fn take_dirty(&mut self) -> Dirty {
+        Dirty {
+            prekeys: std::mem::take(&mut self.dirty_prekeys),
+            peers: std::mem::take(&mut self.dirty_peers).into_iter().collect(),
+        }
+    }
+
+    fn touch(&mut self, peer: &str) {
+        if !self.dirty_peers.contains(peer) {
+            self.dirty_peers.insert(peer.to_owned());
+        }
+    }
+
+    /// What was dropped or refused so far.
+    pub fn stats(&self) -> MeshStats {
+        self.stats
+    }
+
+    /// Peers with any state (sessions, buffered messages, KNOCKs awaiting
+    /// a verdict, registry information).
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Drops the entry of `peer` if it holds nothing.
+    fn prune(&mut self, peer: &str) {
+        if self.peers.get(peer).is_some_and(Peer::is_empty) {
+            self.peers.remove(peer);
+        }
+    }
+
+    /// This agent's identity.
     pub fn identity(&self) -> &Identity {
         &self.identity
     }
 
+    /// This agent's pre-keys.
     pub fn prekeys(&self) -> &PreKeys {
         &self.prekeys
     }
 
+    /// The pre-keys, to change them (counted as changed for
+    /// [`Mesh::take_dirty`]).
     pub fn prekeys_mut(&mut self) -> &mut PreKeys {
+        self.dirty_prekeys = true;
         &mut self.prekeys
     }
 
+    /// The limits and options, to change them.
     pub fn config_mut(&mut self) -> &mut MeshConfig {
         &mut self.config
     }
@@ -328,6 +558,35 @@ impl Mesh {
         .to_text()
     }
 
+    /// Leaving the relay on the application's initiative: the `disconnect`
+    /// frame, then the WebSocket close (1000, `client disconnect`), as the
+    /// TypeScript client does. Messages buffered before their KNOCK are
+    /// dropped (reported). The driver transmits, then closes the socket.
+    pub fn disconnect(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (did, p) in &mut self.peers {
+            for (_, m) in p.buffer.drain(..) {
+                events.push(error(
+                    ErrorKind::NoSession,
+                    Some(did),
+                    format!("message {:?} dropped: disconnecting before its KNOCK", m.id),
+                ));
+            }
+        }
+        self.count_errors(&events);
+        events.push(Event::Transmit(
+            Frame::Disconnect {
+                from: Some(self.identity.did().to_string()),
+            }
+            .to_text(),
+        ));
+        events.push(Event::Close {
+            code: CLOSE_NORMAL,
+            reason: CLOSE_REASON_CLIENT.to_owned(),
+        });
+        events
+    }
+
     /// Whether an encrypted session with `peer` exists.
     pub fn has_session(&self, peer: &str) -> bool {
         self.peers.get(peer).is_some_and(|p| p.channel.is_some())
@@ -342,23 +601,68 @@ impl Mesh {
             .collect()
     }
 
-    /// Records what the registry says of `peer`.
+    /// Records what the registry says of `peer`. For a peer without state
+    /// yet it is kept aside (at most [`PEER_INFO_KEPT`] peers, oldest
+    /// forgotten) until a session with it begins, so lookups cannot grow the
+    /// persisted state.
     pub fn set_peer_info(&mut self, peer: &str, info: PeerInfo) {
-        let p = self.peers.entry(peer.to_owned()).or_default();
-        if info.dialect.is_some() {
-            p.dialect = info.dialect;
+        match self.peers.get_mut(peer) {
+            Some(p) => {
+                if info.dialect.is_some() {
+                    p.dialect = info.dialect;
+                }
+                p.receipts = info.receipts;
+                self.touch(peer);
+            }
+            None => {
+                let merged = PeerInfo {
+                    dialect: info
+                        .dialect
+                        .or_else(|| self.peer_info.get(peer).and_then(|i| i.dialect)),
+                    receipts: info.receipts,
+                };
+                self.stash_info(peer, merged);
+            }
         }
-        p.receipts = info.receipts;
+    }
+
+    fn stash_info(&mut self, peer: &str, info: PeerInfo) {
+        if self.peer_info.insert(peer.to_owned(), info).is_none() {
+            self.peer_info_order.push_back(peer.to_owned());
+            while self.peer_info_order.len() > PEER_INFO_KEPT {
+                if let Some(old) = self.peer_info_order.pop_front() {
+                    self.peer_info.remove(&old);
+                }
+            }
+        }
     }
 
     /// The dialect used or learned for `peer`, if any.
     pub fn peer_dialect(&self, peer: &str) -> Option<KdfDialect> {
-        self.peers.get(peer).and_then(|p| p.dialect)
+        match self.peers.get(peer) {
+            Some(p) => p.dialect,
+            None => self.peer_info.get(peer).and_then(|i| i.dialect),
+        }
     }
 
     /// Sets the dialect for `peer` explicitly.
     pub fn set_peer_dialect(&mut self, peer: &str, dialect: KdfDialect) {
-        self.peers.entry(peer.to_owned()).or_default().dialect = Some(dialect);
+        match self.peers.get_mut(peer) {
+            Some(p) => {
+                p.dialect = Some(dialect);
+                self.touch(peer);
+            }
+            None => {
+                let receipts = self.peer_info.get(peer).is_some_and(|i| i.receipts);
+                self.stash_info(
+                    peer,
+                    PeerInfo {
+                        dialect: Some(dialect),
+                        receipts,
+                    },
+                );
+            }
+        }
     }
 
     /// Whether `peer` may send or receive plaintext right now.
@@ -376,21 +680,42 @@ impl Mesh {
         bundle: &PreKeyBundle,
     ) -> Result<String, SendError> {
         let peer_did = Did::parse(peer)?;
-        let dialect = self.peers.get(peer).and_then(|p| p.dialect).unwrap_or_default();
+        let dialect = self.peer_dialect(peer).unwrap_or_default();
         let (channel, establishment) = SecureChannel::initiate(rng, &self.identity, &peer_did, bundle, dialect)?;
-        let p = self.peers.entry(peer.to_owned()).or_default();
+        let knock_id = self.ids.next_id();
+        let p = peer_entry(&mut self.peers, &self.peer_info, peer);
         p.channel = Some(channel);
         p.pending = None;
         p.dialect = Some(dialect);
+        p.sent_knock = Some(knock_id.clone());
+        self.touch(peer);
         Ok(Frame::Knock(KnockFrame {
             from: self.identity.did().to_string(),
             to: peer.to_owned(),
-            id: self.ids.next_id(),
+            id: knock_id,
             ts: now.to_iso(),
             intent: serde_json::json!({"action": "establish_session"}),
             establishment: Some(establishment),
         })
         .to_text())
+    }
+
+    /// Heals a session the peer's restored state broke: opens a new session
+    /// from `bundle` and returns the KNOCK and a first (control) message that
+    /// makes the peer replace its session and resend what we did not
+    /// confirm. Transmit both, in order.
+    pub fn resync(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+        now: Timestamp,
+        peer: &str,
+        bundle: &PreKeyBundle,
+    ) -> Result<[String; 2], SendError> {
+        let knock = self.open_session(rng, now, peer, bundle)?;
+        let payload = serde_json::json!({ CONTROL_KEY: "resync" }).to_string();
+        let id = self.ids.next_id();
+        let message = self.encrypt_with_id(rng, now, peer, &id, payload.as_bytes())?;
+        Ok([knock, message])
     }
 
     /// Encrypts `payload` (the JSON text for the peer's application) into a
@@ -403,10 +728,30 @@ impl Mesh {
         peer: &str,
         payload: &[u8],
     ) -> Result<(String, String), SendError> {
+        let tracked = self.peers.get(peer).is_some_and(|p| p.receipts && p.channel.is_some());
+        if tracked {
+            let count = self.unconfirmed_count(peer);
+            let bytes: usize = self
+                .peers
+                .values()
+                .flat_map(|p| &p.unconfirmed)
+                .map(|u| u.payload.len())
+                .sum();
+            if count >= self.config.max_unconfirmed_per_peer
+                || bytes.saturating_add(payload.len()) > self.config.max_unconfirmed_bytes
+            {
+                self.stats.unconfirmed_refused += 1;
+                return Err(SendError::TooManyUnconfirmed {
+                    peer: peer.to_owned(),
+                    count,
+                    bytes,
+                });
+            }
+        }
         let id = self.ids.next_id();
         let text = self.encrypt_with_id(rng, now, peer, &id, payload)?;
         if let Some(p) = self.peers.get_mut(peer) {
-            if p.receipts && p.channel.is_some() {
+            if tracked {
                 p.unconfirmed.push(Unconfirmed {
                     id: id.clone(),
                     payload: String::from_utf8_lossy(payload).into_owned(),
@@ -433,7 +778,9 @@ impl Mesh {
                 .get_mut(peer)
                 .and_then(|p| p.channel.as_mut())
                 .ok_or_else(|| SendError::NoSession(peer.to_owned()))?;
-            MessageBody::Encrypted(channel.encrypt(rng, payload)?)
+            let encrypted = channel.encrypt(rng, payload)?;
+            self.touch(peer);
+            MessageBody::Encrypted(encrypted)
         };
         Ok(Frame::Message(MessageFrame {
             from: self.identity.did().to_string(),
@@ -449,7 +796,10 @@ impl Mesh {
     pub fn handle_text(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp, text: &str) -> Vec<Event> {
         match Frame::parse(text, self.config.max_frame_bytes) {
             Ok(frame) => self.handle_frame(rng, now, frame),
-            Err(e) => vec![error(ErrorKind::Frame, None, e.to_string())],
+            Err(e) => {
+                self.stats.frames_rejected += 1;
+                vec![error(ErrorKind::Frame, None, e.to_string())]
+            }
         }
     }
 
@@ -457,20 +807,20 @@ impl Mesh {
     pub fn handle_frame(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp, frame: Frame) -> Vec<Event> {
         let mut events = Vec::new();
         let me = self.identity.did().as_str();
+        let before = events.len();
         match frame {
-            Frame::Message(m) if m.to == me => self.on_message(rng, now, m, &mut events),
-            Frame::Knock(k) if k.to == me => self.on_knock(now, k, &mut events),
-            Frame::KnockAccept(a) if a.to == me => events.push(Event::KnockAccepted { from: a.from }),
-            Frame::KnockReject(r) if r.to == me => {
-                if let Some(p) = self.peers.get_mut(&r.from) {
-                    p.channel = None;
-                    p.unconfirmed.clear();
-                }
-                events.push(Event::KnockRejected {
-                    from: r.from,
-                    reason: r.reason,
-                });
+            Frame::Message(m) if m.to == me => {
+                let from = m.from.clone();
+                self.on_message(rng, now, m, &mut events);
+                self.prune(&from);
             }
+            Frame::Knock(k) if k.to == me => {
+                let from = k.from.clone();
+                self.on_knock(now, k, &mut events);
+                self.prune(&from);
+            }
+            Frame::KnockAccept(a) if a.to == me => events.push(Event::KnockAccepted { from: a.from }),
+            Frame::KnockReject(r) if r.to == me => self.on_knock_reject(r, &mut events),
             Frame::Message(m) => events.push(error(ErrorKind::Frame, Some(&m.from), "message not addressed to us")),
             Frame::Knock(k) => events.push(error(ErrorKind::Frame, Some(&k.from), "knock not addressed to us")),
             Frame::KnockAccept(a) => events.push(error(
@@ -502,12 +852,77 @@ impl Mesh {
                 events.push(error(ErrorKind::Frame, None, "unexpected client frame from the relay"))
             }
         }
+        self.count_errors(events.get(before..).unwrap_or_default());
         events
     }
 
+    fn count_errors(&mut self, events: &[Event]) {
+        for event in events {
+            if let Event::Error(e) = event {
+                match e.kind {
+                    ErrorKind::Frame | ErrorKind::UnknownFrame | ErrorKind::Plaintext => {
+                        self.stats.frames_rejected += 1
+                    }
+                    ErrorKind::Decrypt => self.stats.decrypt_failures += 1,
+                    ErrorKind::NoSession => self.stats.buffered_dropped += 1,
+                    ErrorKind::Rollback => self.stats.rollbacks_detected += 1,
+                    ErrorKind::Knock | ErrorKind::Relay => {}
+                }
+            }
+        }
+    }
+
+    /// A `knock_reject` ends the session we opened only when it answers our
+    /// latest KNOCK (or names none, as older peers do).
+    fn on_knock_reject(&mut self, r: KnockRejectFrame, events: &mut Vec<Event>) {
+        let Some(p) = self.peers.get_mut(&r.from) else {
+            events.push(error(
+                ErrorKind::Knock,
+                Some(&r.from),
+                "knock_reject for a KNOCK we never sent",
+            ));
+            return;
+        };
+        let answers_ours = r.knock_id.is_empty() || p.sent_knock.as_deref() == Some(r.knock_id.as_str());
+        if !answers_ours {
+            events.push(error(
+                ErrorKind::Knock,
+                Some(&r.from),
+                format!("knock_reject for {:?}, not our latest KNOCK: ignored", r.knock_id),
+            ));
+            return;
+        }
+        p.channel = None;
+        p.unconfirmed.clear();
+        p.sent_knock = None;
+        self.touch(&r.from);
+        events.push(Event::KnockRejected {
+            from: r.from.clone(),
+            reason: r.reason,
+        });
+        self.prune(&r.from);
+    }
+
     fn on_knock(&mut self, now: Timestamp, knock: KnockFrame, events: &mut Vec<Event>) {
-        let p = self.peers.entry(knock.from.clone()).or_default();
         if let Some(e) = &knock.establishment {
+            // The establishment's identity key must be the sender's: a KNOCK
+            // claiming a DID with another identity's key is refused before
+            // the policy sees it.
+            let bound = Did::parse(&knock.from).map_err(|e| e.to_string()).and_then(|did| {
+                crate::binding::check_x25519_identity(&did, &e.identity_key).map_err(|e| e.to_string())
+            });
+            if let Err(reason) = bound {
+                self.stats.knocks_refused += 1;
+                events.push(error(
+                    ErrorKind::Knock,
+                    Some(&knock.from),
+                    format!("KNOCK {:?} refused: {reason}", knock.id),
+                ));
+                return;
+            }
+        }
+        let known_peer = self.peers.get(&knock.from);
+        if let (Some(p), Some(e)) = (known_peer, &knock.establishment) {
             // A relay redelivers stored KNOCKs: one already accepted (or
             // pending) is not put to the policy again.
             let known = p.accepted_eks.contains(&e.ephemeral_key)
@@ -518,6 +933,44 @@ impl Mesh {
                 return;
             }
         }
+        let has_session = known_peer.is_some_and(|p| p.channel.is_some());
+        let awaiting = known_peer.is_some_and(|p| p.awaiting_verdict.is_some());
+        let pending_knocks = self.peers.values().filter(|p| p.awaiting_verdict.is_some()).count();
+        let sessions = self.peers.values().filter(|p| p.channel.is_some()).count();
+        if !awaiting && pending_knocks >= self.config.max_pending_knocks {
+            self.stats.knocks_refused += 1;
+            events.push(error(
+                ErrorKind::Knock,
+                Some(&knock.from),
+                format!(
+                    "KNOCK {:?} refused: {pending_knocks} KNOCKs already await a verdict",
+                    knock.id
+                ),
+            ));
+            return;
+        }
+        if !has_session && sessions >= self.config.max_sessions {
+            self.stats.knocks_refused += 1;
+            events.push(error(
+                ErrorKind::Knock,
+                Some(&knock.from),
+                format!("KNOCK {:?} refused: {sessions} sessions, the limit", knock.id),
+            ));
+            let reply = self.reject_frame(now, &knock.from, &knock.id, "capacity");
+            events.push(Event::Transmit(reply));
+            return;
+        }
+        let p = peer_entry(&mut self.peers, &self.peer_info, &knock.from);
+        if let Some((_, old)) = &p.awaiting_verdict {
+            // A newer KNOCK replaces one still awaiting a verdict; a verdict
+            // on the old one then applies to nothing.
+            self.stats.knocks_superseded += 1;
+            events.push(error(
+                ErrorKind::Knock,
+                Some(&knock.from),
+                format!("KNOCK {:?} superseded by KNOCK {:?}", old.id, knock.id),
+            ));
+        }
         events.push(Event::KnockRequest {
             from: knock.from.clone(),
             knock_id: knock.id.clone(),
@@ -526,17 +979,60 @@ impl Mesh {
         p.awaiting_verdict = Some((now, knock));
     }
 
-    /// Applies the policy's verdict on the KNOCK `from` sent.
+    fn reject_frame(&mut self, now: Timestamp, to: &str, knock_id: &str, reason: &str) -> String {
+        Frame::KnockReject(KnockRejectFrame {
+            from: self.identity.did().to_string(),
+            to: to.to_owned(),
+            id: self.ids.next_id(),
+            knock_id: knock_id.to_owned(),
+            reason: Some(reason.to_owned()),
+            ts: now.to_iso(),
+        })
+        .to_text()
+    }
+
+    /// The KNOCK from `from` awaiting a verdict, if any: its id.
+    pub fn pending_knock(&self, from: &str) -> Option<&str> {
+        self.peers
+            .get(from)
+            .and_then(|p| p.awaiting_verdict.as_ref())
+            .map(|(_, k)| k.id.as_str())
+    }
+
+    /// Applies the policy's verdict on KNOCK `knock_id` from `from`. A
+    /// verdict on a KNOCK that no longer awaits one (a newer KNOCK from the
+    /// same peer superseded it, it timed out, or it was decided) applies to
+    /// nothing: it returns only an error event.
     pub fn decide_knock(
         &mut self,
         rng: &mut impl CryptoRngCore,
         now: Timestamp,
         from: &str,
+        knock_id: &str,
         accept: bool,
     ) -> Vec<Event> {
         let mut events = Vec::new();
         let me = self.identity.did().to_string();
-        let Some((_, knock)) = self.peers.get_mut(from).and_then(|p| p.awaiting_verdict.take()) else {
+        let Some(p) = self.peers.get_mut(from) else {
+            self.stats.stale_verdicts += 1;
+            events.push(error(
+                ErrorKind::Knock,
+                Some(from),
+                format!("verdict on KNOCK {knock_id:?}, which awaits none: ignored"),
+            ));
+            return events;
+        };
+        let awaiting = p.awaiting_verdict.as_ref().map(|(_, k)| k.id.as_str());
+        if awaiting != Some(knock_id) {
+            let detail = match awaiting {
+                Some(id) => format!("verdict on KNOCK {knock_id:?}, but {id:?} is the one awaiting: ignored"),
+                None => format!("verdict on KNOCK {knock_id:?}, which awaits none: ignored"),
+            };
+            self.stats.stale_verdicts += 1;
+            events.push(error(ErrorKind::Knock, Some(from), detail));
+            return events;
+        }
+        let Some((_, knock)) = p.awaiting_verdict.take() else {
             return events;
         };
         let mut accept = accept;
@@ -591,18 +1087,34 @@ impl Mesh {
                 .to_text(),
             ));
         }
+        self.count_errors(&events);
+        self.prune(from);
         events
     }
 
     fn on_message(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp, m: MessageFrame, events: &mut Vec<Event>) {
         let limit = self.config.seen_ids_per_peer;
         let plaintext_allowed = self.is_plaintext_peer(&m.from);
-        let buffered_peers = self.peers.values().filter(|p| !p.buffer.is_empty()).count();
-        let p = self.peers.entry(m.from.clone()).or_default();
+        // Only a message that may be buffered needs the count (a scan).
+        let may_buffer = !self
+            .peers
+            .get(&m.from)
+            .is_some_and(|p| p.awaiting_verdict.is_none() && (p.channel.is_some() || p.pending.is_some()));
+        let buffered_peers = if may_buffer {
+            self.peers.values().filter(|p| !p.buffer.is_empty()).count()
+        } else {
+            0
+        };
+        // Made only for the length of this call unless something is kept
+        // (`prune` drops an empty entry afterwards).
+        let p = peer_entry(&mut self.peers, &self.peer_info, &m.from);
         if p.seen_set.contains(&m.id) {
             // A copy of a message we have: the sender may not have our
             // receipt (it retransmits until it does), so confirm again.
-            if p.receipts && !p.receipts_due.contains(&m.id) {
+            if p.receipts
+                && p.receipts_due.len() < self.config.max_receipts_due_per_peer
+                && !p.receipts_due.contains(&m.id)
+            {
                 p.receipts_due.push(m.id.clone());
             }
             events.push(Event::Transmit(ack_text(&m.id)));
@@ -612,6 +1124,9 @@ impl Mesh {
             MessageBody::Plaintext(payload) => {
                 if plaintext_allowed {
                     p.remember(&m.id, limit);
+                    if !self.dirty_peers.contains(&m.from) {
+                        self.dirty_peers.insert(m.from.clone());
+                    }
                     let ack = ack_text(&m.id);
                     events.push(Event::Message(InboundMessage {
                         from: m.from,
@@ -701,8 +1216,13 @@ impl Mesh {
                             p.accepted(establishment.ephemeral_key);
                             p.pending = None;
                             p.dialect = Some(dialect);
-                            p.unconfirmed.clear();
+                            // What the peer has not confirmed goes out again
+                            // on the new session (its ids let it drop copies).
+                            for u in &mut p.unconfirmed {
+                                u.sent_at = 0;
+                            }
                             if let Some(id) = establishment.one_time_key_id {
+                                self.dirty_prekeys = true;
                                 events.push(Event::OneTimeKeyConsumed { id });
                             }
                             events.push(if replaced {
@@ -725,8 +1245,31 @@ impl Mesh {
                 match channel.decrypt(rng, &encrypted) {
                     Ok(text) => plaintext = Some(text),
                     Err(DecryptError::DuplicateOrExpired { .. }) if last_error.is_none() => {
-                        // Already delivered (its id was forgotten): let the relay drop it.
+                        // A message id we never saw, with a message number
+                        // whose key is used up: the sender's state was
+                        // restored from an older copy (or the relay redelivered
+                        // a message older than our id memory). It cannot be
+                        // decrypted; let the relay drop it, and say so.
                         events.push(Event::Transmit(ack_text(&m.id)));
+                        let heal = p.receipts && p.last_resync.is_none_or(|at| at.plus_ms(RESYNC_INTERVAL_MS) <= now);
+                        events.push(error(
+                            ErrorKind::Rollback,
+                            Some(&m.from),
+                            format!(
+                                "message {:?} reuses a message number already consumed: the peer's session state \
+                                 looks restored from an older copy; {}",
+                                m.id,
+                                if p.receipts {
+                                    "opening a new session so it resends what we did not confirm"
+                                } else {
+                                    "this message is lost (the peer does not support receipts)"
+                                }
+                            ),
+                        ));
+                        if heal {
+                            p.last_resync = Some(now);
+                            events.push(Event::ResyncNeeded { peer: m.from.clone() });
+                        }
                         return;
                     }
                     Err(e) => last_error = Some(e.to_string()),
@@ -743,20 +1286,37 @@ impl Mesh {
         };
         p.verified_encrypted = true;
         p.remember(&m.id, limit);
-        if let Some(ids) = control_receipts(&payload) {
-            let before = p.unconfirmed.len();
-            p.unconfirmed.retain(|u| !ids.contains(&u.id));
-            if p.unconfirmed.len() != before {
-                events.push(Event::Delivered {
-                    peer: m.from.clone(),
-                    ids,
-                });
+        if !self.dirty_peers.contains(&m.from) {
+            self.dirty_peers.insert(m.from.clone());
+        }
+        if let Some(control) = control_message(&payload) {
+            match control {
+                Control::Receipt(ids) => {
+                    let before = p.unconfirmed.len();
+                    p.unconfirmed.retain(|u| !ids.contains(&u.id));
+                    if p.unconfirmed.len() != before {
+                        events.push(Event::Delivered {
+                            peer: m.from.clone(),
+                            ids,
+                        });
+                    }
+                }
+                Control::Resync => {
+                    // Resend everything unconfirmed on the next retransmit.
+                    for u in &mut p.unconfirmed {
+                        u.sent_at = 0;
+                    }
+                }
             }
             events.push(Event::Transmit(ack_text(&m.id)));
             return;
         }
         if p.receipts {
             p.receipts_due.push(m.id.clone());
+            if p.receipts_due.len() > self.config.max_receipts_due_per_peer {
+                p.receipts_due.remove(0);
+                self.stats.receipts_dropped += 1;
+            }
         }
         let ack = ack_text(&m.id);
         events.push(Event::Message(InboundMessage {
@@ -787,9 +1347,9 @@ impl Mesh {
         let mut events = Vec::new();
         let mut expired_knocks = Vec::new();
         for (did, p) in &mut self.peers {
-            if let Some((since, _)) = &p.awaiting_verdict {
+            if let Some((since, knock)) = &p.awaiting_verdict {
                 if since.plus_ms(knock_timeout) <= now {
-                    expired_knocks.push(did.clone());
+                    expired_knocks.push((did.clone(), knock.id.clone()));
                 }
                 continue;
             }
@@ -803,13 +1363,23 @@ impl Mesh {
                 }
             }
         }
-        for did in expired_knocks {
+        self.count_errors(&events);
+        for (did, knock_id) in expired_knocks {
             events.push(error(
                 ErrorKind::Knock,
                 Some(&did),
-                format!("no verdict within {knock_timeout} ms: rejected"),
+                format!("no verdict on KNOCK {knock_id:?} within {knock_timeout} ms: rejected"),
             ));
-            events.extend(self.decide_knock(rng, now, &did, false));
+            events.extend(self.decide_knock(rng, now, &did, &knock_id, false));
+        }
+        let emptied: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.is_empty())
+            .map(|(d, _)| d.clone())
+            .collect();
+        for did in emptied {
+            self.peers.remove(&did);
         }
         events
     }
@@ -844,7 +1414,7 @@ impl Mesh {
             for u in &mut p.unconfirmed {
                 if now.0.saturating_sub(u.sent_at) >= older_than_ms {
                     u.sent_at = now.0;
-                    due.push((peer.clone(), u.id.clone(), u.payload.clone()));
+                    due.push((peer.clone(), u.id.clone(), zeroize::Zeroizing::new(u.payload.clone())));
                 }
             }
         }
@@ -866,98 +1436,44 @@ impl Mesh {
     pub fn unconfirmed_count(&self, peer: &str) -> usize {
         self.peers.get(peer).map_or(0, |p| p.unconfirmed.len())
     }
-
-    /// Sessions, pre-keys and delivery bookkeeping as JSON (contains secrets).
-    pub fn export_state(&self) -> Zeroizing<String> {
-        let mut peers = serde_json::Map::new();
-        for (did, p) in &self.peers {
-            let channel = p
-                .channel
-                .as_ref()
-                .map(|c| serde_json::from_str::<Value>(&c.export_state()).unwrap_or(Value::Null));
-            peers.insert(
-                did.clone(),
-                serde_json::json!({
-                    "channel": channel,
-                    "accepted_eks": p.accepted_eks.iter().map(|k| k.to_hex()).collect::<Vec<_>>(),
-                    "dialect": p.dialect.map(|d| d.as_str()),
-                    "receipts": p.receipts,
-                    "verified_encrypted": p.verified_encrypted,
-                    "seen": p.seen,
-                    "unconfirmed": p.unconfirmed,
-                }),
-            );
-        }
-        let prekeys: Value = serde_json::from_str(&self.prekeys.export_json()).unwrap_or(Value::Null);
-        Zeroizing::new(serde_json::json!({"format": "meshwire-mesh/1", "prekeys": prekeys, "peers": peers}).to_string())
-    }
-
-    /// Restores [`Mesh::export_state`] for `identity`.
-    pub fn import_state(
-        identity: Identity,
-        text: &str,
-        config: MeshConfig,
-        ids: Box<dyn IdSource>,
-    ) -> Result<Self, StateError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| StateError::Json(e.to_string()))?;
-        if value.get("format").and_then(Value::as_str) != Some("meshwire-mesh/1") {
-            return Err(StateError::Json("not a meshwire-mesh/1 state".into()));
-        }
-        let prekeys = PreKeys::import_json(
-            &identity,
-            &value.get("prekeys").map(Value::to_string).unwrap_or_default(),
-        )?;
-        let mut mesh = Self::new(identity, prekeys, config, ids);
-        let peers = value
-            .get("peers")
-            .and_then(Value::as_object)
-            .ok_or(StateError::Json("peers missing".into()))?;
-        for (did, v) in peers {
-            let bad = |what: &'static str| StateError::Json(format!("peer {did}: {what}"));
-            let mut p = Peer::default();
-            if let Some(channel) = v.get("channel").filter(|c| !c.is_null()) {
-                p.channel = Some(SecureChannel::import_state(&channel.to_string())?);
-            }
-            for ek in v.get("accepted_eks").and_then(Value::as_array).into_iter().flatten() {
-                let ek = ek.as_str().ok_or_else(|| bad("accepted_eks"))?;
-                let bytes = crate::encoding::hex_decode_array::<32>(ek).map_err(|_| bad("accepted_eks"))?;
-                p.accepted(X25519PublicKey::from_bytes(bytes));
-            }
-            if let Some(d) = v.get("dialect").and_then(Value::as_str) {
-                p.dialect = Some(d.parse().map_err(|_| bad("dialect"))?);
-            }
-            p.receipts = v.get("receipts").and_then(Value::as_bool).unwrap_or(false);
-            p.verified_encrypted = v.get("verified_encrypted").and_then(Value::as_bool).unwrap_or(false);
-            for id in v.get("seen").and_then(Value::as_array).into_iter().flatten() {
-                p.remember(id.as_str().ok_or_else(|| bad("seen"))?, mesh.config.seen_ids_per_peer);
-            }
-            if let Some(u) = v.get("unconfirmed") {
-                p.unconfirmed = serde_json::from_value(u.clone()).map_err(|_| bad("unconfirmed"))?;
-            }
-            mesh.peers.insert(did.clone(), p);
-        }
-        Ok(mesh)
-    }
 }
 
-/// The ids a receipt control message confirms, if `payload` is one.
-fn control_receipts(payload: &[u8]) -> Option<Vec<String>> {
-    if !payload.starts_with(b"{") {
+/// One of meshwire's own control messages (never shown to the application).
+#[derive(Debug, PartialEq, Eq)]
+enum Control {
+    /// End-to-end receipts for these message ids.
+    Receipt(Vec<String>),
+    /// The sender opened a new session because ours looked restored from an
+    /// older copy: resend what it has not confirmed.
+    Resync,
+}
+
+/// The control message `payload` is, if it is one.
+fn control_message(payload: &[u8]) -> Option<Control> {
+    // Cheap checks first: most payloads are not control messages.
+    if !payload.starts_with(b"{") || !payload.windows(CONTROL_KEY.len()).any(|w| w == CONTROL_KEY.as_bytes()) {
         return None;
     }
     let value: Value = serde_json::from_slice(payload).ok()?;
-    if value.get(CONTROL_KEY)?.as_str()? != "receipt" {
-        return None;
-    }
-    Some(
-        value
-            .get("ids")?
-            .as_array()?
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect(),
-    )
+    let kind = value.get(CONTROL_KEY)?.as_str()?;
+    Some(match kind {
+        "receipt" => Control::Receipt(
+            value
+                .get("ids")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+        ),
+        "resync" => Control::Resync,
+        // Other `$meshwire` kinds (`bytes`, ...) are payload encodings the
+        // application decodes: not control messages.
+        _ => return None,
+    })
 }
+
+mod persist;
 
 #[cfg(test)]
 mod tests;

@@ -16,42 +16,71 @@ pub type OneTimeKeyId = u32;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BundleError {
     #[error("bundle JSON: {0}")]
+    /// The text is not a bundle's JSON (parser message).
     Json(String),
     #[error("{field} is not valid base64")]
-    Encoding { field: &'static str },
-    #[error("{field} must be {expected} bytes, got {actual}")]
-    Length {
+    /// A field is not valid base64.
+    Encoding {
+        /// The field.
         field: &'static str,
+    },
+    #[error("{field} must be {expected} bytes, got {actual}")]
+    /// A field decodes to the wrong length.
+    Length {
+        /// The field.
+        field: &'static str,
+        /// The length it must have.
         expected: usize,
+        /// The length it has.
         actual: usize,
     },
     #[error("bundle has no Ed25519 identity key to verify the signed pre-key with")]
+    /// No `identity_key_ed`: the signed pre-key cannot be verified.
     MissingSigningKey,
     #[error("the Ed25519 identity key is not a valid point")]
+    /// `identity_key_ed` is not a valid Ed25519 point.
     InvalidSigningKey,
     #[error("signed pre-key signature does not verify")]
+    /// The signed pre-key signature does not verify.
     BadSignature,
+    /// The bundle's identity keys are not the DID's (see [`crate::binding`]).
+    #[error("the bundle's identity keys do not belong to {did}: {reason}")]
+    NotTheDidsKeys {
+        /// The DID the bundle was fetched for.
+        did: String,
+        /// Which check failed.
+        reason: crate::binding::BindingError,
+    },
 }
 
 /// Managing local pre-keys failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PreKeyError {
     #[error("one-time pre-key id {0} was already used")]
+    /// The id is not above every id handed out before.
     IdReused(OneTimeKeyId),
     #[error("one-time pre-key ids are exhausted")]
+    /// Every id up to `u32::MAX` was used.
     IdsExhausted,
     #[error("no one-time pre-key with id {0}")]
+    /// No one-time key with that id is held.
     Unknown(OneTimeKeyId),
 }
 
 /// What an initiator knows of a responder: its public keys, as fetched.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PreKeyBundle {
+    /// The X25519 identity key.
     pub identity_key: X25519PublicKey,
+    /// The Ed25519 identity key (signs the signed pre-key; derives the DID).
     pub identity_key_ed: Ed25519PublicKey,
+    /// The signed pre-key's id.
     pub signed_pre_key_id: u32,
+    /// The signed pre-key.
     pub signed_pre_key: X25519PublicKey,
+    /// The Ed25519 signature of the signed pre-key's bytes.
     pub signed_pre_key_signature: [u8; 64],
+    /// A one-time pre-key and its id, if the registry had one.
     pub one_time_pre_key: Option<(OneTimeKeyId, X25519PublicKey)>,
 }
 
@@ -170,7 +199,26 @@ impl PreKeyBundle {
         .to_string()
     }
 
-    /// Checks the signed pre-key signature against the Ed25519 identity key.
+    /// Checks that the bundle speaks for `did` (the Ed25519 key derives it
+    /// and the X25519 identity key is that key's Montgomery image) and that
+    /// the signed pre-key signature verifies under that key. Use this, not
+    /// [`PreKeyBundle::verify`], before opening a session to `did`.
+    pub fn verify_for(&self, did: &crate::Did) -> Result<(), BundleError> {
+        crate::binding::check_identity_keys(did, &self.identity_key_ed, &self.identity_key).map_err(|reason| {
+            match reason {
+                crate::binding::BindingError::InvalidEd25519Key => BundleError::InvalidSigningKey,
+                _ => BundleError::NotTheDidsKeys {
+                    did: did.to_string(),
+                    reason,
+                },
+            }
+        })?;
+        self.verify()
+    }
+
+    /// Checks the signed pre-key signature against the Ed25519 identity key
+    /// only; it says nothing of whose keys these are (see
+    /// [`PreKeyBundle::verify_for`]).
     pub fn verify(&self) -> Result<(), BundleError> {
         verify_signature(
             &self.identity_key_ed,
@@ -187,8 +235,11 @@ impl PreKeyBundle {
 /// A signed pre-key with its id and signature.
 #[derive(Clone)]
 pub struct SignedPreKey {
+    /// Its id (sent in bundles).
     pub id: u32,
+    /// The key pair (secret).
     pub pair: KeyPair,
+    /// The identity's Ed25519 signature of the public key.
     pub signature: [u8; 64],
 }
 
@@ -207,17 +258,37 @@ impl fmt::Debug for SignedPreKey {
 /// after its key was consumed. A one-time key is removed only by
 /// [`PreKeys::remove_one_time_key`], which [`crate::SecureChannel::accept`]
 /// calls once the first message of the session decrypted.
+///
+/// The signed pre-key rotates ([`PreKeys::rotate_signed_pre_key`]); the
+/// previous one is kept ([`PreKeys::previous_signed_pre_key`]) until
+/// [`PreKeys::forget_expired_signed_pre_key`] drops it, so that sessions
+/// initiated from a bundle fetched before the rotation still establish (AGT
+/// spec section 6.2: rotate every 7 days, keep the previous key 14 days).
 #[derive(Clone)]
 pub struct PreKeys {
     signed: SignedPreKey,
+    /// When the current signed pre-key was made (ms since the epoch; 0 when
+    /// unknown, for keys made by [`PreKeys::generate`] or older state).
+    signed_created_ms: u64,
+    /// The signed pre-key before the last rotation, with the time it was
+    /// retired.
+    previous: Option<(SignedPreKey, u64)>,
     one_time: BTreeMap<OneTimeKeyId, KeyPair>,
     next_one_time_id: OneTimeKeyId,
 }
+
+/// How often a client rotates its signed pre-key by default (7 days).
+pub const SIGNED_PRE_KEY_ROTATION_MS: u64 = 7 * 24 * 3600 * 1000;
+/// How long the previous signed pre-key is kept after a rotation by default
+/// (14 days), for sessions initiated from older bundles.
+pub const SIGNED_PRE_KEY_GRACE_MS: u64 = 14 * 24 * 3600 * 1000;
 
 impl fmt::Debug for PreKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PreKeys")
             .field("signed", &self.signed)
+            .field("signed_created_ms", &self.signed_created_ms)
+            .field("previous", &self.previous.as_ref().map(|(k, at)| (k.id, at)))
             .field("one_time_ids", &self.one_time.keys().collect::<Vec<_>>())
             .field("next_one_time_id", &self.next_one_time_id)
             .finish()
@@ -236,9 +307,65 @@ impl PreKeys {
         let signature = identity.sign(pair.public().as_bytes());
         Self {
             signed: SignedPreKey { id, pair, signature },
+            signed_created_ms: 0,
+            previous: None,
             one_time: BTreeMap::new(),
             next_one_time_id: 0,
         }
+    }
+
+    /// Records when the current signed pre-key was made (ms since the
+    /// epoch), for [`PreKeys::signed_pre_key_rotation_due`].
+    pub fn set_signed_pre_key_created_ms(&mut self, now_ms: u64) {
+        self.signed_created_ms = now_ms;
+    }
+
+    /// When the current signed pre-key was made (0: unknown).
+    pub fn signed_pre_key_created_ms(&self) -> u64 {
+        self.signed_created_ms
+    }
+
+    /// Whether the signed pre-key is older than `interval_ms` at `now_ms`
+    /// (always true when its age is unknown).
+    pub fn signed_pre_key_rotation_due(&self, now_ms: u64, interval_ms: u64) -> bool {
+        self.signed_created_ms == 0 || now_ms.saturating_sub(self.signed_created_ms) >= interval_ms
+    }
+
+    /// Replaces the signed pre-key with a new one (32 bytes of `rng`, id one
+    /// more than the current one's) made at `now_ms`, keeping the current
+    /// one as the previous key; returns the new id. Upload the new bundle
+    /// afterwards.
+    pub fn rotate_signed_pre_key(&mut self, rng: &mut impl CryptoRngCore, identity: &Identity, now_ms: u64) -> u32 {
+        let id = self.signed.id.wrapping_add(1);
+        let pair = KeyPair::from_secret(X25519Secret::generate(rng));
+        let signature = identity.sign(pair.public().as_bytes());
+        let old = std::mem::replace(&mut self.signed, SignedPreKey { id, pair, signature });
+        self.previous = Some((old, now_ms));
+        self.signed_created_ms = now_ms;
+        id
+    }
+
+    /// The signed pre-key before the last rotation, while it is kept.
+    pub fn previous_signed_pre_key(&self) -> Option<&SignedPreKey> {
+        self.previous.as_ref().map(|(key, _)| key)
+    }
+
+    /// Drops the previous signed pre-key once it was retired `grace_ms` ago
+    /// or longer; returns whether it did.
+    pub fn forget_expired_signed_pre_key(&mut self, now_ms: u64, grace_ms: u64) -> bool {
+        let expired = self
+            .previous
+            .as_ref()
+            .is_some_and(|(_, retired)| now_ms.saturating_sub(*retired) >= grace_ms);
+        if expired {
+            self.previous = None;
+        }
+        expired
+    }
+
+    /// How many one-time keys are held.
+    pub fn one_time_key_count(&self) -> usize {
+        self.one_time.len()
     }
 
     /// Draws `count` one-time pre-keys with fresh ids and returns the ids.
@@ -272,10 +399,12 @@ impl PreKeys {
         self.one_time.remove(&id).map(drop).ok_or(PreKeyError::Unknown(id))
     }
 
+    /// The current signed pre-key.
     pub fn signed_pre_key(&self) -> &SignedPreKey {
         &self.signed
     }
 
+    /// The one-time key `id`, if still held.
     pub fn one_time_key(&self, id: OneTimeKeyId) -> Option<&KeyPair> {
         self.one_time.get(&id)
     }
@@ -308,8 +437,27 @@ struct PreKeysJson {
     signed_pre_key_id: u32,
     signed_pre_key_private: String,
     signed_pre_key_signature: String,
+    #[serde(default)]
+    signed_pre_key_created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous_signed_pre_key: Option<PreviousJson>,
     one_time_pre_keys: Vec<(OneTimeKeyId, String)>,
     next_one_time_id: OneTimeKeyId,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PreviousJson {
+    id: u32,
+    private: String,
+    signature: String,
+    retired_ms: u64,
+}
+
+impl Drop for PreviousJson {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.private.zeroize();
+    }
 }
 
 impl Drop for PreKeysJson {
@@ -329,6 +477,13 @@ impl PreKeys {
             signed_pre_key_id: self.signed.id,
             signed_pre_key_private: hex::encode(self.signed.pair.secret().as_bytes()),
             signed_pre_key_signature: hex::encode(self.signed.signature),
+            signed_pre_key_created_ms: self.signed_created_ms,
+            previous_signed_pre_key: self.previous.as_ref().map(|(key, retired_ms)| PreviousJson {
+                id: key.id,
+                private: hex::encode(key.pair.secret().as_bytes()),
+                signature: hex::encode(key.signature),
+                retired_ms: *retired_ms,
+            }),
             one_time_pre_keys: self
                 .one_time
                 .iter()
@@ -336,7 +491,7 @@ impl PreKeys {
                 .collect(),
             next_one_time_id: self.next_one_time_id,
         };
-        zeroize::Zeroizing::new(serde_json::to_string(&json).unwrap_or_default())
+        crate::state::to_json_text(&json)
     }
 
     /// The inverse of [`PreKeys::export_json`]; the signature is checked
@@ -352,6 +507,26 @@ impl PreKeys {
             .map_err(|_| StateError::InvalidKey("signed_pre_key_signature"))?;
         if signature != keys.signed.signature {
             return Err(StateError::KeyPairMismatch);
+        }
+        keys.signed_created_ms = json.signed_pre_key_created_ms;
+        if let Some(previous) = &json.previous_signed_pre_key {
+            let secret = hex_decode_array::<32>(&previous.private)
+                .map_err(|_| StateError::InvalidKey("previous_signed_pre_key.private"))?;
+            let pair = KeyPair::from_secret(X25519Secret::from_bytes(secret));
+            let signature = identity.sign(pair.public().as_bytes());
+            let stored = hex_decode_array::<64>(&previous.signature)
+                .map_err(|_| StateError::InvalidKey("previous_signed_pre_key.signature"))?;
+            if stored != signature {
+                return Err(StateError::KeyPairMismatch);
+            }
+            keys.previous = Some((
+                SignedPreKey {
+                    id: previous.id,
+                    pair,
+                    signature,
+                },
+                previous.retired_ms,
+            ));
         }
         for (id, key) in &json.one_time_pre_keys {
             let secret = hex_decode_array::<32>(key).map_err(|_| StateError::InvalidKey("one_time_pre_keys"))?;
@@ -456,6 +631,77 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn signed_pre_key_rotation_keeps_the_previous_key_for_the_grace_period() {
+        let (id, mut keys, old_bundle) = sample();
+        assert!(keys.signed_pre_key_rotation_due(1_000, SIGNED_PRE_KEY_ROTATION_MS));
+        keys.set_signed_pre_key_created_ms(1_000);
+        assert!(!keys.signed_pre_key_rotation_due(1_000 + SIGNED_PRE_KEY_ROTATION_MS - 1, SIGNED_PRE_KEY_ROTATION_MS));
+        let now = 1_000 + SIGNED_PRE_KEY_ROTATION_MS;
+        assert!(keys.signed_pre_key_rotation_due(now, SIGNED_PRE_KEY_ROTATION_MS));
+        assert_eq!(keys.rotate_signed_pre_key(&mut OsRng, &id, now), 1);
+        let new_bundle = keys.bundle(&id, None);
+        assert_eq!(new_bundle.signed_pre_key_id, 1);
+        assert_ne!(new_bundle.signed_pre_key, old_bundle.signed_pre_key);
+        new_bundle.verify_for(id.did()).unwrap();
+        assert_eq!(
+            keys.previous_signed_pre_key().map(|k| *k.pair.public()),
+            Some(old_bundle.signed_pre_key)
+        );
+        assert_eq!(keys.signed_pre_key_created_ms(), now);
+        // Both survive export/import; the previous key's signature is checked.
+        let text = keys.export_json();
+        let back = PreKeys::import_json(&id, &text).unwrap();
+        assert_eq!(*back.export_json(), *text);
+        assert!(PreKeys::import_json(&Identity::from_seed(&[1; 32]), &text).is_err());
+        assert!(!keys.forget_expired_signed_pre_key(now + SIGNED_PRE_KEY_GRACE_MS - 1, SIGNED_PRE_KEY_GRACE_MS));
+        assert!(keys.previous_signed_pre_key().is_some());
+        assert!(keys.forget_expired_signed_pre_key(now + SIGNED_PRE_KEY_GRACE_MS, SIGNED_PRE_KEY_GRACE_MS));
+        assert!(keys.previous_signed_pre_key().is_none());
+        // State written before rotation existed still imports.
+        let legacy = r#"{"signed_pre_key_id":0,"signed_pre_key_private":"PRIV","signed_pre_key_signature":"SIG","one_time_pre_keys":[],"next_one_time_id":0}"#;
+        let fresh = PreKeys::with_signed_pre_key(&id, 0, X25519Secret::from_bytes([7; 32]));
+        let legacy = legacy
+            .replace("PRIV", &hex::encode([7u8; 32]))
+            .replace("SIG", &hex::encode(fresh.signed_pre_key().signature));
+        let imported = PreKeys::import_json(&id, &legacy).unwrap();
+        assert_eq!(imported.signed_pre_key_created_ms(), 0);
+        assert!(imported.previous_signed_pre_key().is_none());
+    }
+
+    #[test]
+    fn a_bundle_must_speak_for_its_did() {
+        let (id, keys, bundle) = sample();
+        bundle.verify_for(id.did()).unwrap();
+        let mallory = Identity::from_seed(&[66; 32]);
+        let mallory_keys = PreKeys::generate(&mut OsRng, &mallory);
+        // Mallory's own, validly signed bundle served for the victim's DID.
+        let forged = mallory_keys.bundle(&mallory, None);
+        forged.verify().unwrap();
+        assert!(matches!(
+            forged.verify_for(id.did()),
+            Err(BundleError::NotTheDidsKeys {
+                reason: crate::binding::BindingError::DidMismatch,
+                ..
+            })
+        ));
+        // The victim's Ed25519 key with Mallory's X25519 identity key.
+        let mut mixed = keys.bundle(&id, None);
+        mixed.identity_key = *mallory.x25519_public();
+        assert!(matches!(
+            mixed.verify_for(id.did()),
+            Err(BundleError::NotTheDidsKeys {
+                reason: crate::binding::BindingError::IdentityKeyMismatch,
+                ..
+            })
+        ));
+        // The victim's keys with Mallory's signed pre-key.
+        let mut spk = keys.bundle(&id, None);
+        spk.signed_pre_key = forged.signed_pre_key;
+        spk.signed_pre_key_signature = forged.signed_pre_key_signature;
+        assert_eq!(spk.verify_for(id.did()), Err(BundleError::BadSignature));
     }
 
     #[test]

@@ -47,6 +47,7 @@ impl Header {
         out
     }
 
+    /// Parses the 40 header bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, HeaderError> {
         let bytes: &[u8; HEADER_LEN] = bytes.try_into().map_err(|_| HeaderError(bytes.len()))?;
         let (dh, rest) = bytes.split_at(32);
@@ -63,7 +64,9 @@ impl Header {
 /// A ratchet message: header and `nonce || ciphertext || tag`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncryptedMessage {
+    /// The header (authenticated, not encrypted).
     pub header: Header,
+    /// `nonce || ciphertext || tag`.
     pub ciphertext: Vec<u8>,
 }
 
@@ -71,8 +74,10 @@ pub struct EncryptedMessage {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EncryptError {
     #[error("no sending chain yet: the responder must receive a message first")]
+    /// The sending chain is not initialised (a responder before its first message).
     NoSendingChain,
     #[error("the sending chain's message numbers are exhausted")]
+    /// The sending chain's counter is exhausted.
     CounterExhausted,
 }
 
@@ -80,18 +85,32 @@ pub enum EncryptError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecryptError {
     #[error("ciphertext of {0} bytes is shorter than nonce and tag")]
+    /// Shorter than a nonce and a tag (the length given).
     CiphertextTooShort(usize),
     #[error("authentication tag does not verify")]
+    /// The AEAD tag does not verify (forged, corrupted, or the wrong session).
     AuthenticationFailed,
     #[error("message {n} was already decrypted or its key expired")]
-    DuplicateOrExpired { n: u32 },
+    /// The message's key was used or dropped already (a replay, or a
+    /// number the sender reused).
+    DuplicateOrExpired {
+        /// The message number.
+        n: u32,
+    },
     #[error("message would skip {requested} keys, more than {MAX_SKIP}")]
-    TooManySkipped { requested: u64 },
+    /// Decrypting would skip more message keys than allowed.
+    TooManySkipped {
+        /// How many it would skip.
+        requested: u64,
+    },
     #[error("no receiving chain for the header's ratchet key")]
+    /// A message on a new ratchet key before any receiving chain exists.
     NoReceivingChain,
     #[error("header carries a low-order ratchet key")]
+    /// The peer's ratchet key is of low order.
     NonContributory,
     #[error("message number overflow")]
+    /// A message number overflows the chain counter.
     CounterOverflow,
 }
 
@@ -331,10 +350,12 @@ impl DoubleRatchet {
         }
     }
 
+    /// Our current ratchet public key.
     pub fn dh_self_public(&self) -> &X25519PublicKey {
         self.dh_self.public()
     }
 
+    /// The peer's current ratchet public key, once known.
     pub fn dh_remote_public(&self) -> Option<&X25519PublicKey> {
         self.dh_remote.as_ref()
     }

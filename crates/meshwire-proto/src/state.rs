@@ -20,18 +20,25 @@ use zeroize::{Zeroize, Zeroizing};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
     #[error("state JSON: {0}")]
+    /// Not the expected JSON (parser message).
     Json(String),
     #[error("{0} must be 32 bytes of hex")]
+    /// A key field is not 32 bytes of hex (the field named).
     InvalidKey(&'static str),
     #[error("skipped key id {0:?} is not \"<64 hex>:<n>\"")]
+    /// A skipped-key id is malformed.
     InvalidSkippedKeyId(String),
     #[error("{0} skipped keys, more than {MAX_SKIPPED_KEYS}")]
+    /// More skipped keys than the cache holds.
     TooManySkippedKeys(usize),
     #[error("dh_self_public is not the public key of dh_self_private")]
+    /// A private key does not match its public key.
     KeyPairMismatch,
     #[error("associated_data is not hex")]
+    /// `associated_data` is not hex.
     InvalidAssociatedData,
     #[error("unknown kdf dialect {0:?}")]
+    /// The `kdf` field names no known dialect.
     UnknownDialect(String),
 }
 
@@ -80,9 +87,35 @@ fn opt_key32(field: &'static str, text: &Option<String>) -> Result<Option<[u8; 3
     text.as_deref().map(|t| key32(field, t)).transpose()
 }
 
-fn to_json_text<T: Serialize>(value: &T) -> Zeroizing<String> {
-    // Serializing strings and integers into a String cannot fail.
-    Zeroizing::new(serde_json::to_string(value).unwrap_or_default())
+/// Serializes `value` into a buffer sized exactly once, so no reallocation
+/// leaves a stray copy of secret text behind; the result zeroizes on drop.
+pub(crate) fn to_json_text<T: Serialize>(value: &T) -> Zeroizing<String> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serializing plain structs of strings and numbers cannot fail.
+    if serde_json::to_writer(&mut count, value).is_err() {
+        return Zeroizing::new(String::new());
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(count.0));
+    if serde_json::to_writer(&mut *bytes, value).is_err() {
+        return Zeroizing::new(String::new());
+    }
+    let bytes = std::mem::take(&mut *bytes);
+    // serde_json writes UTF-8 only.
+    Zeroizing::new(String::from_utf8(bytes).unwrap_or_else(|e| {
+        let mut bytes = e.into_bytes();
+        bytes.zeroize();
+        String::new()
+    }))
 }
 
 impl DoubleRatchet {

@@ -134,6 +134,7 @@ impl Timestamp {
         self.0.abs_diff(other.0)
     }
 
+    /// This time plus `ms` milliseconds (saturating).
     pub fn plus_ms(self, ms: u64) -> Self {
         Self(self.0.saturating_add(ms))
     }

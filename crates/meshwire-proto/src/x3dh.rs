@@ -3,7 +3,7 @@
 use crate::crypto::{Active, CryptoProvider};
 use crate::identity::Identity;
 use crate::keys::{KeyError, KeyPair, SharedDh, SharedSecret, X25519PublicKey};
-use crate::prekeys::{BundleError, OneTimeKeyId, PreKeyBundle, PreKeys};
+use crate::prekeys::{BundleError, OneTimeKeyId, PreKeyBundle, PreKeys, SignedPreKey};
 use rand_core::CryptoRngCore;
 use std::fmt;
 use std::str::FromStr;
@@ -60,11 +60,23 @@ impl FromStr for KdfDialect {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum X3dhError {
     #[error("pre-key bundle: {0}")]
+    /// The bundle did not verify.
     Bundle(#[from] BundleError),
     #[error("a public key is of low order")]
+    /// A public key is of low order.
     NonContributory,
     #[error("one-time pre-key {0} is unknown or already consumed")]
+    /// The establishment names a one-time key not held.
     UnknownOneTimeKey(OneTimeKeyId),
+    /// The initiator's X25519 identity key is not the key of the DID it
+    /// claims (see [`crate::binding`]).
+    #[error("the establishment's identity key does not belong to {did}: {reason}")]
+    NotTheInitiatorsKey {
+        /// The DID the establishment claimed to come from.
+        did: String,
+        /// Which check failed.
+        reason: crate::binding::BindingError,
+    },
 }
 
 impl From<KeyError> for X3dhError {
@@ -75,6 +87,7 @@ impl From<KeyError> for X3dhError {
 
 /// The agreed secret with everything a transcript check needs.
 pub struct X3dhOutput {
+    /// The agreed secret (zeroized on drop).
     pub shared_secret: SharedSecret,
     /// `IK_initiator || IK_responder`.
     pub associated_data: [u8; 64],
@@ -93,8 +106,11 @@ impl fmt::Debug for X3dhOutput {
 /// What the initiator sends so the responder can run its side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Initiation {
+    /// The initiator's X25519 identity key (`ik`).
     pub identity_key: X25519PublicKey,
+    /// The initiator's ephemeral key (`ek`).
     pub ephemeral_key: X25519PublicKey,
+    /// The one-time pre-key it used (`otk`), if any.
     pub one_time_key_id: Option<OneTimeKeyId>,
 }
 
@@ -174,7 +190,19 @@ pub fn respond(
     initiation: &Initiation,
     dialect: KdfDialect,
 ) -> Result<X3dhOutput, X3dhError> {
-    let spk = prekeys.signed_pre_key();
+    respond_with(identity, prekeys.signed_pre_key(), prekeys, initiation, dialect)
+}
+
+/// [`respond`] with a given signed pre-key (the current one or, while it is
+/// kept after a rotation, the previous one: an establishment does not name
+/// the signed pre-key it used).
+pub fn respond_with(
+    identity: &Identity,
+    spk: &SignedPreKey,
+    prekeys: &PreKeys,
+    initiation: &Initiation,
+    dialect: KdfDialect,
+) -> Result<X3dhOutput, X3dhError> {
     let spk_secret = spk.pair.secret();
     let mut dhs = vec![
         spk_secret.diffie_hellman(&initiation.identity_key)?,

@@ -12,6 +12,8 @@
 mod checks;
 #[path = "../../../fuzz/corpus_walk.rs"]
 mod corpus_walk;
+#[path = "../../../fuzz/knock_checks.rs"]
+mod knock_checks;
 
 use corpus_walk::{corpus_dir, replay};
 use meshwire_proto::encoding::b64_std;
@@ -37,6 +39,34 @@ fn state_import_corpus() {
 #[test]
 fn bundle_corpus() {
     assert!(replay("bundle", checks::check_bundle) > 0);
+}
+
+#[test]
+fn knock_corpus() {
+    assert!(replay("knock", knock_checks::check_knock) > 0);
+}
+
+/// Hand-made seeds of the `knock` target (fuzz/knock_checks.rs): each
+/// mutation flag alone and the genuine KNOCK, plus junk frames.
+#[test]
+#[ignore = "writes fuzz/corpus/knock; run by hand to regenerate the seeds"]
+fn write_knock_seeds() {
+    let bob = Identity::from_seed(&[0xb0; 32]).did().to_string();
+    let ik = b64_std(Identity::from_seed(&[0x6d; 32]).x25519_public().as_bytes());
+    let seeds: [(&str, Vec<u8>); 8] = [
+        ("genuine", vec![1, 0]),
+        ("claims-mallory", vec![1, 1]),
+        ("mallory-key", vec![1, 2]),
+        ("no-otk", vec![1, 4]),
+        ("other-otk", vec![1, 8]),
+        ("zero-ek", [vec![1, 0], vec![0; 32]].concat()),
+        ("raw-knock-junk", [b"\0".to_vec(), format!(r#"{{"v":1,"type":"knock","from":"did:mesh:x","to":"{bob}","id":"1","ts":"t","intent":{{}},"establishment":{{"ik":"{ik}","ek":"{ik}","otk":0}}}}"#).into_bytes()].concat()),
+        ("raw-pending", [b"\0".to_vec(), format!(r#"{{"type":"pending_messages","messages":[{{"type":"knock","to":"{bob}"}},{{"type":"message","from":"did:mesh:x","to":"{bob}"}}]}}"#).into_bytes()].concat()),
+    ];
+    for (name, data) in seeds {
+        knock_checks::check_knock(&data);
+        write("knock", name, &data);
+    }
 }
 
 /// The decrypt session is what `fuzz/checks.rs` says, and every pending

@@ -29,9 +29,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A timeout in seconds from Python: finite and non-negative; a huge one
+/// (`1e18`) saturates at [`meshwire::client::MAX_WAIT`] instead of
+/// overflowing the clock.
 fn duration(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     timeout
         .map(|t| {
+            if t.is_finite() && t >= meshwire::client::MAX_WAIT.as_secs_f64() {
+                return Ok(meshwire::client::MAX_WAIT);
+            }
             Duration::try_from_secs_f64(t).map_err(|_| {
                 PyValueError::new_err(format!(
                     "timeout must be a non-negative, finite number of seconds, got {t}"
@@ -315,6 +321,7 @@ fn error_kind_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Knock => "knock",
         ErrorKind::Plaintext => "plaintext",
         ErrorKind::Relay => "relay",
+        ErrorKind::Rollback => "rollback",
     }
 }
 
@@ -336,6 +343,7 @@ impl PyEvent {
             ClientEvent::Connected { reconnect: false } => "connected",
             ClientEvent::Connected { reconnect: true } => "reconnected",
             ClientEvent::Disconnected { .. } => "disconnected",
+            ClientEvent::Displaced { .. } => "displaced",
             ClientEvent::TakenOver { .. } => "taken_over",
             ClientEvent::Rejected { .. } => "rejected",
             ClientEvent::Knock { .. } => "knock",
@@ -373,12 +381,14 @@ impl PyEvent {
         }
     }
 
-    /// Why (`disconnected`, `taken_over`, `rejected`, `knock_rejected`).
+    /// Why (`disconnected`, `displaced`, `taken_over`, `rejected`,
+    /// `knock_rejected`).
     #[getter]
     fn reason(&self) -> Option<&str> {
         match &self.event {
             ClientEvent::Disconnected { reason, .. }
             | ClientEvent::TakenOver { reason }
+            | ClientEvent::Displaced { reason, .. }
             | ClientEvent::Rejected { reason, .. } => Some(reason),
             ClientEvent::KnockRejected { reason, .. } => reason.as_deref(),
             _ => None,
@@ -512,6 +522,7 @@ impl PyMeshClient {
         knock_policy = None,
         metadata = None,
         connect_timeout = 10.0,
+        relay_token = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -525,6 +536,7 @@ impl PyMeshClient {
         knock_policy: Option<Py<PyAny>>,
         metadata: Option<BTreeMap<String, String>>,
         connect_timeout: f64,
+        relay_token: Option<String>,
     ) -> PyResult<Self> {
         check_callable(&knock_policy, py)?;
         let mut config = ClientConfig::new(relay_url, registry_url);
@@ -532,6 +544,7 @@ impl PyMeshClient {
         config.capabilities = capabilities;
         config.metadata = metadata.unwrap_or_default();
         config.connect_timeout = duration(Some(connect_timeout))?.unwrap_or(config.connect_timeout);
+        config.relay_token = relay_token.map(zeroize::Zeroizing::new);
         let (closed, _) = watch::channel(false);
         Ok(Self {
             shared: Arc::new(Shared {

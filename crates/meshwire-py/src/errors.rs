@@ -231,7 +231,9 @@ impl ToPyErr for RustRegistryError {
 impl ToPyErr for SendError {
     fn to_py_err(self) -> PyErr {
         match self {
-            SendError::NoSession(_) | SendError::Encrypt(_) => new_err(Kind::State, self.to_string()),
+            SendError::NoSession(_) | SendError::Encrypt(_) | SendError::TooManyUnconfirmed { .. } => {
+                new_err(Kind::State, self.to_string())
+            }
             SendError::X3dh(_) | SendError::Did(_) => new_err(Kind::Protocol, self.to_string()),
         }
     }
@@ -242,7 +244,9 @@ impl ToPyErr for ClientError {
         let message = self.to_string();
         match self {
             ClientError::Registry(e) => registry_err(&e, message),
-            ClientError::Relay(_) => new_err(Kind::Relay, message),
+            ClientError::Relay(_) | ClientError::RelayConnect(_) => new_err(Kind::Relay, message),
+            ClientError::UntrustedBundle { .. } => new_err(Kind::Protocol, message),
+            ClientError::CorruptState { .. } => new_err(Kind::State, message),
             ClientError::Session(e) => e.to_py_err(),
             ClientError::Store(_) => new_err(Kind::Store, message),
             ClientError::State(_) => new_err(Kind::State, message),

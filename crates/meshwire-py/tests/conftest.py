@@ -26,6 +26,18 @@ ECHO_BIN = pathlib.Path(os.environ.get("MESHWIRE_ECHO_BIN", REPO / "target" / "d
 LOG_DIR = pathlib.Path(os.environ.get("MESHWIRE_TEST_LOGS", REPO / "target" / "py-test-logs"))
 
 
+#: Why the tests that need the reference package are skipped without it.
+AGENTMESH_MISSING = (
+    "the reference package `agentmesh` is not installed "
+    "(pip install 'agent-governance-toolkit-core[api]==5.0.0' uvicorn websockets; ci.sh does)"
+)
+
+
+def require_agentmesh() -> None:
+    """Skips the calling test (with the reason) unless `agentmesh` imports."""
+    pytest.importorskip("agentmesh", reason=AGENTMESH_MISSING)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -114,6 +126,7 @@ def meshwire_server() -> Iterator[Backend]:
 def agt_servers() -> Iterator[Backend]:
     """The reference AGT 5.0.0 relay and registry (`python -m agentmesh.relay`
     and `python -m agentmesh.registry`) from this interpreter's environment."""
+    require_agentmesh()
     registry_port, relay_port = free_port(), free_port()
     common = ["--host", "127.0.0.1", "--log-level", "warning"]
     registry = Process(

@@ -1,5 +1,6 @@
 //! Server configuration and the injectable wall clock.
 
+use crate::replay::ProofLedger;
 use meshwire_proto::time::Timestamp;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,8 +114,74 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Minimum time between two accepted registry heartbeats of one agent.
     pub heartbeat_min_interval: Duration,
+    /// How far a signed timestamp (relay `connect`, `Ed25519-Timestamp`
+    /// header, registration proof) may be from the server clock, either
+    /// way. Default 5 minutes, as the reference servers. A proof is
+    /// remembered (and refused a second time) until its timestamp leaves
+    /// this window.
+    pub replay_window: Duration,
+    /// Live proofs the once-only memory holds in total; when full, new
+    /// proofs are refused (503 / close 4005) until some expire. Default
+    /// [`DEFAULT_MAX_LIVE_PROOFS`](crate::DEFAULT_MAX_LIVE_PROOFS).
+    pub max_live_proofs: usize,
+    /// Live proofs the once-only memory holds for one DID. Default
+    /// [`DEFAULT_MAX_LIVE_PROOFS_PER_DID`](crate::DEFAULT_MAX_LIVE_PROOFS_PER_DID).
+    pub max_live_proofs_per_did: usize,
+    /// A shared once-only memory (e.g. for a cluster); `None` keeps one in
+    /// process, bounded by the two limits above.
+    pub proof_ledger: Option<Arc<dyn ProofLedger>>,
+    /// Refuse the timestamp forms of authentication (relay `connect` with
+    /// `timestamp`, `Authorization: Ed25519-Timestamp`): only
+    /// challenge-bound proofs (docs/specs/MESHWIRE-CHALLENGE-AUTH.md) are
+    /// accepted. Reference (AGT) clients cannot connect then. Off by default.
+    pub require_challenge: bool,
+    /// How long an issued challenge nonce stays usable. Default 60 s.
+    pub challenge_ttl: Duration,
+    /// Key of the HMAC that makes challenge nonces verifiable without
+    /// state; instances of one deployment must share it. `None`: a random
+    /// key per process.
+    pub challenge_secret: Option<ChallengeSecret>,
+    /// Origins (`https://mesh.example.com`) a challenge proof's audience may
+    /// name, for servers behind a proxy. Empty: the audience's host and
+    /// port must be the request's `Host` header. A relay audience
+    /// `wss://h` matches the origin `https://h` (and `ws://` `http://`).
+    pub public_origins: Vec<String>,
+    /// Pre-key bundle fetches one requester (its authenticated DID, else
+    /// its peer IP) may make per minute; more get 429 with `Retry-After`.
+    /// Default 30. `0` disables the limit.
+    pub bundle_fetches_per_minute: u32,
+    /// Also limit unauthenticated fetches from loopback addresses. Off by
+    /// default: local tests and interop runs put every agent behind
+    /// 127.0.0.1, where one shared budget would throttle them all. (Behind
+    /// a reverse proxy on the same host every request is loopback: turn
+    /// this on there, or limit at the proxy.)
+    pub rate_limit_loopback: bool,
+    /// Requesters whose bundle fetch budget is tracked; past it, untracked
+    /// requesters share one budget. Default 10,000.
+    pub max_rate_limited_requesters: usize,
+    /// How long the registry keeps an agent's previous signed pre-key after
+    /// a rotation (AGT spec section 6.2: 14 days).
+    pub signed_pre_key_retention: Duration,
     /// The wall clock.
     pub clock: Arc<dyn Clock>,
+}
+
+/// The HMAC key of challenge nonces (zeroized on drop, never printed).
+#[derive(Clone)]
+pub struct ChallengeSecret(pub(crate) zeroize::Zeroizing<[u8; 32]>);
+
+impl ChallengeSecret {
+    /// A secret from 32 bytes (share them between the instances of one
+    /// deployment).
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(zeroize::Zeroizing::new(bytes))
+    }
+}
+
+impl fmt::Debug for ChallengeSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChallengeSecret(<redacted>)")
+    }
 }
 
 impl ServerConfig {
@@ -126,6 +193,10 @@ impl ServerConfig {
 
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    pub(crate) fn window_ms(&self) -> u64 {
+        duration_ms(self.replay_window)
     }
 }
 
@@ -149,6 +220,18 @@ impl Default for ServerConfig {
             max_one_time_keys: 1000,
             max_body_bytes: 256 * 1024,
             heartbeat_min_interval: Duration::from_secs(10),
+            replay_window: Duration::from_millis(meshwire_proto::auth::REPLAY_WINDOW_MS),
+            max_live_proofs: crate::replay::DEFAULT_MAX_LIVE_PROOFS,
+            max_live_proofs_per_did: crate::replay::DEFAULT_MAX_LIVE_PROOFS_PER_DID,
+            proof_ledger: None,
+            require_challenge: false,
+            challenge_ttl: Duration::from_secs(60),
+            challenge_secret: None,
+            public_origins: Vec::new(),
+            bundle_fetches_per_minute: 30,
+            rate_limit_loopback: false,
+            max_rate_limited_requesters: 10_000,
+            signed_pre_key_retention: Duration::from_secs(14 * 24 * 3600),
             clock: Arc::new(SystemClock),
         }
     }
@@ -174,6 +257,18 @@ impl fmt::Debug for ServerConfig {
             .field("max_one_time_keys", &self.max_one_time_keys)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("heartbeat_min_interval", &self.heartbeat_min_interval)
+            .field("replay_window", &self.replay_window)
+            .field("max_live_proofs", &self.max_live_proofs)
+            .field("max_live_proofs_per_did", &self.max_live_proofs_per_did)
+            .field("proof_ledger", &self.proof_ledger.as_ref().map(|_| "<custom>"))
+            .field("require_challenge", &self.require_challenge)
+            .field("challenge_ttl", &self.challenge_ttl)
+            .field("challenge_secret", &self.challenge_secret)
+            .field("public_origins", &self.public_origins)
+            .field("bundle_fetches_per_minute", &self.bundle_fetches_per_minute)
+            .field("rate_limit_loopback", &self.rate_limit_loopback)
+            .field("max_rate_limited_requesters", &self.max_rate_limited_requesters)
+            .field("signed_pre_key_retention", &self.signed_pre_key_retention)
             .finish_non_exhaustive()
     }
 }

@@ -19,13 +19,20 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod challenge;
 mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
+mod ratelimit;
 mod registry;
 mod relay;
+pub mod replay;
 mod server;
+pub mod storage;
 mod util;
 
-pub use config::{Clock, ManualClock, ServerConfig, SystemClock};
+pub use config::{ChallengeSecret, Clock, ManualClock, ServerConfig, SystemClock};
 pub use relay::close_code;
+pub use replay::{ClaimError, MemoryLedger, ProofLedger, DEFAULT_MAX_LIVE_PROOFS, DEFAULT_MAX_LIVE_PROOFS_PER_DID};
 pub use server::{serve, serve_with_shutdown, start, start_split, RunningServer, Server, ServerError, Stats};

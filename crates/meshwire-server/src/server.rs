@@ -1,10 +1,13 @@
 //! Wiring: shared state, routers, listeners and shutdown.
 
+use crate::challenge::Challenges;
 use crate::config::{duration_ms, ServerConfig};
 use crate::http::{method_not_allowed_fallback, not_found_fallback};
+use crate::ratelimit::RateLimiter;
 use crate::registry::store::RegistryStore;
 use crate::relay::inbox::InboxLimits;
 use crate::relay::Relay;
+use crate::replay::{Ledger, MemoryLedger, ProofLedger};
 use crate::{registry, relay};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
@@ -45,6 +48,14 @@ pub struct Stats {
     pub messages_delivered: u64,
     /// Frames in the inbox now (not yet acknowledged or expired).
     pub pending_messages: usize,
+    /// Proofs of possession in the once-only memory now.
+    pub live_proofs: usize,
+    /// Proofs refused because they were already used (replays).
+    pub replayed_proofs_refused: u64,
+    /// Proofs refused because the once-only memory was full.
+    pub proofs_refused_full: u64,
+    /// Pre-key bundle fetches refused by the per-requester rate limit.
+    pub bundle_fetches_limited: u64,
 }
 
 /// State shared by every handler and connection.
@@ -52,6 +63,10 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) registry: RegistryStore,
     pub(crate) relay: Relay,
+    /// The once-only proof memory of relay and registry.
+    pub(crate) ledger: Ledger,
+    pub(crate) challenges: Challenges,
+    pub(crate) bundle_limiter: RateLimiter,
     shutdown: watch::Sender<bool>,
     /// Each relay connection holds a clone; taken on shutdown so that the
     /// receiver below sees the channel close once all connections ended.
@@ -104,16 +119,32 @@ impl Server {
         };
         let (sessions_tx, sessions_rx) = mpsc::channel(1);
         let (shutdown, _) = watch::channel(false);
+        let ledger: Arc<dyn ProofLedger> = match &config.proof_ledger {
+            Some(ledger) => Arc::clone(ledger),
+            None => Arc::new(MemoryLedger::new(
+                config.max_live_proofs,
+                config.max_live_proofs_per_did,
+            )),
+        };
+        let challenges = Challenges::new(&config);
+        let bundle_limiter = RateLimiter::new(config.bundle_fetches_per_minute, config.max_rate_limited_requesters);
         Self {
             shared: Arc::new(Shared {
                 config,
                 registry: RegistryStore::default(),
                 relay: Relay::new(limits),
+                ledger: Ledger::new(ledger),
+                challenges,
+                bundle_limiter,
                 shutdown,
                 sessions: Mutex::new(Some(sessions_tx)),
                 sessions_closed: tokio::sync::Mutex::new(sessions_rx),
             }),
         }
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     fn finish(&self, routes: Router<Arc<Shared>>) -> Router {
@@ -125,10 +156,13 @@ impl Server {
     }
 
     /// Relay (`/ws`) and registry (`/v1/...`) on one router; `/health`
-    /// reports both.
+    /// reports both. Serve it with
+    /// `into_make_service_with_connect_info::<SocketAddr>()` so that bundle
+    /// fetches are rate-limited per peer IP (without connect info only
+    /// authenticated fetches are).
     pub fn router(&self) -> Router {
         self.finish(
-            registry::routes()
+            self.registry_routes()
                 .route("/ws", get(relay::ws_handler))
                 .route("/health", get(relay::combined_health)),
         )
@@ -145,7 +179,17 @@ impl Server {
 
     /// The registry alone: `/v1/...` and `/health`.
     pub fn registry_router(&self) -> Router {
-        self.finish(registry::routes().route("/health", get(registry::health)))
+        self.finish(self.registry_routes().route("/health", get(registry::health)))
+    }
+
+    /// The registry routes; every answer carries a fresh challenge nonce
+    /// in `x-meshwire-challenge` (how the registry advertises
+    /// challenge-bound proofs; reference clients ignore the header).
+    fn registry_routes(&self) -> Router<Arc<Shared>> {
+        registry::routes().layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&self.shared),
+            registry::advertise_challenge,
+        ))
     }
 
     pub fn stats(&self) -> Stats {
@@ -157,6 +201,10 @@ impl Server {
             messages_stored: relay.stored.load(Ordering::Relaxed),
             messages_delivered: relay.delivered.load(Ordering::Relaxed),
             pending_messages: relay.pending_messages(),
+            live_proofs: self.shared.ledger.live(),
+            replayed_proofs_refused: self.shared.ledger.replays_refused.load(Ordering::Relaxed),
+            proofs_refused_full: self.shared.ledger.full_refused.load(Ordering::Relaxed),
+            bundle_fetches_limited: self.shared.bundle_limiter.refused.load(Ordering::Relaxed),
         }
     }
 
@@ -195,7 +243,11 @@ impl Server {
     /// Serves `router` on `listener` until shutdown begins.
     fn spawn_listener(&self, listener: TcpListener, router: Router) -> JoinHandle<std::io::Result<()>> {
         let signal = self.shutdown_signal();
-        tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(signal).await })
+        tokio::spawn(async move {
+            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(signal)
+                .await
+        })
     }
 
     /// Serves relay and registry on `listener` until `signal` completes (or
@@ -213,9 +265,12 @@ impl Server {
             }
             this.begin_shutdown();
         };
-        let result = axum::serve(listener, self.router())
-            .with_graceful_shutdown(signal)
-            .await;
+        let result = axum::serve(
+            listener,
+            self.router().into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal)
+        .await;
         self.begin_shutdown();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.connections_closed()).await;
         result.map_err(ServerError::from)
@@ -280,6 +335,9 @@ impl RunningServer {
             }
         };
         tracing::info!(%relay_addr, %registry_addr, "meshwire server started");
+        if server.shared.config.require_challenge {
+            tracing::info!("timestamp proofs refused: challenge-bound proofs required");
+        }
         Ok(Self {
             server,
             relay_addr,

@@ -44,9 +44,37 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Untrusted text (a DID or id from a frame or a path) for log fields:
+/// control characters, quotes and backslashes escaped as Rust's
+/// `escape_debug` does, so a value cannot end a log line or forge one; at
+/// most [`MAX_LOGGED_CHARS`] characters, then `…`.
+pub(crate) struct Esc<'a>(pub(crate) &'a str);
+
+/// Longest untrusted string written to a log line.
+pub(crate) const MAX_LOGGED_CHARS: usize = 200;
+
+impl std::fmt::Display for Esc<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars().take(MAX_LOGGED_CHARS) {
+            write!(f, "{}", c.escape_debug())?;
+        }
+        if self.0.chars().nth(MAX_LOGGED_CHARS).is_some() {
+            f.write_str("…")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_log_text_stays_on_one_line() {
+        let text = Esc("did:mesh:x\nINFO forged line\u{1b}[31m").to_string();
+        assert!(!text.contains('\n') && !text.contains('\u{1b}'));
+        assert_eq!(Esc(&"a".repeat(500)).to_string().chars().count(), MAX_LOGGED_CHARS + 1);
+    }
 
     #[test]
     fn isoformat_like_python() {

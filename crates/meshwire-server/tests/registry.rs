@@ -168,7 +168,11 @@ async fn prekeys_upload_and_fetch() {
 
 #[tokio::test]
 async fn concurrent_fetches_get_distinct_one_time_keys() {
-    let t = TestServer::start().await;
+    let t = TestServer::with_config(meshwire_server::ServerConfig {
+        bundle_fetches_per_minute: 0,
+        ..Default::default()
+    })
+    .await;
     let bob = identity(3);
     t.register(&bob, &[]).await;
     let (response, _) = t.upload_prekeys(&bob, 40).await;
@@ -203,7 +207,7 @@ async fn prekey_bundles_with_wrong_lengths_are_400() {
     let put = |body: Value| {
         t.http
             .put(t.url(&format!("/v1/agents/{}/prekeys", bob.did())))
-            .header("Authorization", ed25519_timestamp_header(&bob, NOW))
+            .header("Authorization", common::fresh_auth(&bob))
             .json(&body)
             .send()
     };
@@ -295,14 +299,14 @@ async fn authentication_failures() {
             401,
             "Timestamp outside replay window",
         ),
-        (Some(ed25519_timestamp_header(&carol, NOW)), 401, "Agent not registered"),
+        (Some(common::fresh_auth(&carol)), 401, "Agent not registered"),
         (
-            Some(ed25519_timestamp_header(&alice, NOW).replace(&a, bob.did().as_str())),
+            Some(common::fresh_auth(&alice).replace(&a, bob.did().as_str())),
             401,
             "Invalid signature",
         ),
         (
-            Some(ed25519_timestamp_header(&bob, NOW)),
+            Some(common::fresh_auth(&bob)),
             403,
             "Authenticated DID does not match heartbeat target",
         ),
@@ -317,7 +321,7 @@ async fn authentication_failures() {
     let response = t
         .http
         .put(t.url(&format!("/v1/agents/{a}/prekeys")))
-        .header("Authorization", ed25519_timestamp_header(&bob, NOW))
+        .header("Authorization", common::fresh_auth(&bob))
         .json(&body)
         .send()
         .await
@@ -342,7 +346,7 @@ async fn authentication_failures() {
             .header("Authorization", header)
             .send()
     };
-    let (status, got) = status_and_json(delete(ed25519_timestamp_header(&bob, NOW)).await.unwrap()).await;
+    let (status, got) = status_and_json(delete(common::fresh_auth(&bob)).await.unwrap()).await;
     assert_eq!((status, got), (403, detail("DID mismatch")));
     let (status, got) = status_and_json(
         delete(ed25519_timestamp_header(&alice, &iso_at(400_000)))
@@ -353,12 +357,19 @@ async fn authentication_failures() {
     assert_eq!((status, got), (401, detail("Timestamp outside replay window")));
     let response = t.http.delete(t.url(&format!("/v1/agents/{a}"))).send().await.unwrap();
     assert_eq!(response.status(), 422);
-    let response = delete(ed25519_timestamp_header(&alice, NOW)).await.unwrap();
+    let response = delete(common::fresh_auth(&alice)).await.unwrap();
     assert_eq!(response.status(), 204);
     assert!(response.text().await.unwrap().is_empty());
     assert_eq!(t.get(&format!("/v1/agents/{a}")).await.status(), 404);
-    // Registering again after deregistration works.
-    assert_eq!(t.register(&alice, &[]).await.status(), 201);
+    // Replaying the first registration does not bring the agent back (its
+    // proof was used); a fresh registration after deregistration works.
+    let (status, got) = status_and_json(t.register(&alice, &[]).await).await;
+    assert_eq!(
+        (status, got),
+        (401, detail("Proof already used: replayed registration proof"))
+    );
+    let fresh = TestServer::registration_body(&alice, &common::fresh_ts(), &[]);
+    assert_eq!(t.post_json("/v1/agents", &fresh).await.status(), 201);
 }
 
 #[tokio::test]
@@ -369,7 +380,7 @@ async fn heartbeat_throttle_and_presence() {
     let beat = || {
         t.http
             .post(t.url(&format!("/v1/agents/{}/heartbeat", alice.did())))
-            .header("Authorization", ed25519_timestamp_header(&alice, NOW))
+            .header("Authorization", common::fresh_auth(&alice))
             .send()
     };
     let presence = format!("/v1/agents/{}/presence", alice.did());
@@ -449,7 +460,7 @@ async fn reputation_and_unknown_routes() {
     let rate = |target: &str, score: Value, who: &meshwire_proto::Identity| {
         t.http
             .post(t.url(&format!("/v1/agents/{target}/reputation")))
-            .header("Authorization", ed25519_timestamp_header(who, NOW))
+            .header("Authorization", common::fresh_auth(who))
             .json(&json!({"score": score}))
             .send()
     };

@@ -484,6 +484,10 @@ pub fn documents() -> Result<Vec<(String, Document)>, String> {
             format!("ratchet-{dialect}.json"),
             document("ratchet", Some(dialect), to_values(&ratchets)?),
         ));
+        docs.push((
+            format!("mesh-session-{dialect}.json"),
+            document("mesh-session", Some(dialect), crate::mesh_generate::cases(dialect)?),
+        ));
     }
     let identities: Vec<IdentityCase> = (0..3).map(|i| identity_case(&format!("identity-{i}"))).collect();
     docs.push((

@@ -19,6 +19,7 @@ pub struct ScriptedRng {
 }
 
 impl ScriptedRng {
+    /// A generator that yields `values` in order, one per `fill_bytes` call.
     pub fn new<I: IntoIterator<Item = Vec<u8>>>(values: I) -> Self {
         Self {
             queue: values.into_iter().collect(),
@@ -96,6 +97,8 @@ pub struct LabelRng {
 }
 
 impl LabelRng {
+    /// A generator for the party whose labels start with `prefix`
+    /// (`agentmesh-golden/<case>/<party>`), with both counters at 0.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
@@ -107,14 +110,20 @@ impl LabelRng {
         }
     }
 
+    /// Returns the 32-byte (ratchet private key) values drawn since the
+    /// last call, in draw order, and forgets them.
     pub fn take_ratchet_draws(&mut self) -> Vec<[u8; 32]> {
         std::mem::take(&mut self.ratchet_draws)
     }
 
+    /// Returns the last 12-byte nonce drawn, if any since the last call,
+    /// and forgets it.
     pub fn take_nonce(&mut self) -> Option<[u8; 12]> {
         self.last_nonce.take()
     }
 
+    /// The first unexpected draw (`next_u32`, `next_u64`, or a length
+    /// other than 32 or 12 bytes, which was filled with zeros), if any.
     pub fn error(&self) -> Option<&str> {
         self.error.as_deref()
     }

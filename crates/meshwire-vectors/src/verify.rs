@@ -12,27 +12,54 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// A file could not be read as the schema.
+/// A file could not be read as the schema. Problems inside one case are
+/// not errors: they are reported as [`CaseOutcome::Failed`].
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// A file or directory could not be listed, inspected or read.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not an `agentmesh-golden/1` document: not JSON of the
+    /// document's shape, another `schema`, an unknown `kdf` or `kind`.
     #[error("{path}: not an {SCHEMA} file: {reason}")]
-    Schema { path: String, reason: String },
+    Schema {
+        /// The file's label (see [`verify_document`]).
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
+/// The verdict on one case.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaseOutcome {
+    /// Every recorded output was reproduced.
     Passed,
+    /// The case does not match its kind's shape, or an output differs;
+    /// the message names the field, with expected and actual values.
     Failed(String),
+    /// The case was not checked; the message says why. (The interpreter
+    /// itself never skips today; the variant is for callers' reports.)
     Skipped(String),
 }
 
+/// The outcome of one case of one file. `Display` prints one line:
+/// `PASS|FAIL|SKIP <file> <kind> <name>[: <why>]`.
 #[derive(Debug, Clone)]
 pub struct CaseResult {
+    /// The file's label: `<parent folder>/<file name>` from [`verify_path`],
+    /// or the label given to [`verify_document`].
     pub file: String,
+    /// The document's `kind` (`x3dh`, `ratchet`, `identity`, `mesh-session`).
     pub kind: String,
+    /// The case's `name`, or `#<index>` when it has none.
     pub name: String,
+    /// The verdict.
     pub outcome: CaseOutcome,
 }
 
@@ -92,7 +119,14 @@ fn dialect_of(doc: &Document) -> Result<KdfDialect, String> {
 }
 
 /// Verifies every vector file at `path` (a file, or a directory searched
-/// recursively for `*.json`).
+/// recursively for `*.json`, in sorted path order) and returns one result
+/// per case.
+///
+/// # Errors
+///
+/// [`VerifyError::Io`] when `path` or a file under it cannot be read, and
+/// [`VerifyError::Schema`] when a file is not a schema document (see
+/// [`verify_document`]); the first such file stops the run.
 pub fn verify_path(path: &Path) -> Result<Vec<CaseResult>, VerifyError> {
     let mut files = Vec::new();
     collect_json(path, &mut files)?;
@@ -146,7 +180,14 @@ fn collect_json(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), VerifyError> 
     }
 }
 
-/// Verifies one vector document; `label` names it in the results.
+/// Verifies one vector document given as JSON text and returns one result
+/// per case, in file order; `label` names the document in the results and
+/// errors.
+///
+/// # Errors
+///
+/// [`VerifyError::Schema`] when `text` is not a document of the schema's
+/// shape, its `schema` is not [`SCHEMA`], or its `kdf` or `kind` is unknown.
 pub fn verify_document(text: &str, label: &str) -> Result<Vec<CaseResult>, VerifyError> {
     let schema_error = |reason: String| VerifyError::Schema {
         path: label.to_owned(),
@@ -307,7 +348,8 @@ fn verify_x3dh(case: &X3dhCase, dialect: KdfDialect) -> Check {
     Ok(())
 }
 
-/// The schema's view of a ratchet.
+/// The schema's view of a ratchet: its keys as lowercase hex, counters and
+/// skipped-key cache, in the shape of `state_after`.
 pub fn snapshot(r: &DoubleRatchet) -> StateSnapshot {
     StateSnapshot {
         root_key: hex::encode(r.root_key().as_bytes()),
@@ -356,7 +398,8 @@ fn same_state(what: &str, expected: &StateSnapshot, actual: &StateSnapshot) -> C
     Err(format!("{what}: {}", diffs.join("; ")))
 }
 
-/// Error kinds meshwire's own files name in `expect_error`.
+/// The `expect_error` name meshwire's own files use for a decrypt error
+/// (e.g. `"too-many-skipped"`, `"bad-tag"`, `"duplicate"`).
 pub fn error_kind(e: &DecryptError) -> &'static str {
     match e {
         DecryptError::CiphertextTooShort(_) => "ciphertext-too-short",

@@ -102,6 +102,16 @@ fn committed_vectors_are_current_and_pass() {
     let results = verify_path(&repo_vectors()).unwrap();
     assert!(results.iter().all(|r| r.outcome == CaseOutcome::Passed), "{results:#?}");
     assert!(results.len() >= 15);
+    for kdf in ["spec", "legacy-ff-salt"] {
+        let sessions = results
+            .iter()
+            .filter(|r| r.kind == "mesh-session" && r.file.ends_with(&format!("mesh-session-{kdf}.json")))
+            .count();
+        assert!(
+            sessions >= 9,
+            "only {sessions} mesh-session cases in mesh-session-{kdf}.json"
+        );
+    }
 }
 
 /// Applies `mutate` to a fresh copy of our document `file` and returns the
@@ -356,5 +366,85 @@ fn mutated_mesh_session_recordings_fail() {
                 "{producer}: mutating {what} was not detected"
             );
         }
+    }
+}
+
+/// Every identity the reference runtimes produced binds its keys to its DID
+/// the way `meshwire_proto::binding` enforces: the DID derives from the
+/// Ed25519 key, the X25519 identity key is that key's Montgomery image, and
+/// the X25519 key alone finds the DID through one of its Edwards preimages.
+#[test]
+fn every_reference_identity_is_bound_to_its_did() {
+    use meshwire_proto::binding::{check_identity_keys, check_x25519_identity};
+    use meshwire_proto::{Did, Ed25519PublicKey, X25519PublicKey};
+
+    fn key(v: &Value) -> Option<[u8; 32]> {
+        hex::decode(v.as_str()?).ok()?.try_into().ok()
+    }
+    /// Where it was found, the Ed25519 and X25519 keys, and the DID if given.
+    type Found = (String, [u8; 32], [u8; 32], Option<String>);
+    fn walk(v: &Value, found: &mut Vec<Found>, at: &str) {
+        match v {
+            Value::Object(map) => {
+                for prefix in ["", "alice_", "bob_"] {
+                    let ed = map.get(&format!("{prefix}ed25519_public")).and_then(key);
+                    let x = map.get(&format!("{prefix}x25519_public")).and_then(key);
+                    if let (Some(ed), Some(x)) = (ed, x) {
+                        let did = map
+                            .get(&format!("{prefix}did"))
+                            .and_then(Value::as_str)
+                            .map(str::to_owned);
+                        found.push((format!("{at}/{prefix}"), ed, x, did));
+                    }
+                }
+                for (k, child) in map {
+                    walk(child, found, &format!("{at}/{k}"));
+                }
+            }
+            Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    walk(child, found, &format!("{at}[{i}]"));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let Some(dir) = shared_vectors() else { return };
+    let mut found = Vec::new();
+    let mut producers = std::collections::BTreeSet::new();
+    for producer in std::fs::read_dir(&dir).unwrap() {
+        let producer = producer.unwrap().path();
+        if !producer.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&producer).unwrap() {
+            let file = file.unwrap().path();
+            if file.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let before = found.len();
+            let value: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            walk(&value, &mut found, &file.display().to_string());
+            if found.len() > before {
+                producers.insert(producer.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    assert_eq!(
+        producers.into_iter().collect::<Vec<_>>(),
+        ["python-5.0.0", "ts-main", "ts-sdk-4.0.0"],
+        "identities from every producer"
+    );
+    assert!(found.len() >= 20, "only {} identities found", found.len());
+    for (at, ed, x, did) in &found {
+        let ed = Ed25519PublicKey::from_bytes(*ed);
+        let x = X25519PublicKey::from_bytes(*x);
+        let derived = Did::from_public_key(&ed);
+        if let Some(did) = did {
+            assert_eq!(did, derived.as_str(), "{at}: DID is not sha256-derived");
+        }
+        check_identity_keys(&derived, &ed, &x).unwrap_or_else(|e| panic!("{at}: {e}"));
+        assert_eq!(check_x25519_identity(&derived, &x).unwrap(), ed, "{at}");
     }
 }

@@ -1,6 +1,10 @@
 //! An echo agent: joins a relay and registry under a display name, prints
 //! its DID as the first line of stdout, and answers every JSON message with
-//! `{"echo": <payload>}` (bytes payloads are sent back as the same bytes).
+//! `{"echo": <payload>}` (bytes payloads are sent back as the same bytes),
+//! except echoes: a JSON object with an `echo` key gets no answer, so two
+//! echo agents (one started with `--greet` toward the other) exchange one
+//! greeting and one echo, not an endless bounce. Each message is logged on
+//! stderr (`answered` or `not answering an echo`).
 //!
 //! ```text
 //! cargo run -p meshwire --example echo -- --relay ws://127.0.0.1:8765 \
@@ -15,6 +19,7 @@
 
 use meshwire::{load_or_create_identity, ClientConfig, ClientEvent, Identity, MeshClient, Payload};
 use serde_json::json;
+use serde_json::Value;
 use std::error::Error;
 use std::io::Write;
 use std::path::PathBuf;
@@ -63,6 +68,11 @@ fn options() -> Result<Options, String> {
         }
     }
     Ok(o)
+}
+
+/// An echo (a JSON object with an `echo` key) is never answered.
+fn is_echo(value: &Value) -> bool {
+    value.as_object().is_some_and(|o| o.contains_key("echo"))
 }
 
 async fn stop_signal() {
@@ -134,9 +144,16 @@ async fn main() -> Result<(), Box<dyn Error>> {
         };
         let Some(message) = message else { break };
         let sent = match &message.payload {
+            Payload::Json(value) if is_echo(value) => {
+                eprintln!("from {}: not answering an echo", message.from);
+                continue;
+            }
             Payload::Json(value) => client.send(&message.from, &json!({ "echo": value })).await,
             Payload::Bytes(bytes) => client.send_bytes(&message.from, bytes).await,
         };
+        if sent.is_ok() {
+            eprintln!("from {}: answered", message.from);
+        }
         if let Err(e) = sent {
             eprintln!("could not answer {}: {e}", message.from);
         }

@@ -10,7 +10,7 @@ use crate::registry::{DiscoverResult, RegistryClient, RegistryError, RegistryOpt
 use crate::store::{SessionStore, StoreError};
 use futures_util::{SinkExt, StreamExt};
 use meshwire_proto::encoding::{b64_decode, b64_std};
-use meshwire_proto::frames::{self, ConnectFrame, FetchPendingFrame, Frame};
+use meshwire_proto::frames::{self, ConnectFrame, FetchPendingFrame};
 use meshwire_proto::mesh::{ErrorKind, Event, Mesh, MeshConfig, PeerInfo, RandomUuids, SendError, CONTROL_KEY};
 use meshwire_proto::time::Timestamp;
 use meshwire_proto::{Did, Identity, KdfDialect, PreKeys};
@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// Registry metadata key advertising the X3DH KDF dialect.
@@ -44,6 +44,45 @@ pub const CLOSE_PROOF_REJECTED: u16 = 4005;
 /// Relay close code: authentication failed.
 pub const CLOSE_AUTH_FAILED: u16 = 4003;
 
+/// Peers whose registry metadata is cached at once (a KNOCK from a new
+/// DID adds one); beyond it an arbitrary entry is evicted and looked up
+/// again when needed.
+pub const PEER_INFO_CACHE: usize = 4096;
+
+/// Longest wait the client schedules. Longer timeouts, intervals and
+/// backoffs saturate to it rather than overflow the clock (`Instant +
+/// Duration` panics past the end of the clock's range).
+pub const MAX_WAIT: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// Room allowed on the relay socket beyond [`MeshConfig::max_frame_bytes`]
+/// for a relay's envelope around a frame (`pending_messages`, an `error`
+/// frame quoting one). The state machine rejects any frame longer than
+/// `max_frame_bytes` anyway; this limit makes the socket refuse a longer
+/// WebSocket message or frame before it is buffered.
+pub const RELAY_ENVELOPE_SLACK: usize = 64 * 1024;
+
+/// The instant `timeout` from now, saturating at [`MAX_WAIT`]: never panics,
+/// whatever the timeout (`Duration::MAX` included).
+pub fn deadline_after(timeout: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout.min(MAX_WAIT))
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
+}
+
+/// `period` capped at [`MAX_WAIT`] (and at least 1 ms), for intervals and
+/// sleeps whose length comes from configuration.
+pub fn saturating_period(period: Duration) -> Duration {
+    period.clamp(Duration::from_millis(1), MAX_WAIT)
+}
+
+/// Unverified text (a `from`, a relay's error detail) as it may appear in a
+/// log line: control characters, quotes and non-ASCII escaped, so that a
+/// newline in a DID cannot forge a second log line.
+pub fn escape_log(text: &str) -> String {
+    text.escape_default().to_string()
+}
+
 fn now() -> Timestamp {
     Timestamp(
         SystemTime::now()
@@ -60,12 +99,36 @@ pub enum ClientError {
     Registry(#[from] RegistryError),
     #[error("relay: {0}")]
     Relay(String),
+    /// Joining the relay failed: refused, DNS, an HTTP status at the
+    /// upgrade, TLS, a rejected `connect` (close code and reason), a
+    /// timeout. [`MeshClient::connect`] reports the first attempt's failure
+    /// at once instead of retrying.
+    #[error("{0}")]
+    RelayConnect(#[from] crate::relay_connect::ConnectFailure),
     #[error("session: {0}")]
     Session(#[from] SendError),
+    /// The registry served `peer` a pre-key bundle made of other keys than
+    /// the DID's: no session was opened (a malicious or compromised
+    /// registry, or whoever could write that bundle, would read it).
+    #[error("refused the registry's pre-key bundle for {peer}: {source}")]
+    UntrustedBundle {
+        peer: String,
+        source: meshwire_proto::BundleError,
+    },
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("state: {0}")]
     State(#[from] meshwire_proto::StateError),
+    /// The saved state could not be loaded. Recovery (same identity, fresh
+    /// pre-keys, peers KNOCK again): [`SessionStore::reset`],
+    /// [`MeshClientBuilder::reset_corrupt_state`], or
+    /// `meshwire state reset --state PATH`.
+    #[error(
+        "the saved state at {location} is corrupt ({reason}); to start over with the same identity, \
+         remove it (`meshwire state reset --state {location}`, `SessionStore::reset`) or connect with \
+         `reset_corrupt_state`"
+    )]
+    CorruptState { location: String, reason: String },
     #[error("invalid DID: {0}")]
     Did(#[from] meshwire_proto::DidError),
     #[error("payload is not serializable: {0}")]
@@ -128,6 +191,9 @@ fn decode_payload(raw: &[u8]) -> Payload {
 #[derive(Debug, Clone)]
 pub struct KnockInfo {
     pub from: String,
+    /// The id of the KNOCK frame: the verdict applies to this KNOCK only (a
+    /// newer KNOCK from the same peer supersedes it).
+    pub knock_id: String,
     pub intent: serde_json::Value,
     /// The knocking agent's registry metadata, when the registry has it.
     pub metadata: Option<BTreeMap<String, String>>,
@@ -156,7 +222,24 @@ pub enum ClientEvent {
         code: Option<u16>,
         reason: String,
     },
-    /// Another connection took this DID over (close 4006); no reconnection.
+    /// Another connection took this DID over (close 4006, or AGT's 1000
+    /// `session_replaced`). The client does not go dark: it reconnects
+    /// with a fresh proof after a randomized backoff
+    /// ([`ClientConfig::takeover_backoff`]), which takes the DID (and its
+    /// stored mail) back from whoever replayed or stole a connect, and is
+    /// followed by `Connected { reconnect: true }`. `attempt` counts the
+    /// takeovers within [`ClientConfig::takeover_window`].
+    Displaced {
+        reason: String,
+        attempt: u32,
+    },
+    /// Terminal: the DID was taken over more than
+    /// [`ClientConfig::takeover_limit`] times within
+    /// [`ClientConfig::takeover_window`], so another live instance of this
+    /// agent holds it; this client stops reconnecting (the other keeps the
+    /// DID). Two instances of one identity thus settle on one within
+    /// about `takeover_limit` rounds instead of displacing each other
+    /// forever.
     TakenOver {
         reason: String,
     },
@@ -229,7 +312,9 @@ impl FrameCounters {
 /// How a [`MeshClient`] connects and behaves.
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// Base URL of the relay (`ws://host:port`); `/ws` is appended.
+    /// The relay URL. With a path it is used as given
+    /// (`http://127.0.0.1:8443/agt/relay`); a bare `ws(s)://host:port` or
+    /// `http(s)://host:port` gets `/ws` (see [`crate::relay_connect`]).
     pub relay_url: String,
     /// Base URL of the registry (`http://host:port`).
     pub registry_url: String,
@@ -253,6 +338,52 @@ pub struct ClientConfig {
     pub registry: RegistryOptions,
     /// How long [`MeshClient::connect`] waits for the first relay connection.
     pub connect_timeout: Duration,
+    /// Messages held for the application (default 10,000). When the inbox
+    /// is full the client stops reading the relay socket: nothing is
+    /// decrypted, dropped or acknowledged, the relay keeps (stores) what it
+    /// cannot deliver, and reading resumes (with a `fetch_pending`) once
+    /// the application has taken messages. One frame read just before the
+    /// limit can add at most [`MeshConfig::verdict_buffer_per_peer`]
+    /// messages beyond it (a KNOCK verdict releases what was buffered).
+    /// Counted in [`ClientStats::inbox_full_pauses`].
+    pub inbox_capacity: usize,
+    /// Events held for [`MeshClient::next_event`] (default 1,024); when
+    /// full, the oldest is dropped and [`ClientStats::events_dropped`]
+    /// counts it.
+    pub event_capacity: usize,
+    /// Takeovers (4006) tolerated within [`Self::takeover_window`] before
+    /// giving up with [`ClientEvent::TakenOver`] (default 3).
+    pub takeover_limit: u32,
+    /// The window in which takeovers are counted (default 10 minutes).
+    pub takeover_window: Duration,
+    /// Base of the randomized wait before taking the DID back after a
+    /// takeover: uniformly between 1x and 3x this, doubled per takeover in
+    /// the window (default 1 s).
+    pub takeover_backoff: Duration,
+    /// How often the signed pre-key is replaced (default 7 days); the
+    /// previous one keeps answering KNOCKs for the state machine's grace
+    /// period.
+    pub signed_pre_key_rotation: Duration,
+    /// How often the registry's count of our one-time keys is checked (and
+    /// the stock refilled when it fell below three quarters of
+    /// [`Self::one_time_keys`]) even when no KNOCK consumed one (default 5
+    /// minutes): bundle fetches drain keys without a KNOCK.
+    pub one_time_key_check: Duration,
+    /// Start over with the same identity when the saved state is corrupt
+    /// (default false: fail with [`ClientError::CorruptState`]).
+    pub reset_corrupt_state: bool,
+    /// Shared-secret token sent in the `connect` frame's `token` field, for
+    /// relays started with one (AGT's `AGENTMESH_RELAY_TOKEN`, `meshwire
+    /// serve --relay-token`). Never printed. Default: none.
+    pub relay_token: Option<zeroize::Zeroizing<String>>,
+    /// Hold each message's relay `ack` until the application calls
+    /// [`MeshClient::ack`] (once it printed or stored the message), instead
+    /// of acking when the message enters the inbox (default false). The
+    /// relay redelivers what was not acked on the next connection. At most
+    /// [`Self::inbox_capacity`] acks are held; beyond that the oldest is
+    /// sent anyway (and traced). Note that a redelivered message whose
+    /// ratchet step was already saved is dropped as a duplicate.
+    pub manual_ack: bool,
 }
 
 impl ClientConfig {
@@ -274,8 +405,51 @@ impl ClientConfig {
             dialects: BTreeMap::new(),
             registry: RegistryOptions::default(),
             connect_timeout: Duration::from_secs(10),
+            inbox_capacity: 10_000,
+            event_capacity: 1024,
+            takeover_limit: 3,
+            takeover_window: Duration::from_secs(600),
+            takeover_backoff: Duration::from_secs(1),
+            signed_pre_key_rotation: Duration::from_secs(7 * 24 * 3600),
+            one_time_key_check: Duration::from_secs(300),
+            reset_corrupt_state: false,
+            relay_token: None,
+            manual_ack: false,
         }
     }
+
+    /// Largest WebSocket message (and frame) the relay socket accepts:
+    /// the mesh's `max_frame_bytes` plus [`RELAY_ENVELOPE_SLACK`].
+    pub fn max_relay_message_bytes(&self) -> usize {
+        self.mesh.max_frame_bytes.saturating_add(RELAY_ENVELOPE_SLACK)
+    }
+}
+
+/// What the client dropped, refused or noticed, besides frames (see
+/// [`MeshClient::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClientStats {
+    /// Messages waiting in the application inbox now.
+    pub inbox_len: usize,
+    /// Times reading the relay socket paused because the inbox was full.
+    pub inbox_full_pauses: u64,
+    /// Events dropped (oldest first) because the event queue was full.
+    pub events_dropped: u64,
+    /// Takeovers (4006) seen since the client started.
+    pub takeovers: u64,
+    /// Sessions we opened with a bundle that had no one-time key (the
+    /// peer's stock was empty or drained).
+    pub sessions_without_one_time_key: u64,
+    /// Signed pre-key rotations done by this client.
+    pub signed_pre_key_rotations: u64,
+    /// One-time key refills made because the registry's count was low.
+    pub one_time_key_refills: u64,
+    /// Peers' registry metadata evicted from the cache (it holds at most
+    /// [`PEER_INFO_CACHE`] peers).
+    pub peer_info_evicted: u64,
+    /// What the state machine dropped or refused.
+    #[serde(skip)]
+    pub mesh: meshwire_proto::mesh::MeshStats,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -286,6 +460,52 @@ impl std::fmt::Debug for ClientConfig {
             .field("display_name", &self.display_name)
             .finish_non_exhaustive()
     }
+}
+
+/// The bounded event queue: the oldest event makes room for a new one.
+struct EventQueue {
+    queue: Mutex<VecDeque<ClientEvent>>,
+    notify: Notify,
+    capacity: usize,
+    dropped: AtomicU64,
+}
+
+impl EventQueue {
+    fn new(capacity: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            capacity: capacity.max(1),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn push(&self, event: ClientEvent) {
+        let mut queue = lock(&self.queue);
+        while queue.len() >= self.capacity {
+            queue.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        queue.push_back(event);
+        drop(queue);
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    fn pop(&self) -> Option<ClientEvent> {
+        lock(&self.queue).pop_front()
+    }
+}
+
+/// Counters behind [`ClientStats`].
+#[derive(Default)]
+struct StatCounters {
+    inbox_full_pauses: AtomicU64,
+    takeovers: AtomicU64,
+    sessions_without_one_time_key: AtomicU64,
+    signed_pre_key_rotations: AtomicU64,
+    one_time_key_refills: AtomicU64,
+    peer_info_evicted: AtomicU64,
 }
 
 struct Inner {
@@ -299,19 +519,27 @@ struct Inner {
     outgoing_notify: Notify,
     inbox: Mutex<VecDeque<Message>>,
     inbox_notify: Notify,
-    events: mpsc::UnboundedSender<ClientEvent>,
+    events: EventQueue,
+    stats: StatCounters,
     counters: Mutex<FrameCounters>,
     peer_info: Mutex<HashMap<String, Option<BTreeMap<String, String>>>>,
     open_locks: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     connected: watch::Sender<bool>,
+    /// Acks held for [`MeshClient::ack`] (`manual_ack`): (from, id, frame).
+    held_acks: Mutex<VecDeque<(String, String, String)>>,
+    /// Why the first attempt to join the relay failed (read by `connect`).
+    join_failure: watch::Sender<Option<crate::relay_connect::ConnectFailure>>,
     /// KNOCK verdicts, applied by the connection task so that messages are
     /// handed to the application in the order their frames arrived.
-    verdicts: mpsc::UnboundedSender<(String, bool)>,
-    verdicts_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, bool)>>,
+    verdicts: mpsc::UnboundedSender<(String, String, bool)>,
+    verdicts_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, String, bool)>>,
     closed: AtomicBool,
     shutdown: Notify,
     consumed_since_upload: AtomicU64,
     dirty: AtomicBool,
+    /// Held while the state is exported and saved: the periodic save and
+    /// `close()` take turns, so an older export never lands last.
+    saving: Mutex<()>,
     replenishing: AtomicBool,
     published: Mutex<usize>,
 }
@@ -320,7 +548,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct MeshClient {
     inner: Arc<Inner>,
-    events: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ClientEvent>>>,
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -339,12 +566,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Inner {
     fn emit(&self, event: ClientEvent) {
-        let _ = self.events.send(event);
+        self.events.push(event);
+    }
+
+    /// Whether the application inbox is at [`ClientConfig::inbox_capacity`].
+    fn inbox_full(&self) -> bool {
+        lock(&self.inbox).len() >= self.config.inbox_capacity.max(1)
     }
 
     fn count(&self, sent: bool, text: &str) {
         let kind = frame_kind(text);
-        tracing::trace!(direction = if sent { "sent" } else { "received" }, kind, "frame");
+        tracing::trace!(
+            target: "meshwire",
+            direction = if sent { "sent" } else { "received" },
+            kind = %escape_log(&kind),
+            "frame"
+        );
         let mut c = lock(&self.counters);
         let map = if sent { &mut c.sent } else { &mut c.received };
         *map.entry(kind).or_default() += 1;
@@ -373,6 +610,7 @@ impl Inner {
 
     /// Saves the state now if it changed since the last save.
     fn flush_state(&self) {
+        let _turn = lock(&self.saving);
         if !self.dirty.swap(false, Ordering::SeqCst) {
             return;
         }
@@ -400,6 +638,18 @@ impl Inner {
                 }
                 Event::Message(m) => {
                     changed = true;
+                    if self.config.manual_ack {
+                        let mut held = lock(&self.held_acks);
+                        while held.len() >= self.config.inbox_capacity.max(1) {
+                            if let Some((from, id, ack)) = held.pop_front() {
+                                tracing::warn!(target: "meshwire", from = %escape_log(&from), id = %escape_log(&id), "too many unacknowledged messages: acking the oldest");
+                                transmit.push(ack);
+                            }
+                        }
+                        held.push_back((m.from.clone(), m.id.clone(), m.ack.clone()));
+                    } else {
+                        transmit.push(m.ack.clone());
+                    }
                     let message = Message {
                         from: m.from,
                         id: m.id,
@@ -410,9 +660,11 @@ impl Inner {
                     lock(&self.inbox).push_back(message);
                     self.inbox_notify.notify_waiters();
                     self.inbox_notify.notify_one();
-                    transmit.push(m.ack);
                 }
-                Event::KnockRequest { from, intent, .. } => self.spawn_knock_decision(from, intent),
+                Event::KnockRequest { from, knock_id, intent } => self.spawn_knock_decision(from, knock_id, intent),
+                Event::ResyncNeeded { peer } => self.spawn_resync(peer),
+                // Only `Mesh::disconnect` emits it; the connection task closes.
+                Event::Close { .. } => {}
                 Event::KnockAccepted { from } => self.emit(ClientEvent::KnockAccepted { from }),
                 Event::KnockRejected { from, reason } => self.emit(ClientEvent::KnockRejected { from, reason }),
                 Event::SessionEstablished { peer } => self.emit(ClientEvent::SessionEstablished { peer }),
@@ -427,7 +679,13 @@ impl Inner {
                     self.emit(ClientEvent::Delivered { peer, ids });
                 }
                 Event::Error(e) => {
-                    tracing::debug!(kind = ?e.kind, peer = ?e.peer, detail = %e.detail, "mesh error");
+                    tracing::debug!(
+                        target: "meshwire",
+                        kind = ?e.kind,
+                        peer = %escape_log(e.peer.as_deref().unwrap_or("-")),
+                        detail = %escape_log(&e.detail),
+                        "mesh error"
+                    );
                     self.emit(ClientEvent::Error {
                         kind: e.kind,
                         peer: e.peer,
@@ -444,7 +702,74 @@ impl Inner {
         }
     }
 
-    fn spawn_knock_decision(self: &Arc<Self>, from: String, intent: serde_json::Value) {
+    /// Opens a session with `peer` from its bundle: refuses (and traces) a
+    /// bundle that is not the DID's keys, counts and traces a session that
+    /// starts without a one-time key.
+    fn open_session(
+        &self,
+        mesh: &mut Mesh,
+        peer: &str,
+        bundle: &meshwire_proto::PreKeyBundle,
+    ) -> Result<String, ClientError> {
+        let knock = mesh
+            .open_session(&mut rand::thread_rng(), now(), peer, bundle)
+            .map_err(|e| match e {
+                SendError::X3dh(meshwire_proto::X3dhError::Bundle(
+                    bundle_error @ meshwire_proto::BundleError::NotTheDidsKeys { .. },
+                )) => {
+                    tracing::warn!(
+                        target: "meshwire",
+                        peer = %escape_log(peer),
+                        error = %escape_log(&bundle_error.to_string()),
+                        "refused a pre-key bundle that is not the peer's keys"
+                    );
+                    ClientError::UntrustedBundle {
+                        peer: peer.to_owned(),
+                        source: bundle_error,
+                    }
+                }
+                other => ClientError::Session(other),
+            })?;
+        if bundle.one_time_pre_key.is_none() {
+            self.stats.sessions_without_one_time_key.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                target: "meshwire",
+                peer = %escape_log(peer),
+                "session opened without a one-time pre-key (the peer's stock is empty or was drained)"
+            );
+        }
+        Ok(knock)
+    }
+
+    /// Opens a new session to a peer whose state looked restored from an
+    /// older copy, so that it resends what we did not confirm.
+    fn spawn_resync(self: &Arc<Self>, peer: String) {
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let did = Did::parse(&peer).map_err(|e| e.to_string())?;
+                let bundle = inner.registry.fetch_bundle(&did).await.map_err(|e| e.to_string())?;
+                let frames = lock(&inner.mesh)
+                    .resync(&mut rand::thread_rng(), now(), &peer, &bundle)
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(frames)
+            }
+            .await;
+            match result {
+                Ok(frames) => {
+                    inner.persist();
+                    inner.enqueue(frames);
+                }
+                Err(e) => inner.emit(ClientEvent::Error {
+                    kind: ErrorKind::Rollback,
+                    peer: Some(peer),
+                    detail: format!("resync failed: {e}"),
+                }),
+            }
+        });
+    }
+
+    fn spawn_knock_decision(self: &Arc<Self>, from: String, knock_id: String, intent: serde_json::Value) {
         let inner = self.clone();
         tokio::spawn(async move {
             let metadata = inner.peer_metadata(&from).await;
@@ -453,6 +778,7 @@ impl Inner {
                 Some(policy) => {
                     policy(KnockInfo {
                         from: from.clone(),
+                        knock_id: knock_id.clone(),
                         intent,
                         metadata,
                     })
@@ -464,7 +790,7 @@ impl Inner {
                 from: from.clone(),
                 accepted,
             });
-            let _ = inner.verdicts.send((from, accepted));
+            let _ = inner.verdicts.send((from, knock_id, accepted));
         });
     }
 
@@ -492,7 +818,17 @@ impl Inner {
                     .is_some_and(|v| v == "1"),
         };
         lock(&self.mesh).set_peer_info(peer, info);
-        lock(&self.peer_info).insert(peer.to_owned(), metadata.clone());
+        {
+            let mut cache = lock(&self.peer_info);
+            while cache.len() >= PEER_INFO_CACHE && !cache.contains_key(peer) {
+                let Some(victim) = cache.keys().next().cloned() else {
+                    break;
+                };
+                cache.remove(&victim);
+                self.stats.peer_info_evicted.fetch_add(1, Ordering::Relaxed);
+            }
+            cache.insert(peer.to_owned(), metadata.clone());
+        }
         metadata
     }
 
@@ -516,6 +852,66 @@ impl Inner {
             }
             inner.replenishing.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// Rotates the signed pre-key if it is older than
+    /// [`ClientConfig::signed_pre_key_rotation`] (and forgets the previous
+    /// one past its grace period); returns whether it rotated. The caller
+    /// uploads the new bundle.
+    fn rotate_signed_pre_key_if_due(&self) -> bool {
+        let now_ms = now().0;
+        let interval_ms = u64::try_from(self.config.signed_pre_key_rotation.as_millis()).unwrap_or(u64::MAX);
+        let rotated = {
+            let mut mesh = lock(&self.mesh);
+            let identity = Identity::from_seed(&mesh.identity().seed());
+            let prekeys = mesh.prekeys_mut();
+            let forgot =
+                prekeys.forget_expired_signed_pre_key(now_ms, meshwire_proto::prekeys::SIGNED_PRE_KEY_GRACE_MS);
+            if forgot {
+                self.persist();
+            }
+            prekeys
+                .signed_pre_key_rotation_due(now_ms, interval_ms)
+                .then(|| prekeys.rotate_signed_pre_key(&mut rand::thread_rng(), &identity, now_ms))
+        };
+        if let Some(id) = rotated {
+            self.persist();
+            self.stats.signed_pre_key_rotations.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(target: "meshwire", signed_pre_key_id = id, "rotated the signed pre-key");
+        }
+        rotated.is_some()
+    }
+
+    /// One round of pre-key upkeep: rotate the signed pre-key when due,
+    /// and refill the one-time keys when the registry's count of them
+    /// (meshwire-server reports `otk_count` on the agent record; AGT 5.0.0
+    /// does not, and there the refill follows consumed keys only) fell
+    /// below three quarters of [`ClientConfig::one_time_keys`].
+    async fn maintain_prekeys(self: &Arc<Self>) -> Result<(), ClientError> {
+        if self.rotate_signed_pre_key_if_due() {
+            self.publish_one_time_keys().await?;
+            return Ok(());
+        }
+        let Ok(did) = Did::parse(&self.did) else { return Ok(()) };
+        let record = self.registry.get_agent(&did).await?;
+        let Some(held) = record.extra.get("otk_count").and_then(serde_json::Value::as_u64) else {
+            return Ok(());
+        };
+        let wanted = self.config.one_time_keys as u64;
+        let low_water = wanted.saturating_sub(wanted / 4);
+        if held < low_water && !self.replenishing.swap(true, Ordering::SeqCst) {
+            tracing::info!(
+                target: "meshwire",
+                held,
+                wanted,
+                "the registry holds few of our one-time keys; refilling"
+            );
+            let published = self.publish_one_time_keys().await;
+            self.replenishing.store(false, Ordering::SeqCst);
+            published?;
+            self.stats.one_time_key_refills.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Draws a fresh batch of one-time keys and publishes exactly that batch.
@@ -544,6 +940,86 @@ impl Inner {
     }
 }
 
+/// Pre-key upkeep until the client is dropped or closed: every
+/// [`ClientConfig::one_time_key_check`] (or sooner when the signed pre-key
+/// rotation interval is shorter).
+async fn maintain_prekeys(inner: std::sync::Weak<Inner>) {
+    let period = {
+        let Some(inner) = inner.upgrade() else { return };
+        saturating_period(
+            inner
+                .config
+                .one_time_key_check
+                .min(inner.config.signed_pre_key_rotation / 2)
+                .max(Duration::from_millis(100)),
+        )
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.reset();
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = inner.maintain_prekeys().await {
+            tracing::debug!(target: "meshwire", error = %escape_log(&e.to_string()), "pre-key upkeep failed");
+            inner.emit(ClientEvent::Error {
+                kind: ErrorKind::Frame,
+                peer: None,
+                detail: format!("pre-key upkeep: {e}"),
+            });
+        }
+    }
+}
+
+/// The saved mesh state of `identity`: `None` if there is none (or it was
+/// corrupt and `reset_corrupt_state` is set); a corrupt one is a
+/// [`ClientError::CorruptState`] naming where it is.
+fn load_state(
+    store: &dyn SessionStore,
+    identity: &Identity,
+    config: &ClientConfig,
+) -> Result<Option<Mesh>, ClientError> {
+    let did = identity.did().as_str();
+    let loaded = store.load(did).map_err(|e| match e {
+        StoreError::Io { .. } | StoreError::Permissions { .. } | StoreError::State { .. } => ClientError::Store(e),
+        StoreError::Format { reason, .. } => ClientError::CorruptState {
+            location: store.location(did),
+            reason,
+        },
+    });
+    let imported = loaded.and_then(|saved| {
+        saved
+            .map(|state| {
+                Mesh::import_state(
+                    Identity::from_seed(&identity.seed()),
+                    &state,
+                    config.mesh.clone(),
+                    Box::new(RandomUuids),
+                )
+                .map_err(|e| ClientError::CorruptState {
+                    location: store.location(did),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
+    });
+    match imported {
+        Err(ClientError::CorruptState { location, reason }) if config.reset_corrupt_state => {
+            tracing::warn!(
+                target: "meshwire",
+                location = %escape_log(&location),
+                reason = %escape_log(&reason),
+                "corrupt saved state: starting over with the same identity"
+            );
+            store.reset(did)?;
+            Ok(None)
+        }
+        other => other,
+    }
+}
+
 fn frame_kind(text: &str) -> String {
     // The type is near the start of every frame; avoid a full parse.
     let head = text.get(..text.len().min(200)).unwrap_or(text);
@@ -564,6 +1040,14 @@ pub struct MeshClientBuilder {
 }
 
 impl MeshClientBuilder {
+    /// Starts over with the same identity when the saved state cannot be
+    /// loaded (it is reset in the store, and a warning is logged), instead
+    /// of failing with [`ClientError::CorruptState`].
+    pub fn reset_corrupt_state(mut self, reset: bool) -> Self {
+        self.config.reset_corrupt_state = reset;
+        self
+    }
+
     pub fn display_name(mut self, name: impl Into<String>) -> Self {
         self.config.display_name = Some(name.into());
         self
@@ -586,6 +1070,12 @@ impl MeshClientBuilder {
 
     pub fn knock_policy(mut self, policy: KnockPolicy) -> Self {
         self.policy = Some(policy);
+        self
+    }
+
+    /// The relay's shared-secret token ([`ClientConfig::relay_token`]).
+    pub fn relay_token(mut self, token: impl Into<String>) -> Self {
+        self.config.relay_token = Some(zeroize::Zeroizing::new(token.into()));
         self
     }
 
@@ -625,21 +1115,19 @@ impl MeshClient {
         policy: Option<KnockPolicy>,
     ) -> Result<Self, ClientError> {
         let did = identity.did().to_string();
+        crate::relay_connect::RelayEndpoint::parse(&config.relay_url)
+            .map_err(crate::relay_connect::ConnectFailure::from)?;
         let registry = RegistryClient::new(&config.registry_url, config.registry.clone())?;
         let saved = match &store {
-            Some(store) => store.load(&did)?,
+            Some(store) => load_state(store.as_ref(), &identity, &config)?,
             None => None,
         };
         let restored = saved.is_some();
         let mut mesh = match saved {
-            Some(state) => Mesh::import_state(
-                Identity::from_seed(&identity.seed()),
-                &state,
-                config.mesh.clone(),
-                Box::new(RandomUuids),
-            )?,
+            Some(mesh) => mesh,
             None => {
-                let prekeys = PreKeys::generate(&mut rand::thread_rng(), &identity);
+                let mut prekeys = PreKeys::generate(&mut rand::thread_rng(), &identity);
+                prekeys.set_signed_pre_key_created_ms(now().0);
                 Mesh::new(
                     Identity::from_seed(&identity.seed()),
                     prekeys,
@@ -676,7 +1164,7 @@ impl MeshClient {
             )));
         }
 
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let event_capacity = config.event_capacity;
         let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
         let (connected, mut connected_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
@@ -690,22 +1178,31 @@ impl MeshClient {
             outgoing_notify: Notify::new(),
             inbox: Mutex::new(VecDeque::new()),
             inbox_notify: Notify::new(),
-            events: events_tx,
+            events: EventQueue::new(event_capacity),
+            stats: StatCounters::default(),
             counters: Mutex::new(FrameCounters::default()),
             peer_info: Mutex::new(HashMap::new()),
             open_locks: tokio::sync::Mutex::new(HashMap::new()),
             connected,
+            join_failure: watch::Sender::new(None),
+            held_acks: Mutex::new(VecDeque::new()),
             verdicts,
             verdicts_rx: tokio::sync::Mutex::new(verdicts_rx),
             closed: AtomicBool::new(false),
             shutdown: Notify::new(),
             consumed_since_upload: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
+            saving: Mutex::new(()),
             replenishing: AtomicBool::new(false),
             published: Mutex::new(0),
         });
 
-        if restored {
+        if restored && inner.rotate_signed_pre_key_if_due() {
+            // A signed pre-key older than the rotation interval (or of
+            // unknown age: states saved before rotation existed) is
+            // replaced before it is published again.
+            inner.publish_one_time_keys().await?;
+        } else if restored {
             // Republish what we hold: the registry may have lost it, and
             // these are the keys we can still answer.
             let (prekeys, held) = {
@@ -726,6 +1223,7 @@ impl MeshClient {
         }
 
         let task = tokio::spawn(run_connection(inner.clone()));
+        tokio::spawn(maintain_prekeys(Arc::downgrade(&inner)));
         if inner.store.is_some() {
             let persister = Arc::downgrade(&inner);
             tokio::spawn(async move {
@@ -741,27 +1239,42 @@ impl MeshClient {
         }
         let client = Self {
             inner: inner.clone(),
-            events: Arc::new(tokio::sync::Mutex::new(events_rx)),
             task: Arc::new(Mutex::new(Some(task))),
         };
+        // Joined, or the first attempt failed (its cause is reported at
+        // once: no retry), or the connect timeout passed.
+        let mut failure_rx = inner.join_failure.subscribe();
         let wait = async {
-            while !*connected_rx.borrow_and_update() {
-                if connected_rx.changed().await.is_err() {
-                    return false;
+            loop {
+                if *connected_rx.borrow_and_update() {
+                    return Ok(());
+                }
+                if let Some(failure) = failure_rx.borrow_and_update().clone() {
+                    return Err(Some(failure));
+                }
+                tokio::select! {
+                    changed = connected_rx.changed() => if changed.is_err() { return Err(None) },
+                    changed = failure_rx.changed() => if changed.is_err() { return Err(None) },
                 }
             }
-            true
         };
-        match tokio::time::timeout(inner.config.connect_timeout, wait).await {
-            Ok(true) => Ok(client),
-            _ => {
-                client.close().await;
-                Err(ClientError::Relay(format!(
-                    "could not join the relay at {}",
-                    inner.config.relay_url
-                )))
-            }
-        }
+        let url = crate::relay_connect::RelayEndpoint::parse(&inner.config.relay_url)
+            .map(|e| e.to_string())
+            .unwrap_or_else(|_| inner.config.relay_url.clone());
+        let failure = match tokio::time::timeout(inner.config.connect_timeout, wait).await {
+            Ok(Ok(())) => return Ok(client),
+            Ok(Err(Some(failure))) => failure,
+            Ok(Err(None)) => crate::relay_connect::ConnectFailure::Closed {
+                url,
+                detail: "the connection task stopped".into(),
+            },
+            Err(_) => crate::relay_connect::ConnectFailure::Timeout {
+                url,
+                after: inner.config.connect_timeout,
+            },
+        };
+        client.close().await;
+        Err(ClientError::RelayConnect(failure))
     }
 
     pub fn did(&self) -> &str {
@@ -821,7 +1334,7 @@ impl MeshClient {
                     let (id, text) = mesh.encrypt(&mut rand::thread_rng(), now(), peer, json)?;
                     Some((id, vec![text]))
                 } else if let Some(bundle) = bundle.take() {
-                    let knock = mesh.open_session(&mut rand::thread_rng(), now(), peer, &bundle)?;
+                    let knock = self.inner.open_session(&mut mesh, peer, &bundle)?;
                     let (id, text) = mesh.encrypt(&mut rand::thread_rng(), now(), peer, json)?;
                     Some((id, vec![knock, text]))
                 } else {
@@ -850,7 +1363,7 @@ impl MeshClient {
             return Ok(());
         }
         let bundle = self.fetch_bundle(peer).await?;
-        let knock = lock(&self.inner.mesh).open_session(&mut rand::thread_rng(), now(), &key, &bundle)?;
+        let knock = self.inner.open_session(&mut lock(&self.inner.mesh), &key, &bundle)?;
         self.inner.persist();
         self.inner.enqueue([knock]);
         Ok(())
@@ -860,8 +1373,7 @@ impl MeshClient {
     /// about receipts and its KDF dialect.
     async fn fetch_bundle(&self, peer: &Did) -> Result<meshwire_proto::PreKeyBundle, ClientError> {
         self.inner.peer_metadata(peer.as_str()).await;
-        let identity = Identity::from_seed(&lock(&self.inner.mesh).identity().seed());
-        Ok(self.inner.registry.fetch_bundle(&identity, peer).await?)
+        Ok(self.inner.registry.fetch_bundle(peer).await?)
     }
 
     /// The next message, waiting for one; `None` once the client is closed.
@@ -912,7 +1424,7 @@ impl MeshClient {
     /// One message from each of `senders`, waiting at most `timeout` in all;
     /// returns what arrived (fewer on timeout), in arrival order.
     pub async fn gather(&self, senders: &[&str], timeout: Duration) -> Vec<Message> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut waiting: Vec<&str> = senders.to_vec();
         let mut out = Vec::new();
         while !waiting.is_empty() {
@@ -933,9 +1445,22 @@ impl MeshClient {
         lock(&self.inner.inbox).drain(..).collect()
     }
 
-    /// The next event (connection changes, KNOCKs, errors...).
+    /// The next event (connection changes, KNOCKs, errors...); `None` once
+    /// the client is closed and every queued event was taken. At most
+    /// [`ClientConfig::event_capacity`] events wait; older ones are dropped
+    /// (counted in [`ClientStats::events_dropped`]).
     pub async fn next_event(&self) -> Option<ClientEvent> {
-        self.events.lock().await.recv().await
+        let events = &self.inner.events;
+        loop {
+            let notified = events.notify.notified();
+            if let Some(event) = events.pop() {
+                return Some(event);
+            }
+            if self.inner.closed.load(Ordering::SeqCst) {
+                return None;
+            }
+            notified.await;
+        }
     }
 
     /// The next event within `timeout`.
@@ -945,14 +1470,23 @@ impl MeshClient {
 
     /// Events already queued, without waiting.
     pub fn try_events(&self) -> Vec<ClientEvent> {
-        let Ok(mut rx) = self.events.try_lock() else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        while let Ok(e) = rx.try_recv() {
-            out.push(e);
+        lock(&self.inner.events.queue).drain(..).collect()
+    }
+
+    /// What the client dropped, refused or noticed so far.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.inner.stats;
+        ClientStats {
+            inbox_len: lock(&self.inner.inbox).len(),
+            inbox_full_pauses: c.inbox_full_pauses.load(Ordering::Relaxed),
+            events_dropped: self.inner.events.dropped.load(Ordering::Relaxed),
+            takeovers: c.takeovers.load(Ordering::Relaxed),
+            sessions_without_one_time_key: c.sessions_without_one_time_key.load(Ordering::Relaxed),
+            signed_pre_key_rotations: c.signed_pre_key_rotations.load(Ordering::Relaxed),
+            one_time_key_refills: c.one_time_key_refills.load(Ordering::Relaxed),
+            peer_info_evicted: c.peer_info_evicted.load(Ordering::Relaxed),
+            mesh: lock(&self.inner.mesh).stats(),
         }
-        out
     }
 
     /// Agents advertising `capability`.
@@ -963,6 +1497,15 @@ impl MeshClient {
     /// The DID of the agent published as `display_name`; when several carry
     /// it (restarted agents leave stale registrations behind), the most
     /// recently seen.
+    ///
+    /// **A hint, not an identity.** Registration metadata (the display name,
+    /// capabilities, the advertised KDF and receipts support) is not covered
+    /// by the registration proof: whoever registers, or the registry itself,
+    /// can claim any name. The DID returned is bound to its keys (sessions
+    /// to it are refused unless its bundle carries that DID's keys), but
+    /// nothing says it is the agent you meant: pin DIDs you trust, and decide
+    /// who may do what in the KNOCK policy, which sees authenticated DIDs.
+    /// See `docs/SECURITY.md`.
     pub async fn find(&self, display_name: &str) -> Result<Option<String>, ClientError> {
         let mut best: Option<(Option<Timestamp>, String)> = None;
         for hit in self.inner.registry.discover(display_name, Some(200)).await? {
@@ -981,6 +1524,29 @@ impl MeshClient {
             }
         }
         Ok(best.map(|(_, did)| did))
+    }
+
+    /// Sends the relay `ack` held for `message` (with
+    /// [`ClientConfig::manual_ack`]); `false` if none was held (acked
+    /// already, or `manual_ack` is off).
+    pub fn ack(&self, message: &Message) -> bool {
+        let ack = {
+            let mut held = lock(&self.inner.held_acks);
+            let Some(i) = held
+                .iter()
+                .position(|(f, id, _)| *f == message.from && *id == message.id)
+            else {
+                return false;
+            };
+            held.remove(i).map(|(_, _, ack)| ack)
+        };
+        match ack {
+            Some(ack) => {
+                self.inner.enqueue([ack]);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Frames sent and received so far, by type.
@@ -1012,6 +1578,7 @@ impl MeshClient {
         self.inner.flush_state();
         self.inner.shutdown.notify_one();
         self.inner.inbox_notify.notify_waiters();
+        self.inner.events.notify.notify_waiters();
         let task = lock(&self.task).take();
         if let Some(task) = task {
             if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
@@ -1031,7 +1598,12 @@ impl MeshClient {
 }
 
 enum Ended {
-    Lost { code: Option<u16>, reason: String },
+    Lost {
+        code: Option<u16>,
+        reason: String,
+    },
+    /// Closed with 4003/4005 (or any rejection) before the join was confirmed.
+    RejectedBeforeJoin(u16, String),
     TakenOver(String),
     Rejected(u16, String),
     Shutdown,
@@ -1039,46 +1611,173 @@ enum Ended {
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// The relay socket's limits: no WebSocket message or frame longer than
+/// [`ClientConfig::max_relay_message_bytes`] is buffered (tungstenite's
+/// default would be 64 MiB).
+fn socket_config(config: &ClientConfig) -> WebSocketConfig {
+    let limit = config.max_relay_message_bytes();
+    WebSocketConfig {
+        max_message_size: Some(limit),
+        max_frame_size: Some(limit),
+        ..WebSocketConfig::default()
+    }
+}
+
+/// Takeovers (4006) within [`ClientConfig::takeover_window`].
+#[derive(Default)]
+struct Takeovers {
+    recent: VecDeque<tokio::time::Instant>,
+}
+
+impl Takeovers {
+    /// Records a takeover and reports it: the wait before taking the DID
+    /// back, or `None` (after emitting the terminal
+    /// [`ClientEvent::TakenOver`]) once the limit is passed.
+    fn displaced(&mut self, inner: &Inner, reason: String) -> Option<Duration> {
+        inner.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+        let now = tokio::time::Instant::now();
+        let window = inner.config.takeover_window.min(MAX_WAIT);
+        while self.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
+            self.recent.pop_front();
+        }
+        // Never more entries than the limit allows (bounded memory).
+        let limit = inner.config.takeover_limit;
+        while self.recent.len() > limit as usize {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
+        let attempt = u32::try_from(self.recent.len()).unwrap_or(u32::MAX);
+        if attempt > limit {
+            tracing::warn!(
+                target: "meshwire",
+                takeovers = attempt,
+                reason = %escape_log(&reason),
+                "another live instance holds this DID; not taking it back"
+            );
+            inner.emit(ClientEvent::TakenOver { reason });
+            return None;
+        }
+        let base = inner
+            .config
+            .takeover_backoff
+            .min(MAX_WAIT / 8)
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(MAX_WAIT / 4);
+        let factor = 1.0 + f64::from(OsRng.next_u32() % 20_001) / 10_000.0;
+        let wait = base.mul_f64(factor);
+        tracing::info!(
+            target: "meshwire",
+            attempt,
+            ?wait,
+            reason = %escape_log(&reason),
+            "relay connection taken over; taking the DID back with a fresh proof"
+        );
+        inner.emit(ClientEvent::Displaced { reason, attempt });
+        Some(wait)
+    }
+}
+
 async fn run_connection(inner: Arc<Inner>) {
     let mut attempt: u32 = 0;
     let mut ever_connected = false;
+    let mut takeovers = Takeovers::default();
     loop {
         if inner.closed.load(Ordering::SeqCst) {
             return;
         }
-        let url = format!("{}/ws", inner.config.relay_url.trim_end_matches('/'));
-        let connecting = tokio_tungstenite::connect_async(url.as_str());
+        let endpoint = match crate::relay_connect::RelayEndpoint::parse(&inner.config.relay_url) {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                inner.join_failure.send_replace(Some(e.into()));
+                return;
+            }
+        };
+        let url = endpoint.to_string();
+        let connecting =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(socket_config(&inner.config)), false);
+        let attempt_timeout = inner.config.connect_timeout.min(MAX_WAIT);
         let result = tokio::select! {
-            r = tokio::time::timeout(Duration::from_secs(10), connecting) => r,
+            r = tokio::time::timeout(attempt_timeout, connecting) => r,
             _ = inner.shutdown.notified() => return,
         };
         match result {
-            Ok(Ok((socket, _))) => {
+            Ok(Ok((socket, response))) => {
                 attempt = 0;
-                let ended = drive(&inner, socket, ever_connected).await;
-                ever_connected = true;
-                let _ = inner.connected.send_replace(false);
+                // A meshwire relay offers a challenge nonce in the upgrade
+                // answer (docs/specs/MESHWIRE-CHALLENGE-AUTH.md); AGT's sends none.
+                let challenge = response
+                    .headers()
+                    .get(meshwire_proto::auth::CHALLENGE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|nonce| (url.clone(), nonce.to_owned()));
+                let ended = drive(&inner, socket, ever_connected, challenge).await;
+                let joined = inner.connected.send_replace(false);
+                if !ever_connected && !joined {
+                    // The first attempt ended before the relay took us:
+                    // `connect()` reports why.
+                    let failure = match &ended {
+                        Ended::Rejected(code, reason) | Ended::RejectedBeforeJoin(code, reason) => {
+                            crate::relay_connect::ConnectFailure::rejected(&url, *code, reason)
+                        }
+                        Ended::Lost { code, reason } => crate::relay_connect::ConnectFailure::Closed {
+                            url: url.clone(),
+                            detail: match code {
+                                Some(code) => format!("close code {code}, {reason:?}"),
+                                None => reason.clone(),
+                            },
+                        },
+                        Ended::TakenOver(reason) => crate::relay_connect::ConnectFailure::Closed {
+                            url: url.clone(),
+                            detail: format!("taken over: {reason:?}"),
+                        },
+                        Ended::Shutdown => return,
+                    };
+                    inner.join_failure.send_replace(Some(failure));
+                }
+                ever_connected |= joined;
                 match ended {
                     Ended::Shutdown => return,
                     Ended::TakenOver(reason) => {
-                        inner.emit(ClientEvent::TakenOver { reason });
-                        return;
+                        let Some(wait) = takeovers.displaced(&inner, reason) else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = inner.shutdown.notified() => return,
+                        }
+                        continue;
                     }
-                    Ended::Rejected(code, reason) => {
+                    Ended::Rejected(code, reason) | Ended::RejectedBeforeJoin(code, reason) => {
                         inner.emit(ClientEvent::Rejected { code, reason });
                         return;
                     }
                     Ended::Lost { code, reason } => inner.emit(ClientEvent::Disconnected { code, reason }),
                 }
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "relay connection failed"),
-            Err(_) => tracing::debug!("relay connection timed out"),
+            Ok(Err(e)) => {
+                tracing::debug!(target: "meshwire", error = %escape_log(&e.to_string()), "relay connection failed");
+                if !ever_connected {
+                    let failure = crate::relay_connect::ConnectFailure::from_handshake(&endpoint, &e).await;
+                    inner.join_failure.send_replace(Some(failure));
+                }
+            }
+            Err(_) => {
+                tracing::debug!(target: "meshwire", "relay connection timed out");
+                if !ever_connected {
+                    inner
+                        .join_failure
+                        .send_replace(Some(crate::relay_connect::ConnectFailure::Timeout {
+                            url: url.clone(),
+                            after: attempt_timeout,
+                        }));
+                }
+            }
         }
         let exp = inner
             .config
             .reconnect_base
             .saturating_mul(2u32.saturating_pow(attempt.min(16)));
-        let capped = exp.min(inner.config.reconnect_max);
+        let capped = exp.min(inner.config.reconnect_max).min(MAX_WAIT / 2);
         let jitter = 0.8 + f64::from(OsRng.next_u32() % 4001) / 10_000.0;
         attempt = attempt.saturating_add(1);
         tokio::select! {
@@ -1093,7 +1792,7 @@ async fn send_text(inner: &Inner, socket: &mut Socket, text: String) -> Result<(
     socket.send(WsMessage::Text(text)).await.map_err(|e| e.to_string())
 }
 
-async fn drive(inner: &Arc<Inner>, mut socket: Socket, reconnect: bool) -> Ended {
+async fn drive(inner: &Arc<Inner>, mut socket: Socket, reconnect: bool, challenge: Option<(String, String)>) -> Ended {
     let identity_did = inner.did.clone();
     let connect = if inner.config.legacy_connect {
         match Did::parse(&identity_did) {
@@ -1104,12 +1803,40 @@ async fn drive(inner: &Arc<Inner>, mut socket: Socket, reconnect: bool) -> Ended
             Err(e) => return Ended::Rejected(0, e.to_string()),
         }
     } else {
-        lock(&inner.mesh).connect_frames(now()).to_vec()
+        let mesh = lock(&inner.mesh);
+        // The challenge form where the relay offered it, else a timestamp
+        // proof on the registry client's monotonic proof clock (no two
+        // proofs of ours share a signature).
+        let challenged =
+            challenge.and_then(|(url, nonce)| ConnectFrame::challenge_for_url(mesh.identity(), &url, &nonce).ok());
+        match challenged {
+            Some(frame) => vec![
+                frames::to_text(&frame),
+                frames::to_text(&FetchPendingFrame::new(mesh.identity())),
+            ],
+            None => mesh.connect_frames(inner.registry.next_proof_timestamp()).to_vec(),
+        }
     };
-    for text in connect {
+    for (i, text) in connect.into_iter().enumerate() {
+        let text = match (&inner.config.relay_token, i) {
+            (Some(token), 0) => crate::relay_connect::with_token(&text, token),
+            _ => text,
+        };
         if let Err(e) = send_text(inner, &mut socket, text).await {
             return Ended::Lost { code: None, reason: e };
         }
+        if i == 0 {
+            // Right behind the `connect` frame: see `confirm_join`.
+            if let Err(e) = socket.send(WsMessage::Ping(JOIN_PING.to_vec())).await {
+                return Ended::Lost {
+                    code: None,
+                    reason: e.to_string(),
+                };
+            }
+        }
+    }
+    if let Err(ended) = confirm_join(inner, &mut socket).await {
+        return ended;
     }
     let _ = inner.connected.send_replace(true);
     inner.emit(ClientEvent::Connected { reconnect });
@@ -1138,15 +1865,104 @@ async fn drive(inner: &Arc<Inner>, mut socket: Socket, reconnect: bool) -> Ended
     ended
 }
 
+/// The payload of the WebSocket ping sent right after the `connect` frame.
+const JOIN_PING: &[u8] = b"meshwire-join";
+
+/// How long after the relay's pong the client still waits for a rejection
+/// (a relay whose WebSocket layer answers pings before its application
+/// read the `connect` frame, as AGT's does, rejects within this).
+pub const JOIN_SETTLE: Duration = Duration::from_millis(100);
+
+/// Longest wait for the relay's answer to the join ping; a relay silent
+/// that long is taken as having accepted the `connect` frame.
+pub const JOIN_CONFIRM_MAX: Duration = Duration::from_secs(2);
+
+/// Waits until the relay shows that it took the `connect` frame. The
+/// client sends a WebSocket ping right after it: meshwire's relay reads
+/// frames in order and answers the ping only once it accepted the
+/// `connect`, so its pong (plus [`JOIN_SETTLE`], for relays that pong
+/// earlier) means joined, as does any frame that is not an error. A close
+/// first (4003 token, 4005 proof...) is a rejection; silence for
+/// [`JOIN_CONFIRM_MAX`] (or half the connect timeout) counts as joined.
+/// Frames that arrive meanwhile are handled as usual.
+async fn confirm_join(inner: &Arc<Inner>, socket: &mut Socket) -> Result<(), Ended> {
+    let deadline = deadline_after(JOIN_CONFIRM_MAX.min(inner.config.connect_timeout / 2));
+    let mut settle: Option<tokio::time::Instant> = None;
+    let mut last_error = String::new();
+    loop {
+        let until = settle.map_or(deadline, |s| s.min(deadline));
+        let incoming = match tokio::time::timeout_at(until, socket.next()).await {
+            Err(_) => return Ok(()),
+            Ok(incoming) => incoming,
+        };
+        match incoming {
+            Some(Ok(WsMessage::Pong(payload))) if payload == JOIN_PING => {
+                settle.get_or_insert_with(|| deadline_after(JOIN_SETTLE));
+            }
+            Some(Ok(WsMessage::Text(text))) => {
+                inner.count(false, &text);
+                let events = lock(&inner.mesh).handle_text(&mut rand::thread_rng(), now(), &text);
+                let relay_error = events.iter().find_map(|e| match e {
+                    Event::Error(m) if m.kind == ErrorKind::Relay => Some(m.detail.clone()),
+                    _ => None,
+                });
+                inner.process(events);
+                match relay_error {
+                    Some(detail) => last_error = detail,
+                    None => return Ok(()),
+                }
+            }
+            Some(Ok(WsMessage::Close(frame))) => {
+                return Err(match closed(frame, last_error) {
+                    Ended::Rejected(code, reason) => Ended::RejectedBeforeJoin(code, reason),
+                    other => other,
+                })
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                return Err(Ended::Lost {
+                    code: None,
+                    reason: e.to_string(),
+                })
+            }
+            None => {
+                return Err(Ended::Lost {
+                    code: None,
+                    reason: "connection closed".into(),
+                })
+            }
+        }
+    }
+}
+
 async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
-    let mut heartbeat = tokio::time::interval(inner.config.heartbeat_interval);
+    let mut heartbeat = tokio::time::interval(saturating_period(inner.config.heartbeat_interval));
     heartbeat.reset();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut retransmit = tokio::time::interval(inner.config.retransmit_after.max(Duration::from_millis(100)));
+    let mut retransmit = tokio::time::interval(saturating_period(
+        inner.config.retransmit_after.max(Duration::from_millis(100)),
+    ));
     retransmit.reset();
     let mut last_error = String::new();
     let mut verdicts = inner.verdicts_rx.lock().await;
+    let mut paused = false;
     loop {
+        // A full inbox stops reading: what the relay cannot deliver stays
+        // in its store. Once there is room again, ask for it.
+        let full = inner.inbox_full();
+        if full && !paused {
+            inner.stats.inbox_full_pauses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                target: "meshwire",
+                capacity = inner.config.inbox_capacity,
+                "application inbox full; not reading the relay until messages are taken"
+            );
+        } else if paused && !full {
+            if let Ok(did) = Did::parse(&inner.did) {
+                lock(&inner.outgoing).push_back(frames::to_text(&FetchPendingFrame::for_did(&did)));
+            }
+        }
+        paused = full;
         // Flush before waiting: a notification may have come while busy.
         loop {
             let next = lock(&inner.outgoing).pop_front();
@@ -1157,7 +1973,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
             }
         }
         tokio::select! {
-            incoming = socket.next() => match incoming {
+            incoming = socket.next(), if !paused => match incoming {
                 Some(Ok(WsMessage::Text(text))) => {
                     inner.count(false, &text);
                     let events = lock(&inner.mesh).handle_text(&mut rand::thread_rng(), now(), &text);
@@ -1178,8 +1994,9 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
                 None => return Ended::Lost { code: None, reason: "connection closed".into() },
             },
             _ = inner.outgoing_notify.notified() => {}
-            Some((from, accepted)) = verdicts.recv() => {
-                let events = lock(&inner.mesh).decide_knock(&mut rand::thread_rng(), now(), &from, accepted);
+            Some((from, knock_id, accepted)) = verdicts.recv() => {
+                let events =
+                    lock(&inner.mesh).decide_knock(&mut rand::thread_rng(), now(), &from, &knock_id, accepted);
                 inner.process(events);
             }
             _ = heartbeat.tick() => {
@@ -1208,9 +2025,20 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket) -> Ended {
                 inner.process(events);
             }
             _ = inner.shutdown.notified() => {
-                let from = Some(inner.did.clone());
-                let _ = send_text(inner, socket, Frame::Disconnect { from }.to_text()).await;
-                let _ = socket.close(Some(CloseFrame { code: CloseCode::Normal, reason: "client disconnect".into() })).await;
+                // The core decides what leaving means: frames, then the close.
+                let events = lock(&inner.mesh).disconnect();
+                for event in events {
+                    match event {
+                        Event::Transmit(text) => {
+                            let _ = send_text(inner, socket, text).await;
+                        }
+                        Event::Close { code, reason } => {
+                            let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+                            let _ = socket.close(Some(frame)).await;
+                        }
+                        other => inner.process(vec![other]),
+                    }
+                }
                 return Ended::Shutdown;
             }
         }

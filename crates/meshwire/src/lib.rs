@@ -10,12 +10,14 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod persist;
 pub mod registry;
+pub mod relay_connect;
 pub mod store;
 
 pub use client::{
-    knock_policy, ClientConfig, ClientError, ClientEvent, FrameCounters, KnockInfo, KnockPolicy, MeshClient,
-    MeshClientBuilder, Message, Payload,
+    knock_policy, ClientConfig, ClientError, ClientEvent, ClientStats, FrameCounters, KnockInfo, KnockPolicy,
+    MeshClient, MeshClientBuilder, Message, Payload,
 };
 pub use meshwire_proto as proto;
 pub use meshwire_proto::{Did, Identity, KdfDialect};

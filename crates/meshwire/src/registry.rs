@@ -14,7 +14,10 @@
 //! `fetch_bundle` may consume a second one-time key on the registry if the
 //! first attempt reached it.
 
-use meshwire_proto::auth::ed25519_timestamp_header;
+use meshwire_proto::auth::{
+    challenge_header, ed25519_timestamp_header, normalize_origin, ChallengeRequest, CHALLENGE_HEADER, CHALLENGE_PATH,
+    CHALLENGE_SCHEME,
+};
 use meshwire_proto::registry_wire;
 use meshwire_proto::time::Timestamp;
 use meshwire_proto::{Did, Identity, OneTimeKeyId, PreKeyBundle, PreKeyError, PreKeys};
@@ -23,7 +26,8 @@ use reqwest::Method;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Largest response body the client reads.
@@ -253,9 +257,18 @@ pub fn upload_prekeys_request(
     ))
 }
 
-/// `GET /v1/agents/{peer}/prekeys`, authenticated as `identity`.
-pub fn fetch_bundle_request(identity: &Identity, peer: &Did, timestamp: &str) -> RequestSpec {
-    authed_request(Method::GET, agent_path(peer, "/prekeys"), identity, timestamp)
+/// `GET /v1/agents/{peer}/prekeys`, without an Authorization header: no
+/// registry checks one on bundle fetches (AGT 5.0.0 and meshwire-server
+/// serve bundles to anyone), so a signature sent there would only hand a
+/// fresh, replayable proof to whoever reads the request. The TypeScript
+/// client sends one; this is the one header where meshwire differs.
+pub fn fetch_bundle_request(peer: &Did) -> RequestSpec {
+    RequestSpec {
+        method: Method::GET,
+        path: agent_path(peer, "/prekeys"),
+        headers: Vec::new(),
+        body: None,
+    }
 }
 
 /// `GET /v1/agents/{did}` (unauthenticated).
@@ -402,6 +415,12 @@ struct WireDiscoverResult {
 }
 
 #[derive(Deserialize)]
+struct WireChallenge {
+    scheme: String,
+    nonce: String,
+}
+
+#[derive(Deserialize)]
 struct WireHeartbeat {
     #[serde(default)]
     last_seen: Option<String>,
@@ -428,6 +447,9 @@ fn parse_timestamp(what: &str, text: Option<String>) -> Result<Option<Timestamp>
 struct RawResponse {
     status: u16,
     body: Vec<u8>,
+    /// The `x-meshwire-challenge` nonce of the answer, if any (meshwire
+    /// registries advertise challenge-bound proofs with it).
+    challenge: Option<String>,
 }
 
 impl RawResponse {
@@ -483,6 +505,24 @@ pub struct RegistryClient {
     http: reqwest::Client,
     base: Arc<str>,
     options: RegistryOptions,
+    /// The last proof timestamp used (ms), shared by clones: proofs get
+    /// strictly increasing timestamps, so no two carry the same signature
+    /// (servers accept each proof once).
+    last_proof_ms: Arc<AtomicU64>,
+    /// What the registry's answers said of challenge-bound proofs.
+    challenge: Arc<Mutex<ChallengeState>>,
+}
+
+/// Challenge-bound proofs (docs/specs/MESHWIRE-CHALLENGE-AUTH.md) as this
+/// client knows them: a meshwire registry puts a fresh nonce in every
+/// answer (`x-meshwire-challenge`); AGT's never does, and then nothing
+/// changes (no extra request, timestamp proofs).
+#[derive(Debug, Default)]
+struct ChallengeState {
+    /// An answer carried a nonce: sign challenge-bound proofs.
+    offered: bool,
+    /// The nonce of the latest answer, unused yet.
+    next: Option<String>,
 }
 
 impl fmt::Debug for RegistryClient {
@@ -524,7 +564,130 @@ impl RegistryClient {
             http,
             base: Arc::from(base_url.trim_end_matches('/')),
             options,
+            last_proof_ms: Arc::new(AtomicU64::new(0)),
+            challenge: Arc::new(Mutex::new(ChallengeState::default())),
         })
+    }
+
+    /// The timestamp for the next proof of possession: the clock, or one
+    /// millisecond after the previous proof if the clock has not moved past
+    /// it. Use it for every timestamp proof signed with this client's
+    /// identity (registry headers and relay `connect` frames): each
+    /// signature is then distinct, and servers that accept a proof once
+    /// accept them all.
+    pub fn next_proof_timestamp(&self) -> Timestamp {
+        let now = (self.options.clock)().0;
+        let mut previous = self.last_proof_ms.load(Ordering::SeqCst);
+        loop {
+            let next = now.max(previous.saturating_add(1));
+            match self
+                .last_proof_ms
+                .compare_exchange(previous, next, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Timestamp(next),
+                Err(actual) => previous = actual,
+            }
+        }
+    }
+
+    /// Whether the registry offers challenge-bound proofs: `true` once one
+    /// of its answers carried a nonce.
+    pub fn challenge_offered(&self) -> bool {
+        self.challenge_state().offered
+    }
+
+    fn challenge_state(&self) -> std::sync::MutexGuard<'_, ChallengeState> {
+        self.challenge.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers the nonce an answer carried.
+    fn learn(&self, response: &RawResponse) {
+        if let Some(nonce) = &response.challenge {
+            let mut state = self.challenge_state();
+            state.offered = true;
+            state.next = Some(nonce.clone());
+        }
+    }
+
+    /// A nonce for the next challenge-bound proof: the latest answer's, or a
+    /// fresh one from `GET /v1/auth/challenge`. `None` when the registry
+    /// does not offer challenges (or the nonce request failed: the
+    /// timestamp form is used then).
+    async fn challenge_nonce(&self) -> Option<String> {
+        {
+            let mut state = self.challenge_state();
+            if !state.offered {
+                return None;
+            }
+            if let Some(nonce) = state.next.take() {
+                return Some(nonce);
+            }
+        }
+        let spec = RequestSpec {
+            method: Method::GET,
+            path: CHALLENGE_PATH.to_owned(),
+            headers: Vec::new(),
+            body: None,
+        };
+        let answer = match self.send_once(&spec).await {
+            Ok(answer) => answer,
+            Err(AttemptError::Transient(e) | AttemptError::Fatal(e)) => {
+                tracing::debug!(error = %e, "challenge nonce request failed; signing a timestamp");
+                return None;
+            }
+        };
+        answer
+            .is_success()
+            .then(|| serde_json::from_slice::<WireChallenge>(&answer.body).ok())
+            .flatten()
+            .filter(|c| c.scheme == CHALLENGE_SCHEME)
+            .map(|c| c.nonce)
+    }
+
+    /// Replaces the `Ed25519-Timestamp` header of `spec` by a
+    /// `Meshwire-Challenge` one when the registry offers challenges (the
+    /// registration request, which no registry authenticates by header,
+    /// then carries none). Whether it did.
+    async fn bind_to_challenge(&self, identity: &Identity, spec: &mut RequestSpec) -> Result<bool, RegistryError> {
+        if spec.header("authorization").is_none() {
+            return Ok(false);
+        }
+        if spec.method == Method::POST && spec.path == "/v1/agents" {
+            if self.challenge_offered() {
+                spec.headers.retain(|(name, _)| *name != "authorization");
+            }
+            return Ok(false);
+        }
+        let Some(nonce) = self.challenge_nonce().await else {
+            return Ok(false);
+        };
+        let url = reqwest::Url::parse(&spec.url(&self.base))
+            .map_err(|e| RegistryError::InvalidRequest(format!("request URL: {e}")))?;
+        let target = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let audience =
+            normalize_origin(&self.base).map_err(|e| RegistryError::InvalidRequest(format!("registry origin: {e}")))?;
+        let did = identity.did().to_string();
+        let header = challenge_header(
+            identity,
+            &ChallengeRequest {
+                audience: &audience,
+                method: spec.method.as_str(),
+                path: &target,
+                nonce: &nonce,
+                did: &did,
+                body: spec.body.as_deref().unwrap_or("").as_bytes(),
+            },
+        )
+        .map_err(|e| RegistryError::InvalidRequest(format!("challenge proof: {e}")))?;
+        for (name, value) in &mut spec.headers {
+            if *name == "authorization" {
+                *value = header.clone();
+            }
+        }
+        Ok(true)
     }
 
     pub fn base_url(&self) -> &str {
@@ -557,7 +720,9 @@ impl RegistryClient {
         metadata: &BTreeMap<String, String>,
     ) -> Result<Registration, RegistryError> {
         let response = self
-            .execute(|ts| register_request(identity, capabilities, metadata, ts))
+            .execute_as(Some(identity), |ts| {
+                register_request(identity, capabilities, metadata, ts)
+            })
             .await?;
         if response.status == 409 {
             return Ok(Registration::AlreadyRegistered(identity.did().clone()));
@@ -580,7 +745,9 @@ impl RegistryClient {
         one_time_ids: &[OneTimeKeyId],
     ) -> Result<UploadReceipt, RegistryError> {
         let body = self
-            .execute(|ts| upload_prekeys_request(identity, prekeys, one_time_ids, ts))
+            .execute_as(Some(identity), |ts| {
+                upload_prekeys_request(identity, prekeys, one_time_ids, ts)
+            })
             .await?
             .success()?;
         // The answer is informational: AGT sends {"did", "otk_count"},
@@ -594,11 +761,8 @@ impl RegistryClient {
     /// Fetches `peer`'s pre-key bundle (the registry hands out, and deletes,
     /// one one-time key per fetch). The bundle is parsed, not verified:
     /// call [`PreKeyBundle::verify`].
-    pub async fn fetch_bundle(&self, identity: &Identity, peer: &Did) -> Result<PreKeyBundle, RegistryError> {
-        let body = self
-            .execute(|ts| Ok(fetch_bundle_request(identity, peer, ts)))
-            .await?
-            .success()?;
+    pub async fn fetch_bundle(&self, peer: &Did) -> Result<PreKeyBundle, RegistryError> {
+        let body = self.execute(|_| Ok(fetch_bundle_request(peer))).await?.success()?;
         let text = std::str::from_utf8(&body).map_err(|e| invalid("pre-key bundle", e))?;
         PreKeyBundle::from_json(text).map_err(|e| invalid("pre-key bundle", e))
     }
@@ -621,7 +785,7 @@ impl RegistryClient {
 
     /// Deregisters `identity`.
     pub async fn delete_agent(&self, identity: &Identity) -> Result<(), RegistryError> {
-        self.execute(|ts| Ok(delete_agent_request(identity, ts)))
+        self.execute_as(Some(identity), |ts| Ok(delete_agent_request(identity, ts)))
             .await?
             .success()
             .map(drop)
@@ -653,7 +817,7 @@ impl RegistryClient {
     /// interval (AGT: 10 s).
     pub async fn heartbeat(&self, identity: &Identity) -> Result<Option<Timestamp>, RegistryError> {
         let body = self
-            .execute(|ts| Ok(heartbeat_request(identity, ts)))
+            .execute_as(Some(identity), |ts| Ok(heartbeat_request(identity, ts)))
             .await?
             .success()?;
         let wire: WireHeartbeat = parse_json("heartbeat answer", &body)?;
@@ -663,15 +827,46 @@ impl RegistryClient {
     /// Sends the request `build` makes for the current clock reading,
     /// retrying 5xx answers and transient failures with backoff. Returns
     /// the last response (whatever its status) or the last failure.
-    async fn execute<F>(&self, mut build: F) -> Result<RawResponse, RegistryError>
+    async fn execute<F>(&self, build: F) -> Result<RawResponse, RegistryError>
+    where
+        F: FnMut(&str) -> Result<RequestSpec, RegistryError>,
+    {
+        self.execute_as(None, build).await
+    }
+
+    /// [`RegistryClient::execute`] for requests signed by `identity`: each
+    /// attempt gets a fresh proof (a new timestamp, or a new challenge
+    /// nonce where the registry offers them).
+    async fn execute_as<F>(&self, identity: Option<&Identity>, mut build: F) -> Result<RawResponse, RegistryError>
     where
         F: FnMut(&str) -> Result<RequestSpec, RegistryError>,
     {
         let mut attempt: u32 = 0;
         loop {
-            let timestamp = (self.options.clock)().to_iso();
-            let spec = build(&timestamp)?;
-            let outcome = self.send_once(&spec).await;
+            let timestamp = self.next_proof_timestamp().to_iso();
+            let mut spec = build(&timestamp)?;
+            let bound = match identity {
+                Some(identity) => self.bind_to_challenge(identity, &mut spec).await?,
+                None => false,
+            };
+            let mut outcome = self.send_once(&spec).await;
+            if let Ok(response) = &outcome {
+                self.learn(response);
+            }
+            // A registry that requires challenges refuses a timestamp proof
+            // with 401 and a nonce: answer it once in the challenge form.
+            let refused_timestamp = !bound
+                && spec.header("authorization").is_some()
+                && matches!(&outcome, Ok(r) if r.status == 401 && r.challenge.is_some());
+            if let (true, Some(identity)) = (refused_timestamp, identity) {
+                let mut again = build(&self.next_proof_timestamp().to_iso())?;
+                if self.bind_to_challenge(identity, &mut again).await? {
+                    outcome = self.send_once(&again).await;
+                    if let Ok(response) = &outcome {
+                        self.learn(response);
+                    }
+                }
+            }
             let retry = match &outcome {
                 Ok(response) => response.status >= 500,
                 Err(AttemptError::Transient(_)) => true,
@@ -726,6 +921,11 @@ impl RegistryClient {
         }
         let mut response = request.send().await.map_err(|e| classify(&e))?;
         let status = response.status().as_u16();
+        let challenge = response
+            .headers()
+            .get(CHALLENGE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| classify(&e))? {
             if body.len().saturating_add(chunk.len()) > MAX_RESPONSE_BYTES {
@@ -735,6 +935,10 @@ impl RegistryClient {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(RawResponse { status, body })
+        Ok(RawResponse {
+            status,
+            body,
+            challenge,
+        })
     }
 }

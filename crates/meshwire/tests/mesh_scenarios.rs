@@ -177,11 +177,46 @@ async fn takeover_closes_the_older_connection(backend: Backend) {
     let first = backend
         .agent_with(Identity::from_seed(&identity.seed()), "twin", None)
         .await;
-    let _second = backend.agent_with(identity, "twin", None).await;
-    let event = expect_event(&first, WAIT, |e| matches!(e, ClientEvent::TakenOver { .. })).await;
-    assert!(matches!(event, ClientEvent::TakenOver { .. }));
+    let second = backend.agent_with(identity, "twin", None).await;
+    let event = expect_event(&first, WAIT, |e| matches!(e, ClientEvent::Displaced { .. })).await;
+    assert!(matches!(event, ClientEvent::Displaced { attempt: 1, .. }), "{event:?}");
+    // Two live instances take the DID back from each other a bounded
+    // number of times, then one gives up for good.
+    let mut terminal = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while terminal.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: the twins did not settle",
+            backend.name
+        );
+        for (i, client) in [&first, &second].into_iter().enumerate() {
+            if client
+                .try_events()
+                .iter()
+                .any(|e| matches!(e, ClientEvent::TakenOver { .. }))
+            {
+                terminal = Some(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (loser, winner) = if terminal == Some(0) {
+        (&first, &second)
+    } else {
+        (&second, &first)
+    };
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!first.is_connected(), "no reconnection after a takeover");
+    assert!(
+        !loser.is_connected(),
+        "{}: no reconnection after giving up",
+        backend.name
+    );
+    assert!(
+        winner.is_connected(),
+        "{}: the other instance keeps the DID",
+        backend.name
+    );
 }
 
 async fn knock_rejected_by_policy(backend: Backend) {

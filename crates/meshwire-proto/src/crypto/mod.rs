@@ -2,7 +2,7 @@
 //! provider chosen at build time (as rustls does it).
 //!
 //! Two providers implement [`CryptoProvider`]: [`RustCrypto`] (x25519-dalek,
-//! chacha20poly1305, hkdf/hmac) is the default, [`AwsLc`] (aws-lc-rs) is
+//! chacha20poly1305, hkdf/hmac) is the default, `AwsLc` (aws-lc-rs) is
 //! enabled by the `aws-lc-rs` cargo feature and then becomes [`Active`].
 //! Ed25519 stays on ed25519-dalek in both.
 

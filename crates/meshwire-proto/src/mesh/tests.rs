@@ -76,18 +76,18 @@ fn kind(text: &str) -> String {
 /// Delivers `text` to `to`, accepting any KNOCK; returns the events.
 fn deliver(to: &mut Mesh, text: &str) -> Vec<Event> {
     let mut events = to.handle_text(&mut OsRng, T0, text);
-    let knocks: Vec<String> = events
+    let knocks: Vec<(String, String)> = events
         .iter()
         .filter_map(|e| {
-            if let Event::KnockRequest { from, .. } = e {
-                Some(from.clone())
+            if let Event::KnockRequest { from, knock_id, .. } = e {
+                Some((from.clone(), knock_id.clone()))
             } else {
                 None
             }
         })
         .collect();
-    for from in knocks {
-        events.extend(to.decide_knock(&mut OsRng, T0, &from, true));
+    for (from, knock_id) in knocks {
+        events.extend(to.decide_knock(&mut OsRng, T0, &from, &knock_id, true));
     }
     events
 }
@@ -179,7 +179,8 @@ fn rejected_knock_sends_reject_and_drops_buffer() {
         bob.handle_text(&mut OsRng, T0, &m).is_empty(),
         "buffered while the verdict is pending"
     );
-    let events = bob.decide_knock(&mut OsRng, T0, &did(&alice), false);
+    let knock_id = bob.pending_knock(&did(&alice)).unwrap().to_owned();
+    let events = bob.decide_knock(&mut OsRng, T0, &did(&alice), &knock_id, false);
     let frames = transmits(&events);
     assert_eq!(kind(&frames[0]), "knock_reject");
     assert!(frames[0].contains(r#""reason":"policy_denied""#));
@@ -443,7 +444,8 @@ fn messages_wait_for_a_slow_verdict_and_a_missing_verdict_rejects() {
     }
     // Past the 3 s pre-KNOCK TTL, nothing is dropped: the KNOCK is known.
     assert!(bob.handle_timeout(&mut OsRng, T0.plus_ms(5_000)).is_empty());
-    let events = bob.decide_knock(&mut OsRng, T0.plus_ms(5_000), &did(&alice), true);
+    let knock_id = bob.pending_knock(&did(&alice)).unwrap().to_owned();
+    let events = bob.decide_knock(&mut OsRng, T0.plus_ms(5_000), &did(&alice), &knock_id, true);
     assert_eq!(
         messages(&events),
         (0..50).map(|i| i.to_string()).collect::<Vec<_>>(),
@@ -457,4 +459,493 @@ fn messages_wait_for_a_slow_verdict_and_a_missing_verdict_rejects() {
     let events = bob.handle_timeout(&mut OsRng, T0.plus_ms(10_000));
     assert_eq!(errors(&events), [ErrorKind::Knock]);
     assert!(transmits(&events).iter().any(|t| kind(t) == "knock_reject"));
+}
+
+fn knock_requests(events: &[Event]) -> Vec<(String, String, Value)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::KnockRequest { from, knock_id, intent } => Some((from.clone(), knock_id.clone(), intent.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn with_intent(knock: &str, action: &str) -> String {
+    let mut v: Value = serde_json::from_str(knock).unwrap();
+    v["intent"] = serde_json::json!({ "action": action });
+    v.to_string()
+}
+
+#[test]
+fn a_knock_with_another_identitys_key_is_refused_unasked() {
+    // Mallory sends a KNOCK under Alice's DID with her own identity key.
+    let alice = agent("a", 0);
+    let mut mallory = agent("m", 0);
+    let mut bob = agent("b", 1);
+    let knock = mallory.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    let (_, first) = mallory.encrypt(&mut OsRng, T0, &did(&bob), b"\"hi\"").unwrap();
+    let forged = knock.replace(&did(&mallory), &did(&alice));
+    let forged_first = first.replace(&did(&mallory), &did(&alice));
+    let events = bob.handle_text(&mut OsRng, T0, &forged);
+    assert!(knock_requests(&events).is_empty(), "the policy is never asked");
+    assert_eq!(errors(&events), [ErrorKind::Knock]);
+    assert!(format!("{events:?}").contains("does not derive the DID"));
+    assert_eq!(bob.stats().knocks_refused, 1);
+    let events = bob.handle_text(&mut OsRng, T0, &forged_first);
+    assert!(messages(&events).is_empty());
+    assert!(!bob.has_session(&did(&alice)));
+    assert_eq!(bob.prekeys().one_time_key_ids().count(), 1, "no one-time key burnt");
+    // The same KNOCK under Mallory's own DID is asked about as usual.
+    let events = deliver(&mut bob, &knock);
+    assert_eq!(knock_requests(&events).len(), 1);
+    assert_eq!(messages(&deliver(&mut bob, &first)), ["\"hi\""]);
+}
+
+#[test]
+fn a_verdict_applies_only_to_the_knock_it_names() {
+    // The attack: "read_docs" is put to the policy, then superseded by
+    // "delete_everything" before the verdict; approving the first must not
+    // accept the second.
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 0);
+    let first = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    let second = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    let (_, msg) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"\"go\"").unwrap();
+    let events = bob.handle_text(&mut OsRng, T0, &with_intent(&first, "read_docs"));
+    let [(_, read_docs_id, intent)] = &knock_requests(&events)[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(intent["action"], "read_docs");
+    let events = bob.handle_text(&mut OsRng, T0, &with_intent(&second, "delete_everything"));
+    assert_eq!(errors(&events), [ErrorKind::Knock], "superseded is reported");
+    let [(_, delete_id, intent)] = &knock_requests(&events)[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(intent["action"], "delete_everything");
+    assert_ne!(read_docs_id, delete_id);
+    assert_eq!(bob.pending_knock(&did(&alice)), Some(delete_id.as_str()));
+    assert!(bob.handle_text(&mut OsRng, T0, &msg).is_empty(), "held for the verdict");
+
+    let events = bob.decide_knock(&mut OsRng, T0, &did(&alice), read_docs_id, true);
+    assert!(
+        transmits(&events).is_empty(),
+        "approving read_docs sends nothing: {events:?}"
+    );
+    assert!(messages(&events).is_empty());
+    assert_eq!(errors(&events), [ErrorKind::Knock]);
+    assert_eq!(bob.stats().stale_verdicts, 1);
+    assert_eq!(bob.stats().knocks_superseded, 1);
+    assert_eq!(
+        bob.pending_knock(&did(&alice)),
+        Some(delete_id.as_str()),
+        "still awaiting"
+    );
+
+    let events = bob.decide_knock(&mut OsRng, T0, &did(&alice), delete_id, false);
+    let frames = transmits(&events);
+    assert_eq!(frames.len(), 1);
+    let reject: Value = serde_json::from_str(&frames[0]).unwrap();
+    assert_eq!(reject["type"], "knock_reject");
+    assert_eq!(reject["knock_id"], delete_id.as_str());
+    assert!(messages(&events).is_empty());
+    // A second verdict on the decided KNOCK applies to nothing either.
+    assert!(transmits(&bob.decide_knock(&mut OsRng, T0, &did(&alice), delete_id, true)).is_empty());
+}
+
+#[test]
+fn a_knock_reject_for_an_older_knock_keeps_the_session() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 0);
+    let first = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    let first_id = serde_json::from_str::<Value>(&first).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    let events = bob.handle_text(&mut OsRng, T0, &second);
+    let knock_id = knock_requests(&events)[0].1.clone();
+    let reject = transmits(&bob.decide_knock(&mut OsRng, T0, &did(&alice), &knock_id, false)).remove(0);
+    let stale = reject.replace(&knock_id, &first_id);
+    let events = alice.handle_text(&mut OsRng, T0, &stale);
+    assert_eq!(errors(&events), [ErrorKind::Knock]);
+    assert!(alice.has_session(&did(&bob)), "a reject of an older KNOCK ends nothing");
+    let events = alice.handle_text(&mut OsRng, T0, &reject);
+    assert!(matches!(&events[..], [Event::KnockRejected { .. }]));
+    assert!(!alice.has_session(&did(&bob)));
+}
+
+#[test]
+fn junk_frames_do_not_grow_the_state() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 0);
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    let (_, m) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"1").unwrap();
+    deliver(&mut bob, &knock);
+    deliver(&mut bob, &m);
+    let baseline = bob.export_state().len();
+    let me = did(&bob);
+    for i in 0..20_000u32 {
+        let from = format!("did:mesh:junk{i:08}");
+        let text = match i % 4 {
+            // Encrypted-looking message with no session: buffered briefly.
+            0 => m.replace(&did(&alice), &from),
+            // A KNOCK whose identity key is not the sender's.
+            1 => knock.replace(&did(&alice), &from),
+            // knock_reject and knock_accept from strangers.
+            2 => format!(
+                r#"{{"v":1,"type":"knock_reject","from":"{from}","to":"{me}","id":"x{i}","knock_id":"k","ts":"2026-11-21T12:00:00.000Z"}}"#
+            ),
+            _ => format!("{{\"v\":1,\"type\":\"message\",\"from\":\"{from}\",\"to\":\"{me}\",\"id\":\"{i}\"}}"),
+        };
+        bob.handle_text(&mut OsRng, T0, &text);
+    }
+    assert!(
+        bob.peer_count() <= 1 + bob.config.pre_knock_max_peers,
+        "peers: {}",
+        bob.peer_count()
+    );
+    assert_eq!(bob.stats().knocks_refused, 5_000);
+    assert!(bob.stats().frames_rejected >= 5_000);
+    assert!(bob.stats().buffered_dropped > 0);
+    // Buffered junk expires; afterwards only the real peer is left, and the
+    // state is what it was.
+    bob.handle_timeout(&mut OsRng, T0.plus_ms(60_000));
+    assert_eq!(bob.peer_count(), 1);
+    assert_eq!(bob.export_state().len(), baseline);
+}
+
+#[test]
+fn unconfirmed_messages_are_bounded() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 0);
+    alice.set_peer_info(
+        &did(&bob),
+        PeerInfo {
+            dialect: None,
+            receipts: true,
+        },
+    );
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    deliver(&mut bob, &knock);
+    let limit = alice.config.max_unconfirmed_per_peer;
+    let mut refused = 0;
+    for i in 0..20_000 {
+        match alice.encrypt(&mut OsRng, T0, &did(&bob), format!("{i}").as_bytes()) {
+            Ok(_) => {}
+            Err(SendError::TooManyUnconfirmed { count, .. }) => {
+                assert_eq!(count, limit);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(refused, 20_000 - limit);
+    assert_eq!(alice.unconfirmed_count(&did(&bob)), limit);
+    assert_eq!(alice.stats().unconfirmed_refused, (20_000 - limit) as u64);
+    // One retransmit tick resends at most the limit.
+    let resent = alice.retransmit(&mut OsRng, T0.plus_ms(60_000), 1_000);
+    assert_eq!(transmits(&resent).len(), limit);
+    // The byte budget holds too.
+    alice.config_mut().max_unconfirmed_per_peer = usize::MAX;
+    alice.config_mut().max_unconfirmed_bytes = 4096;
+    let big = vec![b'x'; 4096];
+    assert!(matches!(
+        alice.encrypt(&mut OsRng, T0, &did(&bob), &big),
+        Err(SendError::TooManyUnconfirmed { .. })
+    ));
+}
+
+#[test]
+fn knocks_awaiting_a_verdict_and_sessions_are_bounded() {
+    let mut bob = agent("b", 0);
+    bob.config_mut().max_pending_knocks = 3;
+    bob.config_mut().max_sessions = 4;
+    let mut knockers: Vec<Mesh> = (0..5).map(|i| agent(&format!("k{i}"), 0)).collect();
+    let mut asked = Vec::new();
+    for k in &mut knockers {
+        let knock = k.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+        asked.extend(knock_requests(&bob.handle_text(&mut OsRng, T0, &knock)));
+    }
+    assert_eq!(asked.len(), 3);
+    assert_eq!(bob.stats().knocks_refused, 2);
+    for (from, id, _) in &asked {
+        bob.decide_knock(&mut OsRng, T0, from, id, true);
+    }
+    // Establish the three sessions, then one more; the fifth peer is refused.
+    for k in knockers.iter_mut().take(3) {
+        let (_, m) = k.encrypt(&mut OsRng, T0, &did(&bob), b"1").unwrap();
+        assert_eq!(messages(&bob.handle_text(&mut OsRng, T0, &m)), ["1"]);
+    }
+    let knock = knockers[3]
+        .open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob))
+        .unwrap();
+    let events = deliver(&mut bob, &knock);
+    let (_, m) = knockers[3].encrypt(&mut OsRng, T0, &did(&bob), b"2").unwrap();
+    assert_eq!(transmits(&events).len(), 1);
+    assert_eq!(messages(&bob.handle_text(&mut OsRng, T0, &m)), ["2"]);
+    let knock = knockers[4]
+        .open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob))
+        .unwrap();
+    let events = bob.handle_text(&mut OsRng, T0, &knock);
+    assert!(knock_requests(&events).is_empty());
+    let reply: Value = serde_json::from_str(&transmits(&events)[0]).unwrap();
+    assert_eq!(reply["type"], "knock_reject");
+    assert_eq!(reply["reason"], "capacity");
+}
+
+#[test]
+fn dirty_rows_rebuild_the_same_state() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 2);
+    assert!(bob.take_dirty().is_empty());
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    assert_eq!(alice.take_dirty().peers, [did(&bob)]);
+    let (_, m) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"1").unwrap();
+    assert_eq!(alice.take_dirty().peers, [did(&bob)], "a ratchet step is a change");
+    deliver(&mut bob, &knock);
+    assert!(bob.take_dirty().is_empty(), "an accepted KNOCK alone persists nothing");
+    deliver(&mut bob, &m);
+    assert_eq!(
+        bob.take_dirty(),
+        Dirty {
+            prekeys: true,
+            peers: vec![did(&alice)]
+        }
+    );
+    // Junk changes nothing persisted.
+    bob.handle_text(&mut OsRng, T0, &m.replace(&did(&alice), "did:mesh:junk"));
+    bob.handle_text(&mut OsRng, T0, &m);
+    assert!(bob.take_dirty().is_empty(), "a duplicate and junk write nothing");
+
+    // The rows rebuild the mesh exactly.
+    let rows: Vec<(String, zeroize::Zeroizing<String>)> = bob
+        .session_peers()
+        .into_iter()
+        .map(|d| {
+            let row = bob.export_peer(&d).unwrap();
+            (d, row)
+        })
+        .collect();
+    let rebuilt = Mesh::import_parts(
+        Identity::from_seed(&bob.identity().seed()),
+        &bob.export_prekeys(),
+        rows,
+        MeshConfig::default(),
+        Box::new(Counter("b2".into(), 0)),
+    )
+    .unwrap();
+    assert_eq!(*rebuilt.export_state(), *bob.export_state());
+    assert!(bob.export_peer("did:mesh:junk").is_none());
+
+    // A rejected session's row is written as deleted.
+    let second = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    alice.take_dirty();
+    let events = bob.handle_text(&mut OsRng, T0, &second);
+    let id = knock_requests(&events)[0].1.clone();
+    let reject = transmits(&bob.decide_knock(&mut OsRng, T0, &did(&alice), &id, false)).remove(0);
+    alice.handle_text(&mut OsRng, T0, &reject);
+    assert_eq!(alice.take_dirty().peers, [did(&bob)]);
+    assert!(
+        alice.export_peer(&did(&bob)).is_none(),
+        "nothing left: the row is deleted"
+    );
+}
+
+/// Delivers every transmitted frame of `events` to `to` (accepting KNOCKs),
+/// returning the events of those deliveries.
+fn relay_all(events: &[Event], to: &mut Mesh) -> Vec<Event> {
+    let mut out = Vec::new();
+    for t in transmits(events) {
+        if kind(&t) != "ack" {
+            out.extend(deliver(to, &t));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_peer_restored_from_an_older_copy_is_healed_between_meshwire_peers() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 2);
+    alice.set_peer_info(
+        &did(&bob),
+        PeerInfo {
+            dialect: None,
+            receipts: true,
+        },
+    );
+    bob.set_peer_info(
+        &did(&alice),
+        PeerInfo {
+            dialect: None,
+            receipts: true,
+        },
+    );
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    deliver(&mut bob, &knock);
+    let (_, m1) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"\"m1\"").unwrap();
+    assert_eq!(messages(&deliver(&mut bob, &m1)), ["\"m1\""]);
+    relay_all(&bob.flush_receipts(&mut OsRng, T0), &mut alice);
+    assert_eq!(alice.unconfirmed_count(&did(&bob)), 0);
+    // A backup of Alice's state, then two more messages, confirmed.
+    let backup = alice.export_state();
+    for text in ["\"m2\"", "\"m3\""] {
+        let (_, m) = alice.encrypt(&mut OsRng, T0, &did(&bob), text.as_bytes()).unwrap();
+        assert_eq!(messages(&deliver(&mut bob, &m)), [text]);
+    }
+    relay_all(&bob.flush_receipts(&mut OsRng, T0), &mut alice);
+    // Alice is restored from the backup: her next message reuses m2's number.
+    let mut alice = Mesh::import_state(
+        Identity::from_seed(&alice.identity().seed()),
+        &backup,
+        MeshConfig::default(),
+        Box::new(Counter("a-restored".into(), 0)),
+    )
+    .unwrap();
+    let (_, m4) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"\"m4\"").unwrap();
+    let events = deliver(&mut bob, &m4);
+    assert!(messages(&events).is_empty(), "it cannot be decrypted");
+    assert_eq!(errors(&events), [ErrorKind::Rollback]);
+    assert!(events.contains(&Event::ResyncNeeded { peer: did(&alice) }));
+    assert_eq!(transmits(&events).iter().map(|t| kind(t)).collect::<Vec<_>>(), ["ack"]);
+    assert_eq!(bob.stats().rollbacks_detected, 1);
+    // The same symptom again within 30 s: reported, but no second resync.
+    let (_, m5) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"\"m5\"").unwrap();
+    let events = deliver(&mut bob, &m5);
+    assert!(!events.iter().any(|e| matches!(e, Event::ResyncNeeded { .. })));
+
+    // Bob heals: a new session whose first message asks Alice to resend.
+    let frames = bob.resync(&mut OsRng, T0, &did(&alice), &bundle(&alice)).unwrap();
+    assert_eq!(kind(&frames[0]), "knock");
+    let mut events = deliver(&mut alice, &frames[0]);
+    events.extend(deliver(&mut alice, &frames[1]));
+    assert!(events.contains(&Event::SessionReplaced { peer: did(&bob) }));
+    assert!(
+        messages(&events).is_empty(),
+        "the control message is not the application's"
+    );
+    let resent = alice.retransmit(&mut OsRng, T0.plus_ms(1), 60_000);
+    assert_eq!(transmits(&resent).len(), 2, "m4 and m5 go out again at once");
+    let delivered = relay_all(&resent, &mut bob);
+    assert_eq!(messages(&delivered), ["\"m4\"", "\"m5\""], "nothing lost, in order");
+    relay_all(&bob.flush_receipts(&mut OsRng, T0), &mut alice);
+    assert_eq!(alice.unconfirmed_count(&did(&bob)), 0);
+    // Both ways work.
+    let (_, m6) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"\"m6\"").unwrap();
+    assert_eq!(messages(&deliver(&mut bob, &m6)), ["\"m6\""]);
+    let (_, r) = bob.encrypt(&mut OsRng, T0, &did(&alice), b"\"r\"").unwrap();
+    assert_eq!(messages(&deliver(&mut alice, &r)), ["\"r\""]);
+    // Copies of m4 and m5 on the new session are dropped by id.
+    let again = alice.retransmit(&mut OsRng, T0.plus_ms(120_000), 1);
+    assert!(messages(&relay_all(&again, &mut bob)).is_empty());
+}
+
+#[test]
+fn a_restored_reference_peer_is_reported_not_silently_swallowed() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 0);
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    deliver(&mut bob, &knock);
+    let backup = alice.export_state();
+    let (_, m1) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"1").unwrap();
+    assert_eq!(messages(&deliver(&mut bob, &m1)), ["1"]);
+    let mut alice = Mesh::import_state(
+        Identity::from_seed(&alice.identity().seed()),
+        &backup,
+        MeshConfig::default(),
+        Box::new(Counter("a-restored".into(), 0)),
+    )
+    .unwrap();
+    let (_, m2) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"2").unwrap();
+    let events = deliver(&mut bob, &m2);
+    assert_eq!(errors(&events), [ErrorKind::Rollback]);
+    assert!(format!("{events:?}").contains("this message is lost"));
+    assert!(!events.iter().any(|e| matches!(e, Event::ResyncNeeded { .. })));
+}
+
+#[test]
+fn disconnect_is_a_frame_then_a_close() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 0);
+    // A message buffered before its KNOCK is dropped, and said so.
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    let (_, m) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"1").unwrap();
+    assert!(bob.handle_text(&mut OsRng, T0, &m).is_empty());
+    let events = bob.disconnect();
+    assert_eq!(errors(&events), [ErrorKind::NoSession]);
+    let frames = transmits(&events);
+    assert_eq!(
+        frames,
+        [format!(r#"{{"v":1,"type":"disconnect","from":"{}"}}"#, did(&bob))]
+    );
+    assert_eq!(
+        events.last(),
+        Some(&Event::Close {
+            code: 1000,
+            reason: "client disconnect".into()
+        })
+    );
+    // Nothing is left buffered: the KNOCK alone establishes nothing to read.
+    assert!(messages(&deliver(&mut bob, &knock)).is_empty());
+}
+
+#[test]
+fn registry_lookups_do_not_grow_the_state_but_are_used() {
+    let mut alice = agent("a", 0);
+    let bob = agent("b", 0);
+    let before = alice.export_state().len();
+    for i in 0..5_000 {
+        alice.set_peer_info(
+            &format!("did:mesh:stranger{i}"),
+            PeerInfo {
+                dialect: Some(KdfDialect::LegacyFfSalt),
+                receipts: true,
+            },
+        );
+    }
+    assert_eq!(alice.peer_count(), 0);
+    assert_eq!(alice.export_state().len(), before);
+    assert!(alice.take_dirty().is_empty());
+    assert_eq!(
+        alice.peer_dialect("did:mesh:stranger0"),
+        None,
+        "the oldest were forgotten"
+    );
+    assert_eq!(
+        alice.peer_dialect("did:mesh:stranger4999"),
+        Some(KdfDialect::LegacyFfSalt)
+    );
+    // What the registry said is used once a session begins.
+    alice.set_peer_info(
+        &did(&bob),
+        PeerInfo {
+            dialect: Some(KdfDialect::LegacyFfSalt),
+            receipts: true,
+        },
+    );
+    alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    assert_eq!(alice.peer_dialect(&did(&bob)), Some(KdfDialect::LegacyFfSalt));
+    let (_, _) = alice.encrypt(&mut OsRng, T0, &did(&bob), b"1").unwrap();
+    assert_eq!(alice.unconfirmed_count(&did(&bob)), 1, "receipts were learnt");
+}
+
+#[test]
+fn only_receipts_and_resyncs_are_control_messages() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 0);
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    deliver(&mut bob, &knock);
+    // The client's encoding of raw bytes uses the reserved key too: it is the
+    // application's message.
+    let bytes = br#"{"$meshwire":"bytes","b64":"AAEC"}"#;
+    let (_, m) = alice.encrypt(&mut OsRng, T0, &did(&bob), bytes).unwrap();
+    assert_eq!(
+        messages(&deliver(&mut bob, &m)),
+        [String::from_utf8_lossy(bytes).into_owned()]
+    );
+    let (_, m) = alice
+        .encrypt(&mut OsRng, T0, &did(&bob), br#"{"$meshwire":"resync"}"#)
+        .unwrap();
+    assert!(messages(&deliver(&mut bob, &m)).is_empty());
 }

@@ -4,27 +4,43 @@
 
 pub(crate) mod store;
 
+use crate::challenge::{audience_ok, Service};
 use crate::config::duration_ms;
 use crate::http::{as_integer, json_object, ApiError, Fields, Issue};
+use crate::replay::ClaimError;
 use crate::server::Shared;
+use crate::util::Esc;
 use crate::util::{parse_iso, python_isoformat, IsoError};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::ConnectInfo;
+use axum::extract::OriginalUri;
 use axum::extract::{Path, Query, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::header::{CACHE_CONTROL, HOST, RETRY_AFTER};
+use axum::http::HeaderValue;
+use axum::http::Method;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use indexmap::IndexMap;
-use meshwire_proto::auth::{verify_registration_proof, AuthError, AuthHeader, REPLAY_WINDOW_MS};
+use meshwire_proto::auth::{
+    verify_challenge, verify_registration_proof_within, AuthError, AuthHeader, ChallengeHeader, ChallengeRequest,
+    CHALLENGE_HEADER, CHALLENGE_PATH, CHALLENGE_SCHEME,
+};
+use meshwire_proto::binding::check_identity_keys;
 use meshwire_proto::encoding::{b64_decode, b64_url};
+use meshwire_proto::identity::verify_signature;
+use meshwire_proto::keys::Ed25519PublicKey;
+use meshwire_proto::keys::X25519PublicKey;
 use meshwire_proto::Did;
 use serde::Serialize;
 use serde_json::{Number, Value};
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use store::{AgentRecord, Outcome, StoredSignedPreKey};
+use store::{AgentRecord, Outcome, StoredOneTimeKey, StoredSignedPreKey};
 
 const SCHEME: &str = "Ed25519-Timestamp ";
 /// `GET .../presence` reports an agent online when seen this recently.
@@ -48,6 +64,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/registry/reputation/session", post(submit_session_reputation))
         .route("/v1/registry/verify", post(verify_identity))
         .route("/v1/discover", get(discover))
+        .route(CHALLENGE_PATH, get(issue_challenge))
 }
 
 #[derive(Serialize)]
@@ -80,14 +97,70 @@ fn missing_header() -> Issue {
     Issue::missing(vec![Value::from("header"), Value::from("Authorization")])
 }
 
-/// Verifies `Authorization: Ed25519-Timestamp <did> <iso8601> <base64url
-/// signature over utf8(iso8601)>` against the registered key; returns the
-/// authenticated DID. Checks and messages in the reference's order.
-fn authenticate(shared: &Shared, header: Option<&str>) -> ApiResult<String> {
+/// What of a request a challenge-bound proof covers.
+pub(crate) struct RequestCtx<'a> {
+    pub(crate) method: &'a str,
+    /// Path and query exactly as received.
+    pub(crate) target: &'a str,
+    pub(crate) host: Option<&'a str>,
+    pub(crate) body: &'a [u8],
+}
+
+impl<'a> RequestCtx<'a> {
+    fn new(method: &'a Method, uri: &'a OriginalUri, headers: &'a HeaderMap, body: &'a [u8]) -> Self {
+        Self {
+            method: method.as_str(),
+            target: uri.0.path_and_query().map_or("/", |pq| pq.as_str()),
+            host: headers.get(HOST).and_then(|h| h.to_str().ok()),
+            body,
+        }
+    }
+}
+
+fn claim_error(error: ClaimError, what: &str) -> ApiError {
+    match error {
+        ClaimError::Replayed => ApiError::unauthorized(format!("Proof already used: replayed {what}")),
+        ClaimError::Full { .. } | ClaimError::Unavailable(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Cannot accept new proofs now ({error})"),
+        ),
+    }
+}
+
+/// The registered Ed25519 key of `did` (401 when unknown or legacy).
+fn registered_key(shared: &Shared, did: &str) -> ApiResult<Ed25519PublicKey> {
+    let agents = shared.registry.lock();
+    let agent = agents
+        .by_did
+        .get(did)
+        .ok_or_else(|| ApiError::unauthorized("Agent not registered"))?;
+    // A legacy (npm 4.0.0) registration has no Ed25519 key to check against.
+    agent
+        .signing_key
+        .ok_or_else(|| ApiError::unauthorized("Invalid signature"))
+}
+
+/// Verifies the request's `Authorization` and claims its proof in the
+/// once-only memory; returns the authenticated DID. Two forms:
+///
+/// - `Ed25519-Timestamp <did> <iso8601> <base64url signature over
+///   utf8(iso8601)>` (AGT), checks and messages in the reference's order,
+///   unless [`ServerConfig::require_challenge`](crate::ServerConfig::require_challenge);
+/// - `Meshwire-Challenge <did> <nonce> <audience> <signature>` (meshwire
+///   extension, docs/specs/MESHWIRE-CHALLENGE-AUTH.md).
+fn authenticate(shared: &Shared, header: Option<&str>, ctx: &RequestCtx<'_>) -> ApiResult<String> {
     let value = header.ok_or_else(|| ApiError::unauthorized("Missing or invalid Authorization header"))?;
+    if ChallengeHeader::is_challenge(value) {
+        return authenticate_challenge(shared, value, ctx);
+    }
     let rest = value
         .strip_prefix(SCHEME)
         .ok_or_else(|| ApiError::unauthorized("Missing or invalid Authorization header"))?;
+    if shared.config.require_challenge {
+        return Err(ApiError::unauthorized(
+            "Meshwire-Challenge authorization required: timestamp proofs are disabled on this registry",
+        ));
+    }
     let mut parts = rest.splitn(3, ' ');
     let (Some(did), Some(timestamp), Some(_signature)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(ApiError::unauthorized("Malformed Ed25519-Timestamp header"));
@@ -97,24 +170,93 @@ fn authenticate(shared: &Shared, header: Option<&str>) -> ApiResult<String> {
         IsoError::Naive => ApiError::unauthorized("Timestamp must include timezone offset"),
     })?;
     let now = shared.config.now();
-    if ts.abs_diff(now) > REPLAY_WINDOW_MS {
+    let window = shared.config.window_ms();
+    if ts.abs_diff(now) > window {
         return Err(ApiError::unauthorized("Timestamp outside replay window"));
     }
-    let key = {
-        let agents = shared.registry.lock();
-        let agent = agents
-            .by_did
-            .get(did)
-            .ok_or_else(|| ApiError::unauthorized("Agent not registered"))?;
-        agent.signing_key
-    };
-    // A legacy (npm 4.0.0) registration has no Ed25519 key to check against.
-    let key = key.ok_or_else(|| ApiError::unauthorized("Invalid signature"))?;
+    let key = registered_key(shared, did)?;
     let parsed = AuthHeader::parse(value).map_err(|_| ApiError::unauthorized("Invalid signature"))?;
     parsed
-        .verify(&key, now)
+        .verify_within(&key, now, window)
         .map_err(|_| ApiError::unauthorized("Invalid signature"))?;
+    shared
+        .ledger
+        .claim(did, &parsed.signature, ts.plus_ms(window), now)
+        .map_err(|e| claim_error(e, "Ed25519-Timestamp signature"))?;
     Ok(did.to_owned())
+}
+
+fn authenticate_challenge(shared: &Shared, value: &str, ctx: &RequestCtx<'_>) -> ApiResult<String> {
+    let parsed = ChallengeHeader::parse(value)
+        .map_err(|e| ApiError::unauthorized(format!("Malformed Meshwire-Challenge header: {e}")))?;
+    let now = shared.config.now();
+    let nonce = shared
+        .challenges
+        .check(&parsed.nonce, now)
+        .map_err(|e| ApiError::unauthorized(format!("Challenge refused: {e}")))?;
+    if !audience_ok(&shared.config, Service::Registry, &parsed.audience, ctx.host) {
+        return Err(ApiError::unauthorized(format!(
+            "Challenge refused: audience {} is not this registry",
+            Esc(&parsed.audience)
+        )));
+    }
+    let did = parsed.did.to_string();
+    let key = registered_key(shared, &did)?;
+    let request = ChallengeRequest {
+        audience: &parsed.audience,
+        method: ctx.method,
+        path: ctx.target,
+        nonce: &parsed.nonce,
+        did: &did,
+        body: ctx.body,
+    };
+    verify_challenge(&key, &request, &parsed.signature)
+        .map_err(|e| ApiError::unauthorized(format!("Invalid signature: {e}")))?;
+    shared
+        .ledger
+        .claim(&did, &nonce.bytes, nonce.expires_at, now)
+        .map_err(|e| claim_error(e, "challenge nonce"))?;
+    Ok(did)
+}
+
+/// Adds a fresh nonce to every registry answer (`x-meshwire-challenge`):
+/// a client learns from any answer that challenge-bound proofs are offered
+/// and has a nonce for its next authenticated request without asking.
+pub(crate) async fn advertise_challenge(
+    State(shared): Ctx,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    let (nonce, _) = shared.challenges.issue(shared.config.now());
+    if let Ok(value) = HeaderValue::from_str(&nonce) {
+        response.headers_mut().insert(CHALLENGE_HEADER, value);
+    }
+    response
+}
+
+#[derive(Serialize)]
+struct ChallengeView {
+    scheme: &'static str,
+    version: u8,
+    nonce: String,
+    expires_at: String,
+}
+
+/// `GET /v1/auth/challenge` (meshwire extension): a fresh nonce. Stores
+/// nothing.
+async fn issue_challenge(State(shared): Ctx) -> Response {
+    let (nonce, expires_at) = shared.challenges.issue(shared.config.now());
+    (
+        [(CACHE_CONTROL, "no-store")],
+        Json(ChallengeView {
+            scheme: CHALLENGE_SCHEME,
+            version: 1,
+            nonce,
+            expires_at: expires_at.to_iso(),
+        }),
+    )
+        .into_response()
 }
 
 // ── Registration ─────────────────────────────────────────────────────
@@ -145,7 +287,8 @@ async fn register(State(shared): Ctx, body: Result<Bytes, BytesRejection>) -> Ap
     // The reference answers a timestamp without offset with a 500; 400 here.
     let ts = parse_iso(&proof_timestamp).map_err(|_| ApiError::bad_request("Invalid proof_timestamp"))?;
     let now = shared.config.now();
-    if ts.abs_diff(now) > REPLAY_WINDOW_MS {
+    let window = shared.config.window_ms();
+    if ts.abs_diff(now) > window {
         return Err(ApiError::unauthorized("Proof timestamp outside replay window"));
     }
     let proof = b64_decode(&proof_b64).map_err(|_| ApiError::bad_request("Malformed proof"))?;
@@ -153,8 +296,8 @@ async fn register(State(shared): Ctx, body: Result<Bytes, BytesRejection>) -> Ap
         return Err(ApiError::bad_request("Malformed proof"));
     }
     // Signature over utf8(public_key_b64 + proof_timestamp), as sent.
-    let (key, did) =
-        verify_registration_proof(&public_key_b64, &proof_b64, &proof_timestamp, now).map_err(|e| match e {
+    let (key, did) = verify_registration_proof_within(&public_key_b64, &proof_b64, &proof_timestamp, now, window)
+        .map_err(|e| match e {
             AuthError::BadSignature => ApiError::unauthorized("Invalid proof-of-possession"),
             AuthError::Stale => ApiError::unauthorized("Proof timestamp outside replay window"),
             _ => ApiError::bad_request("Malformed proof"),
@@ -165,7 +308,7 @@ async fn register(State(shared): Ctx, body: Result<Bytes, BytesRejection>) -> Ap
     match agents.by_did.get(&did) {
         // Proof of possession outranks a legacy claim on the same DID.
         Some(existing) if existing.is_legacy() => {
-            tracing::warn!(%did, "proof-carrying registration replaces a legacy registration");
+            tracing::warn!(did = %Esc(&did), "proof-carrying registration replaces a legacy registration");
             agents.by_did.shift_remove(&did);
         }
         Some(_) => return Err(ApiError::new(StatusCode::CONFLICT, "Agent already registered")),
@@ -174,12 +317,18 @@ async fn register(State(shared): Ctx, body: Result<Bytes, BytesRejection>) -> Ap
     if agents.by_did.len() >= shared.config.max_agents {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Registry is full"));
     }
+    // A registration proof registers once: replayed after a deregistration
+    // it would bring the agent back.
+    shared
+        .ledger
+        .claim(&did, &proof, ts.plus_ms(window), now)
+        .map_err(|e| claim_error(e, "registration proof"))?;
     agents.by_did.insert(
         did.clone(),
         AgentRecord::new(did.clone(), Some(key), capabilities, metadata, now),
     );
     drop(agents);
-    tracing::info!(%did, "registered agent");
+    tracing::info!(did = %Esc(&did), "registered agent");
     Ok(registered(did))
 }
 
@@ -223,7 +372,7 @@ fn legacy_register(shared: &Shared, object: &crate::http::RawObject) -> ApiResul
         AgentRecord::new(did.clone(), None, capabilities, metadata, now),
     );
     drop(agents);
-    tracing::warn!(%did, "registered agent WITHOUT proof of possession (legacy compat mode)");
+    tracing::warn!(did = %Esc(&did), "registered agent WITHOUT proof of possession (legacy compat mode)");
     Ok(registered(did))
 }
 
@@ -245,15 +394,27 @@ struct AgentView {
     verified_app_id: Option<String>,
     verified_tenant_id: Option<String>,
     verified_at: Option<String>,
+    /// meshwire extension: one-time pre-keys the registry holds for the
+    /// agent (AGT 5.0.0 reports it only in the upload answer), so the agent
+    /// can refill before they run out.
+    otk_count: usize,
+    /// meshwire extension: the id of the signed pre-key served in bundles,
+    /// `null` before the first upload.
+    signed_pre_key_id: Option<Number>,
+    /// meshwire extension: the id of the signed pre-key a rotation replaced,
+    /// while the registry retains it (14 days, AGT spec 6.2).
+    previous_signed_pre_key_id: Option<Number>,
 }
 
 async fn get_agent(State(shared): Ctx, path: Result<Path<String>, PathRejection>) -> ApiResult<Json<AgentView>> {
     let did = path_did(path)?;
-    let agents = shared.registry.lock();
+    let now = shared.config.now();
+    let mut agents = shared.registry.lock();
     let a = agents
         .by_did
-        .get(&did)
+        .get_mut(&did)
         .ok_or_else(|| ApiError::not_found("Agent not found"))?;
+    a.forget_expired_signed_pre_key(now);
     Ok(Json(AgentView {
         did: a.did.clone(),
         capabilities: a.capabilities.clone(),
@@ -271,24 +432,29 @@ async fn get_agent(State(shared): Ctx, path: Result<Path<String>, PathRejection>
         verified_app_id: None,
         verified_tenant_id: None,
         verified_at: None,
+        otk_count: a.one_time_pre_keys.len(),
+        signed_pre_key_id: a.signed_pre_key.as_ref().map(|k| k.key_id.clone()),
+        previous_signed_pre_key_id: a.previous_signed_pre_key.as_ref().map(|(k, _)| k.key_id.clone()),
     }))
 }
 
 async fn deregister(
     State(shared): Ctx,
+    method: Method,
+    uri: OriginalUri,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
     let did = path_did(path)?;
     let header = authorization(&headers).ok_or_else(|| ApiError::unprocessable(vec![missing_header()]))?;
-    let authed = authenticate(&shared, Some(&header))?;
+    let authed = authenticate(&shared, Some(&header), &RequestCtx::new(&method, &uri, &headers, b""))?;
     if authed != did {
         return Err(ApiError::forbidden("DID mismatch"));
     }
     if shared.registry.lock().by_did.shift_remove(&did).is_none() {
         return Err(ApiError::not_found("Agent not found"));
     }
-    tracing::info!(%did, "deregistered agent");
+    tracing::info!(did = %Esc(&did), "deregistered agent");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -300,16 +466,67 @@ struct PreKeysUploaded {
     otk_count: usize,
 }
 
-fn bundle_error(detail: impl std::fmt::Display) -> ApiError {
-    ApiError::bad_request(format!("Invalid pre-key bundle: {detail}"))
+/// Longest `key_id` accepted (digits of the JSON number), so ids cannot
+/// carry bulk data.
+const MAX_KEY_ID: u64 = u32::MAX as u64;
+
+/// A pre-key upload was refused. Its Display is the response's detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UploadError {
+    /// A field is malformed (400).
+    #[error("Invalid pre-key bundle: {0}")]
+    Invalid(String),
+    /// The identity keys are not the registered agent's (403).
+    #[error("Invalid pre-key bundle: {field} is not the registered identity key of this agent ({reason})")]
+    NotTheAgentsKey {
+        field: &'static str,
+        reason: meshwire_proto::BindingError,
+    },
+    /// The signed pre-key's signature does not verify under the agent's
+    /// registered key (400).
+    #[error("Invalid pre-key bundle: signed_pre_key.signature does not verify under the agent's identity key")]
+    BadSignedPreKeySignature,
 }
 
-fn decode_exact<const N: usize>(field: &str, text: &str) -> ApiResult<[u8; N]> {
+impl From<UploadError> for ApiError {
+    fn from(error: UploadError) -> Self {
+        match error {
+            UploadError::NotTheAgentsKey { .. } => ApiError::forbidden(error.to_string()),
+            _ => ApiError::bad_request(error.to_string()),
+        }
+    }
+}
+
+fn bundle_error(detail: impl std::fmt::Display) -> UploadError {
+    UploadError::Invalid(detail.to_string())
+}
+
+fn decode_exact<const N: usize>(field: &str, text: &str) -> Result<[u8; N], UploadError> {
     let bytes = b64_decode(text).map_err(|_| bundle_error(format!("{field} is not valid base64")))?;
     <[u8; N]>::try_from(bytes.as_slice()).map_err(|_| bundle_error(format!("{field} must be {N} bytes")))
 }
 
-fn spk_string<'a>(spk: &'a IndexMap<String, Value>, name: &str) -> ApiResult<&'a str> {
+fn key_id(field: &str, value: Option<&Value>) -> Result<Number, UploadError> {
+    let value = value.ok_or_else(|| bundle_error(format!("'{}'", field.rsplit('.').next().unwrap_or(field))))?;
+    let id = as_integer(value).ok_or_else(|| bundle_error(format!("{field} must be an integer")))?;
+    match id.as_u64() {
+        Some(n) if n <= MAX_KEY_ID => Ok(id),
+        _ => Err(bundle_error(format!("{field} must be between 0 and {MAX_KEY_ID}"))),
+    }
+}
+
+fn only_fields(object: &IndexMap<String, Value>, allowed: &[&str], what: &str) -> Result<(), UploadError> {
+    match object.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(unknown) => Err(bundle_error(format!(
+            "{what} has unknown field '{}' (allowed: {})",
+            Esc(unknown),
+            allowed.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn spk_string<'a>(spk: &'a IndexMap<String, Value>, name: &str) -> Result<&'a str, UploadError> {
     match spk.get(name) {
         None => Err(bundle_error(format!("'{name}'"))),
         Some(Value::String(s)) => Ok(s),
@@ -317,14 +534,103 @@ fn spk_string<'a>(spk: &'a IndexMap<String, Value>, name: &str) -> ApiResult<&'a
     }
 }
 
+/// A checked upload, ready to store.
+struct CheckedUpload {
+    identity_key: [u8; 32],
+    identity_key_ed: Option<[u8; 32]>,
+    signed_pre_key: StoredSignedPreKey,
+    one_time_pre_keys: VecDeque<StoredOneTimeKey>,
+}
+
+/// Parses and checks an upload against the agent's registered key
+/// (`None` for a legacy registration, which has none). Pure.
+fn check_upload(
+    did: &str,
+    registered: Option<&Ed25519PublicKey>,
+    identity_key: &str,
+    identity_key_ed: Option<&str>,
+    spk: &IndexMap<String, Value>,
+    otks: &[IndexMap<String, Value>],
+    max_one_time_keys: usize,
+) -> Result<CheckedUpload, UploadError> {
+    let identity_key = decode_exact::<32>("identity_key", identity_key)?;
+    let identity_key_ed = match identity_key_ed {
+        None | Some("") => None,
+        Some(text) => Some(
+            b64_decode(text)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| bundle_error("400: identity_key_ed must be exactly 32 bytes (Ed25519 public key)"))?,
+        ),
+    };
+    only_fields(spk, &["key_id", "public_key", "signature"], "signed_pre_key")?;
+    let spk_public = spk_string(spk, "public_key")?;
+    let spk_signature = spk_string(spk, "signature")?;
+    let signed_pre_key = StoredSignedPreKey {
+        key_id: key_id("signed_pre_key.key_id", spk.get("key_id"))?,
+        public_key: decode_exact::<32>("signed_pre_key.public_key", spk_public)?,
+        signature: decode_exact::<64>("signed_pre_key.signature", spk_signature)?,
+    };
+    if otks.len() > max_one_time_keys {
+        return Err(bundle_error(format!(
+            "too many one_time_pre_keys ({}, at most {max_one_time_keys})",
+            otks.len()
+        )));
+    }
+    let mut one_time_pre_keys = VecDeque::with_capacity(otks.len());
+    for (i, otk) in otks.iter().enumerate() {
+        only_fields(otk, &["key_id", "public_key"], &format!("one_time_pre_keys[{i}]"))?;
+        let key_id = key_id(&format!("one_time_pre_keys[{i}].key_id"), otk.get("key_id"))?;
+        let Some(Value::String(public_key)) = otk.get("public_key") else {
+            return Err(bundle_error(format!(
+                "one_time_pre_keys[{i}].public_key must be a string"
+            )));
+        };
+        let public_key = decode_exact::<32>(&format!("one_time_pre_keys[{i}].public_key"), public_key)?;
+        one_time_pre_keys.push_back(StoredOneTimeKey { key_id, public_key });
+    }
+
+    // The keys must be the registered agent's: its Ed25519 key, whose
+    // Montgomery image is the X25519 identity key, and a signed pre-key
+    // signed by it. (A legacy registration has no key to compare with.)
+    if let Some(registered) = registered {
+        let did = Did::parse(did).map_err(|e| bundle_error(format!("agent DID: {e}")))?;
+        if let Some(ed) = identity_key_ed {
+            let ed = Ed25519PublicKey::from_bytes(ed);
+            if ed != *registered {
+                return Err(UploadError::NotTheAgentsKey {
+                    field: "identity_key_ed",
+                    reason: meshwire_proto::BindingError::DidMismatch,
+                });
+            }
+        }
+        let x = X25519PublicKey::from_bytes(identity_key);
+        check_identity_keys(&did, registered, &x).map_err(|reason| UploadError::NotTheAgentsKey {
+            field: "identity_key",
+            reason,
+        })?;
+        verify_signature(registered, &signed_pre_key.public_key, &signed_pre_key.signature)
+            .map_err(|_| UploadError::BadSignedPreKeySignature)?;
+    }
+    Ok(CheckedUpload {
+        identity_key,
+        identity_key_ed,
+        signed_pre_key,
+        one_time_pre_keys,
+    })
+}
+
 async fn upload_prekeys(
     State(shared): Ctx,
+    method: Method,
+    uri: OriginalUri,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<PreKeysUploaded>> {
     let did = path_did(path)?;
     let header = authorization(&headers);
+    let raw = body.as_ref().map(Bytes::clone).unwrap_or_default();
     // Request validation first (FastAPI validates body and headers before
     // the handler runs); collect body and header problems together.
     let object = json_object(body)?;
@@ -345,11 +651,17 @@ async fn upload_prekeys(
     }
     fields.finish()?;
 
-    if !shared.registry.lock().by_did.contains_key(&did) {
-        return Err(ApiError::not_found("Agent not found"));
-    }
+    let registered = {
+        let agents = shared.registry.lock();
+        let agent = agents
+            .by_did
+            .get(&did)
+            .ok_or_else(|| ApiError::not_found("Agent not found"))?;
+        agent.signing_key
+    };
     if !legacy_unauthenticated {
-        let authed = authenticate(&shared, header.as_deref())?;
+        let ctx = RequestCtx::new(&method, &uri, &headers, &raw);
+        let authed = authenticate(&shared, header.as_deref(), &ctx)?;
         if authed != did {
             return Err(ApiError::forbidden("DID mismatch"));
         }
@@ -357,57 +669,30 @@ async fn upload_prekeys(
 
     // Validate everything before touching the record (the reference
     // assigns field by field and can leave a half-updated bundle).
-    let identity_key = decode_exact::<32>("identity_key", &identity_key)?;
-    let identity_key_ed = match identity_key_ed.as_deref() {
-        None | Some("") => None,
-        Some(text) => Some(
-            b64_decode(text)
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-                .ok_or_else(|| bundle_error("400: identity_key_ed must be exactly 32 bytes (Ed25519 public key)"))?,
-        ),
-    };
-    let spk_public = spk_string(&spk, "public_key")?;
-    let spk_signature = spk_string(&spk, "signature")?;
-    let key_id = spk.get("key_id").ok_or_else(|| bundle_error("'key_id'"))?;
-    let key_id = as_integer(key_id).ok_or_else(|| bundle_error("signed_pre_key.key_id must be an integer"))?;
-    let signed_pre_key = StoredSignedPreKey {
-        key_id,
-        public_key: decode_exact::<32>("signed_pre_key.public_key", spk_public)?,
-        signature: decode_exact::<64>("signed_pre_key.signature", spk_signature)?,
-    };
-    if otks.len() > shared.config.max_one_time_keys {
-        return Err(bundle_error(format!(
-            "too many one_time_pre_keys ({}, at most {})",
-            otks.len(),
-            shared.config.max_one_time_keys
-        )));
-    }
-    for (i, otk) in otks.iter().enumerate() {
-        if otk.get("key_id").and_then(as_integer).is_none() {
-            return Err(bundle_error(format!(
-                "one_time_pre_keys[{i}].key_id must be an integer"
-            )));
-        }
-        let Some(Value::String(public_key)) = otk.get("public_key") else {
-            return Err(bundle_error(format!(
-                "one_time_pre_keys[{i}].public_key must be a string"
-            )));
-        };
-        decode_exact::<32>(&format!("one_time_pre_keys[{i}].public_key"), public_key)?;
-    }
+    let checked = check_upload(
+        &did,
+        registered.as_ref(),
+        &identity_key,
+        identity_key_ed.as_deref(),
+        &spk,
+        &otks,
+        shared.config.max_one_time_keys,
+    )
+    .inspect_err(|e| tracing::warn!(did = %Esc(&did), error = %e, "pre-key upload refused"))?;
 
+    let now = shared.config.now();
+    let retention = duration_ms(shared.config.signed_pre_key_retention);
     let mut agents = shared.registry.lock();
     let agent = agents
         .by_did
         .get_mut(&did)
         .ok_or_else(|| ApiError::not_found("Agent not found"))?;
-    agent.identity_key = Some(identity_key);
-    if identity_key_ed.is_some() {
-        agent.identity_key_ed = identity_key_ed;
+    agent.identity_key = Some(checked.identity_key);
+    if checked.identity_key_ed.is_some() {
+        agent.identity_key_ed = checked.identity_key_ed;
     }
-    agent.signed_pre_key = Some(signed_pre_key);
-    agent.one_time_pre_keys = VecDeque::from(otks);
+    agent.install_signed_pre_key(checked.signed_pre_key, now, retention);
+    agent.one_time_pre_keys = checked.one_time_pre_keys;
     let otk_count = agent.one_time_pre_keys.len();
     drop(agents);
     Ok(Json(PreKeysUploaded { did, otk_count }))
@@ -421,23 +706,71 @@ struct SignedPreKeyView {
 }
 
 #[derive(Serialize)]
+struct OneTimeKeyView {
+    key_id: Number,
+    public_key: String,
+}
+
+#[derive(Serialize)]
 struct BundleView {
     identity_key: String,
     identity_key_ed: Option<String>,
     signed_pre_key: SignedPreKeyView,
-    one_time_pre_key: Option<IndexMap<String, Value>>,
+    one_time_pre_key: Option<OneTimeKeyView>,
+}
+
+/// Who a bundle fetch counts against: the DID of a valid `Authorization`
+/// header (whose proof is then used up), else the peer IP; `None` when
+/// neither is known (a router served without connect info) or the peer is
+/// loopback and [`ServerConfig::rate_limit_loopback`](crate::ServerConfig::rate_limit_loopback)
+/// is off, which is not limited.
+fn requester(shared: &Shared, headers: &HeaderMap, ctx: &RequestCtx<'_>, peer: Option<SocketAddr>) -> Option<String> {
+    if let Some(header) = authorization(headers) {
+        if let Ok(did) = authenticate(shared, Some(&header), ctx) {
+            return Some(format!("did {did}"));
+        }
+    }
+    peer.filter(|addr| shared.config.rate_limit_loopback || !addr.ip().is_loopback())
+        .map(|addr| format!("ip {}", addr.ip()))
 }
 
 /// Serves the bundle and consumes one one-time key, both under one lock:
-/// each uploaded one-time key goes to exactly one caller.
-async fn fetch_prekeys(State(shared): Ctx, path: Result<Path<String>, PathRejection>) -> ApiResult<Json<BundleView>> {
+/// each uploaded one-time key goes to exactly one caller. Rate-limited per
+/// requester ([`ServerConfig::bundle_fetches_per_minute`](crate::ServerConfig::bundle_fetches_per_minute)).
+async fn fetch_prekeys(
+    State(shared): Ctx,
+    method: Method,
+    uri: OriginalUri,
+    peer: Option<ConnectInfo<SocketAddr>>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
     let did = path_did(path)?;
+    let ctx = RequestCtx::new(&method, &uri, &headers, b"");
+    let who = requester(&shared, &headers, &ctx, peer.map(|ConnectInfo(addr)| addr));
+    let now = shared.config.now();
+    if let Err(retry_after) = who
+        .as_deref()
+        .map_or(Ok(()), |who| shared.bundle_limiter.take(who, now))
+    {
+        tracing::info!(requester = %Esc(who.as_deref().unwrap_or("")), "bundle fetch rate-limited");
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("Too many pre-key bundle fetches; retry after {retry_after} s"),
+        )
+        .into_response();
+        if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
+            response.headers_mut().insert(RETRY_AFTER, value);
+        }
+        return Ok(response);
+    }
     let mut agents = shared.registry.lock();
     let not_found = || ApiError::not_found("Pre-key bundle not found");
     let agent = agents.by_did.get_mut(&did).ok_or_else(not_found)?;
+    agent.forget_expired_signed_pre_key(now);
     let spk = agent.signed_pre_key.clone().ok_or_else(not_found)?;
     let one_time_pre_key = agent.one_time_pre_keys.pop_front();
-    Ok(Json(BundleView {
+    let view = BundleView {
         identity_key: agent.identity_key.map(|k| b64_url(&k)).unwrap_or_default(),
         identity_key_ed: agent.identity_key_ed.map(|k| b64_url(&k)),
         signed_pre_key: SignedPreKeyView {
@@ -445,8 +778,18 @@ async fn fetch_prekeys(State(shared): Ctx, path: Result<Path<String>, PathReject
             public_key: b64_url(&spk.public_key),
             signature: b64_url(&spk.signature),
         },
-        one_time_pre_key,
-    }))
+        one_time_pre_key: one_time_pre_key.map(|k| OneTimeKeyView {
+            key_id: k.key_id,
+            public_key: b64_url(&k.public_key),
+        }),
+    };
+    let remaining = agent.one_time_pre_keys.len();
+    drop(agents);
+    if view.one_time_pre_key.is_none() {
+        tracing::info!(did = %Esc(&did), "bundle served without a one-time key (none left)");
+    }
+    tracing::debug!(did = %Esc(&did), remaining, "bundle served");
+    Ok(Json(view).into_response())
 }
 
 // ── Presence ─────────────────────────────────────────────────────────
@@ -482,11 +825,14 @@ struct HeartbeatView {
 
 async fn heartbeat(
     State(shared): Ctx,
+    method: Method,
+    uri: OriginalUri,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Json<HeartbeatView>> {
     let did = path_did(path)?;
-    let authed = authenticate(&shared, authorization(&headers).as_deref())?;
+    let ctx = RequestCtx::new(&method, &uri, &headers, b"");
+    let authed = authenticate(&shared, authorization(&headers).as_deref(), &ctx)?;
     if authed != did {
         return Err(ApiError::forbidden("Authenticated DID does not match heartbeat target"));
     }
@@ -524,11 +870,14 @@ struct ReputationView {
 
 async fn submit_reputation(
     State(shared): Ctx,
+    method: Method,
+    uri: OriginalUri,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ReputationView>> {
     let did = path_did(path)?;
+    let raw = body.as_ref().map(Bytes::clone).unwrap_or_default();
     let object = json_object(body)?;
     let mut fields = Fields::new(&object);
     let score = fields.float("score");
@@ -557,7 +906,8 @@ async fn submit_reputation(
         }
     }
     fields.finish()?;
-    let authed = authenticate(&shared, authorization(&headers).as_deref())?;
+    let ctx = RequestCtx::new(&method, &uri, &headers, &raw);
+    let authed = authenticate(&shared, authorization(&headers).as_deref(), &ctx)?;
     if authed == did {
         return Err(ApiError::forbidden("Agents may not submit reputation about themselves"));
     }
@@ -589,9 +939,12 @@ struct SessionReputationView {
 
 async fn submit_session_reputation(
     State(shared): Ctx,
+    method: Method,
+    uri: OriginalUri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<SessionReputationView>> {
+    let raw = body.as_ref().map(Bytes::clone).unwrap_or_default();
     let object = json_object(body)?;
     let mut fields = Fields::new(&object);
     let session_id = fields.string("session_id");
@@ -605,7 +958,8 @@ async fn submit_session_reputation(
     let _signature = fields.string_or("signature", "");
     fields.finish()?;
 
-    let authed = authenticate(&shared, authorization(&headers).as_deref())?;
+    let ctx = RequestCtx::new(&method, &uri, &headers, &raw);
+    let authed = authenticate(&shared, authorization(&headers).as_deref(), &ctx)?;
     if authed != reporter {
         return Err(ApiError::forbidden("reporter_amid does not match authenticated DID"));
     }

@@ -5,7 +5,7 @@
 use indexmap::IndexMap;
 use meshwire_proto::keys::Ed25519PublicKey;
 use meshwire_proto::time::Timestamp;
-use serde_json::{Number, Value};
+use serde_json::Number;
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
@@ -15,6 +15,13 @@ pub(crate) struct StoredSignedPreKey {
     pub(crate) key_id: Number,
     pub(crate) public_key: [u8; 32],
     pub(crate) signature: [u8; 64],
+}
+
+/// One uploaded one-time pre-key (only the protocol's fields are kept).
+#[derive(Debug, Clone)]
+pub(crate) struct StoredOneTimeKey {
+    pub(crate) key_id: Number,
+    pub(crate) public_key: [u8; 32],
 }
 
 /// One registered agent.
@@ -32,9 +39,16 @@ pub(crate) struct AgentRecord {
 
     pub(crate) identity_key: Option<[u8; 32]>,
     pub(crate) identity_key_ed: Option<[u8; 32]>,
+    /// The newest signed pre-key, served in bundles.
     pub(crate) signed_pre_key: Option<StoredSignedPreKey>,
-    /// Uploaded one-time keys, verbatim, served first-in first-out.
-    pub(crate) one_time_pre_keys: VecDeque<IndexMap<String, Value>>,
+    /// The one it replaced and when it was retired: kept for
+    /// [`ServerConfig::signed_pre_key_retention`](crate::ServerConfig::signed_pre_key_retention)
+    /// (AGT spec 6.2), then forgotten.
+    pub(crate) previous_signed_pre_key: Option<(StoredSignedPreKey, Timestamp)>,
+    /// Retention of the previous signed pre-key, in ms.
+    pub(crate) retention_ms: u64,
+    /// Uploaded one-time keys, served first-in first-out.
+    pub(crate) one_time_pre_keys: VecDeque<StoredOneTimeKey>,
 
     pub(crate) reputation_score: f64,
     pub(crate) total_sessions: u64,
@@ -63,6 +77,8 @@ impl AgentRecord {
             identity_key: None,
             identity_key_ed: None,
             signed_pre_key: None,
+            previous_signed_pre_key: None,
+            retention_ms: 0,
             one_time_pre_keys: VecDeque::new(),
             reputation_score: 0.5,
             total_sessions: 0,
@@ -70,6 +86,30 @@ impl AgentRecord {
             failed_sessions: 0,
             timeout_sessions: 0,
             last_session_at: None,
+        }
+    }
+
+    /// Installs an uploaded signed pre-key. A new key id is a rotation: the
+    /// current key becomes the previous one (kept `retention_ms`); the same
+    /// id replaces the current key in place (a client re-uploading).
+    pub(crate) fn install_signed_pre_key(&mut self, key: StoredSignedPreKey, now: Timestamp, retention_ms: u64) {
+        self.retention_ms = retention_ms;
+        self.forget_expired_signed_pre_key(now);
+        match self.signed_pre_key.take() {
+            Some(current) if current.key_id != key.key_id => {
+                self.previous_signed_pre_key = Some((current, now));
+            }
+            _ => {}
+        }
+        self.signed_pre_key = Some(key);
+    }
+
+    /// Drops the previous signed pre-key once its retention has passed.
+    pub(crate) fn forget_expired_signed_pre_key(&mut self, now: Timestamp) {
+        if let Some((_, retired)) = &self.previous_signed_pre_key {
+            if now.0 > retired.0.saturating_add(self.retention_ms) {
+                self.previous_signed_pre_key = None;
+            }
         }
     }
 

@@ -15,20 +15,26 @@
 //! [`ServerConfig::allow_unauthenticated_did`]: crate::ServerConfig::allow_unauthenticated_did
 
 pub(crate) mod inbox;
-mod proof;
+pub(crate) mod proof;
 
 use crate::config::duration_ms;
 use crate::http::ApiError;
+use crate::replay::ClaimError;
 use crate::server::Shared;
-use crate::util::constant_time_eq;
+use crate::util::{constant_time_eq, Esc};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::OriginalUri;
 use axum::extract::State;
+use axum::http::header::HOST;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use inbox::{Inbox, InboxLimits, StoreOutcome};
+use meshwire_proto::auth::CHALLENGE_HEADER;
+use meshwire_proto::time::Timestamp;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -184,9 +190,13 @@ pub(crate) async fn combined_health(State(shared): State<Arc<Shared>>) -> Json<R
     health_body(&shared, true)
 }
 
-/// `GET /ws`.
+/// `GET /ws`. The 101 answer carries a fresh challenge nonce in
+/// `x-meshwire-challenge` (meshwire extension; reference clients ignore
+/// the header).
 pub(crate) async fn ws_handler(
     State(shared): State<Arc<Shared>>,
+    uri: OriginalUri,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let Ok(upgrade) = upgrade else {
@@ -197,10 +207,20 @@ pub(crate) async fn ws_handler(
     // Frames up to this size are read and answered with an error frame when
     // over `limit`; anything larger ends the connection.
     let hard_limit = limit.saturating_mul(2).max(limit.saturating_add(64 * 1024));
-    upgrade
+    let (nonce, _) = shared.challenges.issue(shared.config.now());
+    let context = proof::Upgrade {
+        nonce: nonce.clone(),
+        host: headers.get(HOST).and_then(|h| h.to_str().ok()).map(str::to_owned),
+        target: uri.0.path_and_query().map_or("/ws", |pq| pq.as_str()).to_owned(),
+    };
+    let mut response = upgrade
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| session(shared, socket))
+        .on_upgrade(move |socket| session(shared, socket, context));
+    if let Ok(value) = HeaderValue::from_str(&nonce) {
+        response.headers_mut().insert(CHALLENGE_HEADER, value);
+    }
+    response
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -272,14 +292,22 @@ async fn first_frame(stream: &mut Stream) -> FirstFrame {
 
 /// Sends an error frame and closes with `code`.
 async fn reject(sink: &mut Sink, stream: &mut Stream, code: u16, detail: &str) {
+    reject_with_reason(sink, stream, code, detail, "").await;
+}
+
+/// Sends an error frame and closes with `code` and `reason`.
+async fn reject_with_reason(sink: &mut Sink, stream: &mut Stream, code: u16, detail: &str, reason: &'static str) {
     if send_error(sink, detail).await.is_ok() {
-        send_close(sink, code, "").await;
+        send_close(sink, code, reason).await;
         linger(stream).await;
     }
 }
 
 /// Reads and checks the `connect` frame; the connection's DID on success.
-async fn handshake(shared: &Shared, sink: &mut Sink, stream: &mut Stream) -> Option<String> {
+/// A proof is claimed in the once-only memory only once everything else
+/// passed, and before the connection replaces any other: a replayed frame
+/// never displaces the live socket.
+async fn handshake(shared: &Shared, upgrade: &proof::Upgrade, sink: &mut Sink, stream: &mut Stream) -> Option<String> {
     let mut shutdown = shared.shutdown_receiver();
     let first = tokio::select! {
         first = tokio::time::timeout(shared.config.connect_timeout, first_frame(stream)) => first,
@@ -313,62 +341,120 @@ async fn handshake(shared: &Shared, sink: &mut Sink, stream: &mut Stream) -> Opt
         }
         Ok(FirstFrame::Text(text)) => text,
     };
-    if text.len() > shared.config.max_frame_bytes {
-        let detail = too_large(text.len(), shared.config.max_frame_bytes);
-        reject(sink, stream, close_code::CONNECT_REQUIRED, &detail).await;
-        return None;
-    }
-    let frame = match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(frame)) => frame,
-        Ok(_) => Map::new(),
-        Err(_) => {
-            reject(sink, stream, close_code::CONNECT_REQUIRED, "Invalid JSON").await;
+    let (did, proven) = match check_connect(shared, upgrade, &text, shared.config.now()) {
+        Ok(accepted) => accepted,
+        Err(rejection) => {
+            if rejection.code == close_code::PROOF_FAILED {
+                tracing::warn!(did = %Esc(&rejection.did), reason = %rejection.detail, "rejecting connect frame");
+            }
+            reject_with_reason(sink, stream, rejection.code, &rejection.detail, rejection.reason).await;
             return None;
         }
     };
+    if let Some(proof) = proven {
+        if let Err(error) = shared
+            .ledger
+            .claim(&did, &proof.id, proof.expires_at, shared.config.now())
+        {
+            tracing::warn!(did = %Esc(&did), %error, "rejecting connect frame");
+            let (detail, reason) = match error {
+                ClaimError::Replayed => (
+                    "DID proof failed: proof already used (replayed connect frame)".to_owned(),
+                    "replayed proof",
+                ),
+                other => (format!("DID proof failed: {other}"), "proof memory full"),
+            };
+            reject_with_reason(sink, stream, close_code::PROOF_FAILED, &detail, reason).await;
+            return None;
+        }
+    }
+    Some(did)
+}
+
+/// Why a first frame was refused: the close code, the error frame's detail
+/// and the close reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rejection {
+    pub(crate) code: u16,
+    pub(crate) detail: String,
+    pub(crate) reason: &'static str,
+    /// The `from` claimed, if any (for the log line).
+    pub(crate) did: String,
+}
+
+fn rejection(code: u16, detail: impl Into<String>) -> Rejection {
+    Rejection {
+        code,
+        detail: detail.into(),
+        reason: "",
+        did: String::new(),
+    }
+}
+
+/// Checks a first frame (pure: no I/O, nothing recorded): size, JSON,
+/// `type` `connect`, `from`, the proof of possession (timestamp or
+/// challenge form, unless unauthenticated DIDs are allowed) and the shared
+/// token. On success the DID and the proof to claim.
+pub(crate) fn check_connect(
+    shared: &Shared,
+    upgrade: &proof::Upgrade,
+    text: &str,
+    now: Timestamp,
+) -> Result<(String, Option<proof::Proof>), Rejection> {
+    if text.len() > shared.config.max_frame_bytes {
+        let detail = too_large(text.len(), shared.config.max_frame_bytes);
+        return Err(rejection(close_code::CONNECT_REQUIRED, detail));
+    }
+    let frame = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(frame)) => frame,
+        Ok(_) => Map::new(),
+        Err(_) => return Err(rejection(close_code::CONNECT_REQUIRED, "Invalid JSON")),
+    };
     if frame.get("type").and_then(Value::as_str) != Some("connect") {
-        reject(
-            sink,
-            stream,
-            close_code::CONNECT_REQUIRED,
-            "First frame must be 'connect'",
-        )
-        .await;
-        return None;
+        return Err(rejection(close_code::CONNECT_REQUIRED, "First frame must be 'connect'"));
     }
     let Some(did) = frame.get("from").and_then(Value::as_str).filter(|d| !d.is_empty()) else {
-        reject(sink, stream, close_code::MISSING_FROM, "Missing 'from' field").await;
-        return None;
+        return Err(rejection(close_code::MISSING_FROM, "Missing 'from' field"));
     };
+    let mut proven = None;
     if !shared.config.allow_unauthenticated_did {
-        if let Err(reason) = proof::check_connect_proof(&frame, shared.config.now()) {
-            tracing::warn!(%did, reason, "rejecting connect frame");
-            let detail = format!("DID proof failed: {reason}");
-            reject(sink, stream, close_code::PROOF_FAILED, &detail).await;
-            return None;
+        let checked = if frame.contains_key("auth_scheme") {
+            proof::check_challenge_proof(&frame, upgrade, &shared.challenges, &shared.config, now)
+        } else if shared.config.require_challenge {
+            Err("challenge-bound proof required (auth_scheme meshwire-challenge-v1); timestamp proofs are disabled")
+        } else {
+            proof::check_connect_proof(&frame, now, shared.config.window_ms())
+        };
+        match checked {
+            Ok(proof) => proven = Some(proof),
+            Err(reason) => {
+                return Err(Rejection {
+                    did: did.to_owned(),
+                    ..rejection(close_code::PROOF_FAILED, format!("DID proof failed: {reason}"))
+                })
+            }
         }
     }
     if let Some(expected) = &shared.config.relay_token {
         let presented = frame.get("token").and_then(Value::as_str).unwrap_or("");
         if presented.is_empty() || !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-            reject(sink, stream, close_code::AUTH_FAILED, "Authentication failed").await;
-            return None;
+            return Err(rejection(close_code::AUTH_FAILED, "Authentication failed"));
         }
     }
-    Some(did.to_owned())
+    Ok((did.to_owned(), proven))
 }
 
 fn too_large(size: usize, limit: usize) -> String {
     format!("Frame too large ({size} bytes; limit {limit})")
 }
 
-async fn session(shared: Arc<Shared>, socket: WebSocket) {
+async fn session(shared: Arc<Shared>, socket: WebSocket, upgrade: proof::Upgrade) {
     let (mut sink, mut stream) = socket.split();
     let Some(_guard) = shared.session_guard() else {
         send_close(&mut sink, close_code::GOING_AWAY, "server shutting down").await;
         return;
     };
-    let Some(did) = handshake(&shared, &mut sink, &mut stream).await else {
+    let Some(did) = handshake(&shared, &upgrade, &mut sink, &mut stream).await else {
         return;
     };
     Connection::open(&shared, did).await.run(&shared, sink, stream).await;
@@ -425,12 +511,12 @@ impl Connection {
             },
         );
         if let Some(previous) = previous {
-            tracing::info!(%did, "closing the previous connection (session replaced)");
+            tracing::info!(did = %Esc(&did), "closing the previous connection (session replaced)");
             let _ = previous.replaced.send(());
             let mut previous_done = previous.done;
             let _ = tokio::time::timeout(TAKEOVER_WAIT, previous_done.wait_for(|done| *done)).await;
         }
-        tracing::info!(%did, "agent connected");
+        tracing::info!(did = %Esc(&did), "agent connected");
         Self {
             did,
             id,
@@ -451,7 +537,7 @@ impl Connection {
         self.release(shared);
         // Also flushes the reply to a close frame the peer sent.
         linger(&mut stream).await;
-        tracing::info!(did = %self.did, "agent disconnected");
+        tracing::info!(did = %Esc(&self.did), "agent disconnected");
     }
 
     async fn main_loop(&mut self, shared: &Shared, sink: &mut Sink, stream: &mut Stream) -> End {
@@ -507,7 +593,7 @@ impl Connection {
                     }
                 }
                 () = &mut idle => {
-                    tracing::info!(did = %self.did, "idle timeout");
+                    tracing::info!(did = %Esc(&self.did), "idle timeout");
                     return End::Close(close_code::IDLE_TIMEOUT, "");
                 }
             }
@@ -515,42 +601,22 @@ impl Connection {
     }
 
     async fn handle_text(&self, shared: &Shared, sink: &mut Sink, text: String) -> Result<Flow, Gone> {
-        if text.len() > shared.config.max_frame_bytes {
-            send_error(sink, &too_large(text.len(), shared.config.max_frame_bytes)).await?;
-            return Ok(Flow::Continue);
-        }
-        let frame = match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(frame)) => frame,
-            Ok(_) => {
-                send_error(sink, "Frame must be a JSON object").await?;
-                return Ok(Flow::Continue);
-            }
-            Err(_) => {
-                send_error(sink, "Invalid JSON").await?;
-                return Ok(Flow::Continue);
-            }
-        };
-        match frame.get("type") {
-            Some(Value::String(kind)) => match kind.as_str() {
-                "message" | "knock" | "knock_accept" | "knock_reject" => {
-                    if let Err(detail) = route(shared, &self.did, &frame, text) {
-                        send_error(sink, detail).await?;
-                    }
+        match classify(&self.did, &text, shared.config.max_frame_bytes) {
+            Incoming::Error(detail) => send_error(sink, &detail).await?,
+            Incoming::Route { to, id } => {
+                if let Err(detail) = route(shared, &to, id, text) {
+                    send_error(sink, detail).await?;
                 }
-                "ack" => {
-                    if let Some(id) = frame.get("id").and_then(Value::as_str) {
-                        shared.relay.inbox().ack(&self.did, id);
-                    }
+            }
+            Incoming::Ack(id) => {
+                if let Some(id) = id {
+                    shared.relay.inbox().ack(&self.did, &id);
                 }
-                // Any frame refreshes liveness; nothing else to do.
-                "heartbeat" => {}
-                "disconnect" => return Ok(Flow::Close(close_code::NORMAL)),
-                "fetch_pending" => deliver_pending(shared, &self.did, &self.sent_stored, sink).await?,
-                other => send_error(sink, &format!("Unknown frame type: {other}")).await?,
-            },
-            // Python formats a missing type as None.
-            None | Some(Value::Null) => send_error(sink, "Unknown frame type: None").await?,
-            Some(other) => send_error(sink, &format!("Unknown frame type: {other}")).await?,
+            }
+            // Any frame refreshes liveness; nothing else to do.
+            Incoming::Heartbeat => {}
+            Incoming::Disconnect => return Ok(Flow::Close(close_code::NORMAL)),
+            Incoming::FetchPending => deliver_pending(shared, &self.did, &self.sent_stored, sink).await?,
         }
         Ok(Flow::Continue)
     }
@@ -601,26 +667,79 @@ fn store(shared: &Shared, recipient: &str, delivery: Delivery) -> StoreOutcome {
     match outcome {
         StoreOutcome::Stored => {
             shared.relay.stored.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%recipient, id = %delivery.id, "stored message");
+            tracing::debug!(recipient = %Esc(recipient), id = %Esc(&delivery.id), "stored message");
         }
         StoreOutcome::Duplicate => {}
-        StoreOutcome::Full => tracing::warn!(%recipient, id = %delivery.id, "inbox full, message dropped"),
+        StoreOutcome::Full => tracing::warn!(
+            recipient = %Esc(recipient),
+            id = %Esc(&delivery.id),
+            "inbox full, message dropped"
+        ),
     }
     outcome
 }
 
-/// Routes a frame from `sender` to its `to`, live or into the inbox. The
-/// error is the detail of the error frame for the sender.
-fn route(shared: &Shared, sender: &str, frame: &Map<String, Value>, text: String) -> Result<(), &'static str> {
-    if frame.get("from").and_then(Value::as_str) != Some(sender) {
-        return Err("'from' does not match the connection's DID");
+/// What a text frame on an open connection asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Incoming {
+    /// Answer with an error frame carrying this detail.
+    Error(String),
+    /// Forward the frame to `to` (its `from` is the connection's DID, `to`
+    /// and `id` are non-empty strings).
+    Route {
+        to: String,
+        id: String,
+    },
+    /// Acknowledge a stored frame (an `ack` without a string `id` does
+    /// nothing).
+    Ack(Option<String>),
+    Heartbeat,
+    Disconnect,
+    FetchPending,
+}
+
+/// Reads a text frame of the connection authenticated as `sender` (pure).
+pub(crate) fn classify(sender: &str, text: &str, max_frame_bytes: usize) -> Incoming {
+    if text.len() > max_frame_bytes {
+        return Incoming::Error(too_large(text.len(), max_frame_bytes));
     }
-    let field = |name: &str| frame.get(name).and_then(Value::as_str).filter(|s| !s.is_empty());
-    let (Some(to), Some(id)) = (field("to"), field("id")) else {
-        return Err("Frame must carry 'to' and 'id'");
+    let frame = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(frame)) => frame,
+        Ok(_) => return Incoming::Error("Frame must be a JSON object".to_owned()),
+        Err(_) => return Incoming::Error("Invalid JSON".to_owned()),
     };
+    match frame.get("type") {
+        Some(Value::String(kind)) => match kind.as_str() {
+            "message" | "knock" | "knock_accept" | "knock_reject" => {
+                if frame.get("from").and_then(Value::as_str) != Some(sender) {
+                    return Incoming::Error("'from' does not match the connection's DID".to_owned());
+                }
+                let field = |name: &str| frame.get(name).and_then(Value::as_str).filter(|s| !s.is_empty());
+                match (field("to"), field("id")) {
+                    (Some(to), Some(id)) => Incoming::Route {
+                        to: to.to_owned(),
+                        id: id.to_owned(),
+                    },
+                    _ => Incoming::Error("Frame must carry 'to' and 'id'".to_owned()),
+                }
+            }
+            "ack" => Incoming::Ack(frame.get("id").and_then(Value::as_str).map(str::to_owned)),
+            "heartbeat" => Incoming::Heartbeat,
+            "disconnect" => Incoming::Disconnect,
+            "fetch_pending" => Incoming::FetchPending,
+            other => Incoming::Error(format!("Unknown frame type: {other}")),
+        },
+        // Python formats a missing type as None.
+        None | Some(Value::Null) => Incoming::Error("Unknown frame type: None".to_owned()),
+        Some(other) => Incoming::Error(format!("Unknown frame type: {other}")),
+    }
+}
+
+/// Routes a checked frame to `to`, live or into the inbox. The error is the
+/// detail of the error frame for the sender.
+fn route(shared: &Shared, to: &str, id: String, text: String) -> Result<(), &'static str> {
     let mut delivery = Delivery {
-        id: id.to_owned(),
+        id,
         text: Arc::from(text),
     };
     let now = shared.config.now();

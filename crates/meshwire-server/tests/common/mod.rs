@@ -23,6 +23,24 @@ pub fn now() -> Timestamp {
     Timestamp::parse_iso(NOW).unwrap()
 }
 
+static NEXT_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
+
+/// A timestamp no other call returned (NOW plus a few ms, within the
+/// replay window): every proof of possession is accepted once only.
+pub fn fresh_ts() -> String {
+    iso_at(NEXT_MS.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// An `Ed25519-Timestamp` header over a fresh timestamp.
+pub fn fresh_auth(id: &Identity) -> String {
+    ed25519_timestamp_header(id, &fresh_ts())
+}
+
+/// A `connect` frame over a fresh timestamp.
+pub fn fresh_connect(id: &Identity) -> String {
+    frames::to_text(&ConnectFrame::new(id, &fresh_ts()))
+}
+
 /// `now() + ms` as ISO-8601 (negative offsets go back).
 pub fn iso_at(offset_ms: i64) -> String {
     Timestamp(now().0.checked_add_signed(offset_ms).unwrap()).to_iso()
@@ -84,7 +102,7 @@ impl TestServer {
         let response = self
             .http
             .put(self.url(&format!("/v1/agents/{}/prekeys", id.did())))
-            .header("Authorization", ed25519_timestamp_header(id, NOW))
+            .header("Authorization", fresh_auth(id))
             .json(&body)
             .send()
             .await
@@ -101,7 +119,7 @@ impl TestServer {
     /// A relay connection that sent a valid `connect` frame for `id`.
     pub async fn connect(&self, id: &Identity) -> Ws {
         let mut ws = self.ws().await;
-        send(&mut ws, &frames::to_text(&ConnectFrame::new(id, NOW))).await;
+        send(&mut ws, &fresh_connect(id)).await;
         self.wait_connected(id).await;
         ws
     }

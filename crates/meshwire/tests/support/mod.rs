@@ -2,6 +2,8 @@
 //! and registry started from the project's venv.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod fake_relay;
+
 use meshwire::{ClientConfig, ClientEvent, Identity, MeshClient, SessionStore};
 use meshwire_server::{RunningServer, ServerConfig};
 use std::net::SocketAddr;
@@ -211,6 +213,9 @@ impl Backend {
         config.reconnect_base = Duration::from_millis(100);
         config.reconnect_max = Duration::from_millis(500);
         config.retransmit_after = Duration::from_millis(1500);
+        // Longer than the join settle time: a retake must not land while
+        // the other instance is still joining.
+        config.takeover_backoff = Duration::from_millis(400);
         config
     }
 

@@ -2,7 +2,8 @@
 
 High level: :class:`MeshClient` registers an agent, joins the relay and sends
 and receives JSON (or bytes) end to end encrypted, opening sessions (X3DH +
-KNOCK) on demand.
+KNOCK) on demand. :class:`meshwire.sync.MeshClient` is its synchronous,
+thread-safe twin.
 
 Low level, for runtimes with their own transport: :class:`Identity`,
 :class:`PreKeys`, :class:`PreKeyBundle`, :class:`SecureChannel`,
@@ -12,6 +13,8 @@ Low level, for runtimes with their own transport: :class:`Identity`,
 import os
 from types import TracebackType
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union, final
+
+from . import sync as sync
 
 __version__: str
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "StoreError",
     "KDF_DIALECTS",
     "__version__",
+    "sync",
 ]
 
 #: The X3DH KDF dialects: ``"spec"`` (Signal's X3DH; TypeScript main and
@@ -328,7 +332,8 @@ class Event:
 
     @property
     def kind(self) -> str:
-        """``connected``, ``reconnected``, ``disconnected``, ``taken_over``,
+        """``connected``, ``reconnected``, ``disconnected``, ``displaced``
+        (taken over; taking the DID back), ``taken_over`` (terminal),
         ``rejected``, ``knock``, ``knock_accepted``, ``knock_rejected``,
         ``session_established``, ``session_replaced``, ``delivered`` or
         ``error``."""
@@ -368,11 +373,16 @@ class MeshClient:
 
     ``async with MeshClient(identity, relay_url=..., registry_url=...) as c:``
     registers the agent (proof of possession), publishes its pre-keys and
-    joins the relay; leaving the block closes it. ``relay_url`` is the
-    relay's base URL (``ws://host:port``, ``/ws`` is appended),
-    ``registry_url`` the registry's (``http://host:port``). With
+    joins the relay; leaving the block closes it. ``relay_url``: a URL with
+    a path is used as given (``http://127.0.0.1:8443/agt/relay``), a bare
+    ``ws(s)://host:port`` or ``http(s)://host:port`` gets ``/ws``;
+    ``registry_url`` is the registry's (``http://host:port``). With
     ``store_dir``, sessions and pre-keys persist there (one private file per
-    agent) and survive restarts.
+    agent) and survive restarts. ``relay_token`` is the relay's shared
+    secret (``meshwire serve --relay-token``, AGT's
+    ``AGENTMESH_RELAY_TOKEN``), never printed. Joining fails at once with a
+    ``RelayError`` naming the cause (refused, DNS, HTTP status, TLS, a 4003/4005
+    rejection with its reason).
     """
 
     def __new__(
@@ -387,6 +397,7 @@ class MeshClient:
         knock_policy: Optional[_KnockPolicy] = None,
         metadata: Optional[Mapping[str, str]] = None,
         connect_timeout: float = 10.0,
+        relay_token: Optional[str] = None,
     ) -> "MeshClient": ...
     @property
     def did(self) -> str: ...

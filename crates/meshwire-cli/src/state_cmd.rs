@@ -1,0 +1,41 @@
+//! `meshwire state ...`: maintenance of a client's saved mesh state.
+
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// `meshwire state` subcommands.
+#[derive(Subcommand)]
+pub enum StateCommand {
+    /// Forget a saved state (e.g. a corrupt one) so that the agent starts
+    /// over with the same identity: fresh pre-keys, peers KNOCK again. The
+    /// identity file is not touched.
+    Reset {
+        /// The state file (`<dir>/<did>.session.json` of a `FileStore`).
+        #[arg(long)]
+        state: PathBuf,
+    },
+}
+
+/// Runs a `meshwire state` subcommand.
+pub fn run(command: StateCommand) -> ExitCode {
+    match command {
+        StateCommand::Reset { state } => match meshwire::store::reset_state_file(&state) {
+            Ok(true) => {
+                println!(
+                    "removed {}; the agent starts over with the same identity on its next start",
+                    state.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                println!("{}: no saved state, nothing to reset", state.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,951 @@
+//! The SQLite store: one database file per agent.
+
+use super::crypto::{aad, AtRestKey, DeriveError, KdfHeader, Sealer, KEY_CHECK};
+use super::{
+    split_state, unix_ms_now, Commit, Durability, InboxEntry, Limits, OutboxEntry, PersistError, PersistStats,
+    Persistence, Snapshot, MAX_META_ENTRIES,
+};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use zeroize::{Zeroize, Zeroizing};
+
+/// The schema version this build writes (`PRAGMA user_version`). Opening
+/// an older store migrates it forward in one transaction; a newer one is
+/// refused ([`PersistError::TooNew`]).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// `MIGRATIONS[v]` takes a store from version `v` to `v + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the first schema.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
+     CREATE TABLE prekeys (slot INTEGER PRIMARY KEY CHECK (slot = 1), data BLOB NOT NULL);
+     CREATE TABLE peers (did TEXT PRIMARY KEY NOT NULL, data BLOB NOT NULL);
+     CREATE TABLE inbox (
+         seq INTEGER PRIMARY KEY,
+         peer TEXT NOT NULL,
+         id TEXT NOT NULL,
+         received_at INTEGER NOT NULL,
+         plaintext INTEGER NOT NULL,
+         size INTEGER NOT NULL,
+         payload BLOB NOT NULL,
+         UNIQUE (peer, id));
+     CREATE TABLE outbox (
+         n INTEGER PRIMARY KEY,
+         peer TEXT NOT NULL,
+         seq INTEGER NOT NULL,
+         id TEXT NOT NULL,
+         created_at INTEGER NOT NULL,
+         size INTEGER NOT NULL,
+         payload BLOB NOT NULL,
+         UNIQUE (peer, seq),
+         UNIQUE (peer, id));",
+];
+
+const META_CIPHER: &str = "meshwire.cipher";
+const META_KDF: &str = "meshwire.kdf";
+const META_KEY_CHECK: &str = "meshwire.key_check";
+const META_MIGRATED_FROM: &str = "meshwire.migrated_from";
+const META_MIGRATED_AT: &str = "meshwire.migrated_at_ms";
+const CIPHER_NONE: &str = "none";
+const CIPHER_V1: &str = "xchacha20poly1305/1";
+/// How long an operation waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// WAL pages (4 KiB each) after which a commit also checkpoints the WAL
+/// into the database (32 MiB). A checkpoint fsyncs, so it is the slow
+/// commit of its batch; a large WAL makes it rare (about one commit in
+/// 3,000 for a ~2 KB session row and its inbox row).
+pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 8192;
+/// How long opening waits for another opener (a second process holding
+/// the store is refused after this).
+const OPEN_BUSY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How to open a [`SqliteStore`] (builder).
+#[derive(Debug, Clone, Default)]
+pub struct SqliteOptions {
+    durability: Durability,
+    limits: Limits,
+    key: Option<AtRestKey>,
+    migrate_from: Option<PathBuf>,
+}
+
+impl SqliteOptions {
+    /// Defaults: [`Durability::Process`], [`Limits::default`], no
+    /// encryption, no migration.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The durability level (see the module docs for its cost).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Bounds on the inbox and outbox.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Encrypts the secret-bearing values with `key`. A new store is
+    /// created encrypted; an existing one must have been created with the
+    /// same key ([`PersistError::WrongKey`], [`PersistError::NotEncrypted`]).
+    pub fn key(mut self, key: AtRestKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Imports the JSON state file `json` (what [`crate::store::FileStore`]
+    /// wrote) into a store that holds no state yet, then renames the file
+    /// aside (see [`SqliteStore`]).
+    pub fn migrate_from(mut self, json: impl Into<PathBuf>) -> Self {
+        self.migrate_from = Some(json.into());
+        self
+    }
+
+    /// Opens (or creates) the store at `path` with these options.
+    pub fn open(self, path: impl AsRef<Path>) -> Result<SqliteStore, PersistError> {
+        SqliteStore::open_inner(path.as_ref(), self)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    inbox_rows: u64,
+    inbox_bytes: u64,
+    outbox_rows: u64,
+    outbox_bytes: u64,
+}
+
+struct Inner {
+    conn: Connection,
+    totals: Totals,
+}
+
+/// The default [`Persistence`]: an SQLite database (bundled SQLite, WAL
+/// mode), one file per agent, created with mode `0600`.
+///
+/// - **Schema**: tables `meta`, `prekeys`, `peers`, `inbox`, `outbox`;
+///   versioned with `PRAGMA user_version` ([`SCHEMA_VERSION`]), migrated
+///   forward on open in one transaction.
+/// - **From the JSON state file** of [`crate::store::FileStore`]:
+///   [`SqliteStore::open_migrating`] imports it into a store that holds no
+///   state yet, in one transaction that also records
+///   `meshwire.migrated_from` in `meta`, then renames the JSON file to
+///   `<name>.migrated` (`<name>.migrated.1`, `.2`, ... if taken) in the
+///   same directory and syncs the directory. A crash between the two
+///   steps is finished on the next open (the record says the import is
+///   done; the file is only renamed). The renamed file still holds the
+///   secrets in clear: delete it once the agent runs from the store. A
+///   store that already holds a state and a JSON file it did not import
+///   are refused ([`PersistError::Migration`]), never merged.
+/// - **One process at a time**: the connection holds SQLite's exclusive
+///   lock while the store is open; a second open of the same file fails
+///   ([`PersistError::Database`], "database is locked").
+/// - Deleted rows are overwritten (`secure_delete`), so old ratchet keys
+///   do not linger in free pages.
+///
+/// ```
+/// use meshwire::persist::{Commit, InboxEntry, Persistence, SqliteStore};
+/// use zeroize::Zeroizing;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("meshwire-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// let store = SqliteStore::open(dir.join("agent.db"))?;
+/// let mut commit = Commit::new();
+/// commit.put_peer("did:mesh:peer", Some(Zeroizing::new(r#"{"channel":null}"#.to_owned())));
+/// commit.add_inbox(InboxEntry {
+///     from: "did:mesh:peer".into(),
+///     id: "m1".into(),
+///     payload: Zeroizing::new(b"{\"hello\":1}".to_vec()),
+///     received_at_ms: 1_700_000_000_000,
+///     plaintext: false,
+/// });
+/// store.commit(&commit)?; // one transaction; durable when it returns
+/// let snapshot = store.load()?;
+/// assert_eq!(snapshot.inbox[0].id, "m1");
+/// store.commit(Commit::new().remove_inbox("did:mesh:peer", "m1"))?; // the application acked
+/// assert!(store.load()?.inbox.is_empty());
+/// # drop(store);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct SqliteStore {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+    sealer: Option<Sealer>,
+    limits: Limits,
+    durability: Durability,
+    commits: AtomicU64,
+    refused_inbox: AtomicU64,
+    refused_outbox: AtomicU64,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("encrypted", &self.sealer.is_some())
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps an SQLite error on `path` to a typed error: damage and
+/// not-a-database become [`PersistError::Corrupt`].
+fn db(path: &Path) -> impl Fn(rusqlite::Error) -> PersistError + '_ {
+    move |e| {
+        let corrupt = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => {
+                matches!(f.code, ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+            }
+            rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::FromSqlConversionFailure(..) => true,
+            _ => false,
+        };
+        if corrupt {
+            PersistError::Corrupt {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }
+        } else {
+            PersistError::Database {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }
+        }
+    }
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> PersistError {
+    PersistError::Corrupt {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PersistError + '_ {
+    move |source| PersistError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+#[cfg(unix)]
+pub(super) fn check_private(path: &Path) -> Result<(), PersistError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PersistError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+pub(super) fn check_private(_: &Path) -> Result<(), PersistError> {
+    Ok(())
+}
+
+/// Creates an empty private file at `path` (exclusively, without following
+/// a link, mode 0600), so SQLite never creates it with the umask's mode.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    }
+    options.open(path).and_then(|f| f.sync_all())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), PersistError> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+fn read_meta(conn: &Connection, path: &Path, key: &str) -> Result<Option<String>, PersistError> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(db(path))
+}
+
+fn write_meta(conn: &Connection, path: &Path, key: &str, value: &str) -> Result<(), PersistError> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )
+    .map(drop)
+    .map_err(db(path))
+}
+
+/// What an existing file holds, checked without writing anything.
+enum Found {
+    /// No schema yet (a new or empty file).
+    Empty,
+    /// A meshwire store of this version, opened by the supplied key (if
+    /// it is encrypted).
+    Store { version: i64, sealer: Option<Sealer> },
+}
+
+/// Reads the schema version and checks the key against the
+/// key-verification value. Reads only.
+fn inspect(conn: &Connection, path: &Path, key: Option<&AtRestKey>) -> Result<Found, PersistError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db(path))?;
+    if version == 0 {
+        let objects: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(db(path))?;
+        if objects != 0 {
+            return Err(corrupt(
+                path,
+                "an SQLite database, but not a meshwire store (no schema version)",
+            ));
+        }
+        return Ok(Found::Empty);
+    }
+    if version < 0 {
+        return Err(corrupt(path, format!("schema version {version}")));
+    }
+    if version > SCHEMA_VERSION {
+        return Err(PersistError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let cipher = read_meta(conn, path, META_CIPHER)?.ok_or_else(|| corrupt(path, "no cipher entry in meta"))?;
+    let sealer = match (cipher.as_str(), key) {
+        (CIPHER_NONE, None) => None,
+        (CIPHER_NONE, Some(_)) => return Err(PersistError::NotEncrypted { path: path.to_owned() }),
+        (CIPHER_V1, None) => return Err(PersistError::KeyRequired { path: path.to_owned() }),
+        (CIPHER_V1, Some(key)) => {
+            let header = read_meta(conn, path, META_KDF)?.ok_or_else(|| corrupt(path, "no key-derivation entry"))?;
+            let header: KdfHeader =
+                serde_json::from_str(&header).map_err(|e| corrupt(path, format!("key-derivation entry: {e}")))?;
+            let check = read_meta(conn, path, META_KEY_CHECK)?
+                .and_then(|c| hex::decode(c).ok())
+                .ok_or_else(|| corrupt(path, "no key-verification value"))?;
+            let sealer = key.derive(&header, "store").map_err(|e| match e {
+                DeriveError::WrongKind(_) => PersistError::WrongKey { path: path.to_owned() },
+                DeriveError::Bad(reason) => PersistError::Kdf {
+                    path: path.to_owned(),
+                    reason,
+                },
+            })?;
+            match sealer.open(&aad("meta", &[META_KEY_CHECK]), &check) {
+                Some(text) if text.as_slice() == KEY_CHECK => Some(sealer),
+                _ => return Err(PersistError::WrongKey { path: path.to_owned() }),
+            }
+        }
+        (other, _) => return Err(corrupt(path, format!("unknown cipher {other:?}"))),
+    };
+    Ok(Found::Store { version, sealer })
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `path` with the default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, PersistError> {
+        SqliteOptions::new().open(path)
+    }
+
+    /// Opens (or creates) the store at `path` with the default options
+    /// and, if `json_state` names an existing file, migrates it (see the
+    /// type's docs).
+    pub fn open_migrating(path: impl AsRef<Path>, json_state: Option<&Path>) -> Result<Self, PersistError> {
+        let mut options = SqliteOptions::new();
+        if let Some(json) = json_state {
+            options = options.migrate_from(json);
+        }
+        options.open(path)
+    }
+
+    fn open_inner(path: &Path, options: SqliteOptions) -> Result<Self, PersistError> {
+        let dir = parent_dir(path);
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => check_private(path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_private(path).map_err(io(path))?;
+                sync_dir(dir)?;
+            }
+            Err(e) => return Err(io(path)(e)),
+        }
+        let flags =
+            OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW | OpenFlags::SQLITE_OPEN_READ_WRITE;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(db(path))?;
+        conn.busy_timeout(OPEN_BUSY_TIMEOUT).map_err(db(path))?;
+        // Exclusive before the first access: one process per store, and no
+        // shared-memory file is ever created.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(db(path))?;
+        // First look, reading only: a wrong key (or a damaged or foreign
+        // file) is refused before anything is written. Dropping the
+        // connection then leaves the directory as it was.
+        // The exclusive lock taken by that first read is held from now on,
+        // so what it found stays true.
+        let found = inspect(&conn, path, options.key.as_ref())?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db(path))?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(db(path))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(PersistError::Database {
+                path: path.to_owned(),
+                reason: format!("cannot use WAL mode (journal mode {mode})"),
+            });
+        }
+        let synchronous = match options.durability {
+            Durability::Process => "NORMAL",
+            Durability::PowerLoss => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous).map_err(db(path))?;
+        if options.durability == Durability::PowerLoss {
+            conn.pragma_update(None, "fullfsync", "ON").map_err(db(path))?;
+            conn.pragma_update(None, "checkpoint_fullfsync", "ON")
+                .map_err(db(path))?;
+        }
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
+            .map_err(db(path))?;
+        conn.pragma_update(None, "secure_delete", "ON").map_err(db(path))?;
+        conn.pragma_update(None, "trusted_schema", "OFF").map_err(db(path))?;
+
+        let sealer = Self::migrate_schema(&mut conn, path, found, options.key.as_ref())?;
+        let mut store = Self {
+            path: path.to_owned(),
+            inner: Mutex::new(Inner {
+                conn,
+                totals: Totals::default(),
+            }),
+            sealer,
+            limits: options.limits,
+            durability: options.durability,
+            commits: AtomicU64::new(0),
+            refused_inbox: AtomicU64::new(0),
+            refused_outbox: AtomicU64::new(0),
+        };
+        if let Some(json) = &options.migrate_from {
+            store.migrate_json(json)?;
+        }
+        store.count_totals()?;
+        Ok(store)
+    }
+
+    /// Brings the schema to [`SCHEMA_VERSION`] in one transaction; creates
+    /// the encryption entries of a new store. Returns the value sealer.
+    fn migrate_schema(
+        conn: &mut Connection,
+        path: &Path,
+        found: Found,
+        key: Option<&AtRestKey>,
+    ) -> Result<Option<Sealer>, PersistError> {
+        let (version, sealer) = match found {
+            Found::Empty => (0, None),
+            Found::Store { version, sealer } => (version, sealer),
+        };
+        if version == SCHEMA_VERSION {
+            return Ok(sealer);
+        }
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db(path))?;
+        for (from, step) in MIGRATIONS.iter().enumerate().skip(to_u64(version) as usize) {
+            tx.execute_batch(step).map_err(|e| PersistError::Database {
+                path: path.to_owned(),
+                reason: format!("schema migration {from} -> {}: {e}", from + 1),
+            })?;
+        }
+        let sealer = if version == 0 {
+            match key {
+                None => {
+                    write_meta(&tx, path, META_CIPHER, CIPHER_NONE)?;
+                    None
+                }
+                Some(key) => {
+                    let header = key.new_header();
+                    let sealer = key.derive(&header, "store").map_err(|e| PersistError::Kdf {
+                        path: path.to_owned(),
+                        reason: e.to_string(),
+                    })?;
+                    let text = serde_json::to_string(&header).map_err(|e| PersistError::Kdf {
+                        path: path.to_owned(),
+                        reason: e.to_string(),
+                    })?;
+                    write_meta(&tx, path, META_KDF, &text)?;
+                    let check = sealer.seal(&aad("meta", &[META_KEY_CHECK]), KEY_CHECK);
+                    write_meta(&tx, path, META_KEY_CHECK, &hex::encode(check))?;
+                    write_meta(&tx, path, META_CIPHER, CIPHER_V1)?;
+                    Some(sealer)
+                }
+            }
+        } else {
+            sealer
+        };
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(db(path))?;
+        tx.commit().map_err(db(path))?;
+        Ok(sealer)
+    }
+
+    /// Imports the JSON state file at `json` (see the type's docs).
+    fn migrate_json(&mut self, json: &Path) -> Result<(), PersistError> {
+        let fail = |reason: String| PersistError::Migration {
+            path: self.path.clone(),
+            json: json.to_owned(),
+            reason,
+        };
+        match std::fs::symlink_metadata(json) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(json)(e)),
+            Ok(meta) if !meta.is_file() => return Err(fail("not a regular file".into())),
+            Ok(_) => {}
+        }
+        let path = self.path.clone();
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        let tx = inner
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db(&path))?;
+        let migrated = read_meta(&tx, &path, META_MIGRATED_FROM)?;
+        let has_state: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM prekeys) OR EXISTS (SELECT 1 FROM peers)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db(&path))?;
+        let json_name = json.display().to_string();
+        if migrated.as_deref() != Some(json_name.as_str()) {
+            if has_state {
+                return Err(fail(
+                    "the store already holds a state; move the JSON file away (or reset the store) first".into(),
+                ));
+            }
+            check_private(json)?;
+            let text = Zeroizing::new(std::fs::read_to_string(json).map_err(io(json))?);
+            let (prekeys, peers) = split_state(&text).map_err(fail)?;
+            let prekeys = seal_or_copy(self.sealer.as_ref(), &aad("prekeys", &[]), prekeys.as_bytes());
+            tx.execute("INSERT INTO prekeys (slot, data) VALUES (1, ?1)", [prekeys.as_ref()])
+                .map_err(db(&path))?;
+            for (did, row) in &peers {
+                let data = seal_or_copy(self.sealer.as_ref(), &aad("peers", &[did]), row.as_bytes());
+                tx.execute(
+                    "INSERT INTO peers (did, data) VALUES (?1, ?2)",
+                    rusqlite::params![did, data.as_ref()],
+                )
+                .map_err(db(&path))?;
+            }
+            write_meta(&tx, &path, META_MIGRATED_FROM, &json_name)?;
+            write_meta(&tx, &path, META_MIGRATED_AT, &unix_ms_now().to_string())?;
+            tx.commit().map_err(db(&path))?;
+            tracing::info!(target: "meshwire", store = %path.display(), json = %json.display(),
+                peers = peers.len(), "migrated the JSON state into the store");
+        } else {
+            drop(tx);
+        }
+        // Set the imported file aside (also when a crash came between the
+        // import and this rename).
+        let name = json
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut aside = json.with_file_name(format!("{name}.migrated"));
+        let mut n = 0u32;
+        while std::fs::symlink_metadata(&aside).is_ok() {
+            n += 1;
+            if n > 1000 {
+                return Err(fail("no free name to set the JSON file aside".into()));
+            }
+            aside = json.with_file_name(format!("{name}.migrated.{n}"));
+        }
+        std::fs::rename(json, &aside).map_err(io(json))?;
+        sync_dir(parent_dir(json))
+    }
+
+    fn count_totals(&mut self) -> Result<(), PersistError> {
+        let path = self.path.clone();
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        let count = |table: &str| -> Result<(u64, u64), PersistError> {
+            inner
+                .conn
+                .query_row(
+                    &format!("SELECT count(*), COALESCE(SUM(size), 0) FROM {table}"),
+                    [],
+                    |r| Ok((to_u64(r.get(0)?), to_u64(r.get(1)?))),
+                )
+                .map_err(db(&path))
+        };
+        let (inbox_rows, inbox_bytes) = count("inbox")?;
+        let (outbox_rows, outbox_bytes) = count("outbox")?;
+        inner.totals = Totals {
+            inbox_rows,
+            inbox_bytes,
+            outbox_rows,
+            outbox_bytes,
+        };
+        Ok(())
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether values are encrypted at rest.
+    pub fn is_encrypted(&self) -> bool {
+        self.sealer.is_some()
+    }
+
+    /// The durability level it was opened with.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Counters since it was opened.
+    pub fn stats(&self) -> PersistStats {
+        PersistStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            refused_inbox_full: self.refused_inbox.load(Ordering::Relaxed),
+            refused_outbox_full: self.refused_outbox.load(Ordering::Relaxed),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The clear value of a stored one (authenticated when encrypted).
+    fn reveal(
+        &self,
+        aad: &[u8],
+        stored: Vec<u8>,
+        what: impl FnOnce() -> String,
+    ) -> Result<Zeroizing<Vec<u8>>, PersistError> {
+        let stored = Zeroizing::new(stored);
+        match &self.sealer {
+            None => Ok(stored),
+            Some(sealer) => sealer.open(aad, &stored).ok_or_else(|| {
+                corrupt(
+                    &self.path,
+                    format!("{} fails authentication (tampered, or moved from another row)", what()),
+                )
+            }),
+        }
+    }
+
+    fn reveal_text(
+        &self,
+        aad: &[u8],
+        stored: Vec<u8>,
+        what: impl Fn() -> String,
+    ) -> Result<Zeroizing<String>, PersistError> {
+        let mut bytes = self.reveal(aad, stored, &what)?;
+        match String::from_utf8(std::mem::take(&mut *bytes)) {
+            Ok(text) => Ok(Zeroizing::new(text)),
+            Err(e) => {
+                e.into_bytes().zeroize();
+                Err(corrupt(&self.path, format!("{} is not UTF-8", what())))
+            }
+        }
+    }
+
+    fn apply(&self, tx: &rusqlite::Transaction<'_>, c: &Commit, t: &mut Totals) -> Result<(), PersistError> {
+        let path = &self.path;
+        let sealer = self.sealer.as_ref();
+        let e = db(path);
+        for (key, value) in &c.meta {
+            match value {
+                Some(v) => write_meta(tx, path, key, v)?,
+                None => {
+                    tx.execute("DELETE FROM meta WHERE key = ?1", [key]).map_err(&e)?;
+                }
+            }
+        }
+        if c.meta.iter().any(|(_, v)| v.is_some()) {
+            let n: i64 = tx
+                .query_row(
+                    "SELECT count(*) FROM meta WHERE substr(key, 1, 9) <> 'meshwire.'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(&e)?;
+            if to_u64(n) > MAX_META_ENTRIES as u64 {
+                return Err(PersistError::Meta {
+                    key: c
+                        .meta
+                        .iter()
+                        .find(|(_, v)| v.is_some())
+                        .map(|(k, _)| k.clone())
+                        .unwrap_or_default(),
+                    reason: format!("more than MAX_META_ENTRIES ({MAX_META_ENTRIES}) entries"),
+                });
+            }
+        }
+        if let Some(prekeys) = &c.prekeys {
+            let data = seal_or_copy(sealer, &aad("prekeys", &[]), prekeys.as_bytes());
+            tx.prepare_cached(
+                "INSERT INTO prekeys (slot, data) VALUES (1, ?1) ON CONFLICT (slot) DO UPDATE SET data = excluded.data",
+            )
+            .and_then(|mut s| s.execute([data.as_ref()]))
+            .map_err(&e)?;
+        }
+        for (did, row) in &c.peers {
+            match row {
+                Some(row) => {
+                    let data = seal_or_copy(sealer, &aad("peers", &[did]), row.as_bytes());
+                    tx.prepare_cached(
+                        "INSERT INTO peers (did, data) VALUES (?1, ?2) ON CONFLICT (did) DO UPDATE SET data = excluded.data",
+                    )
+                    .and_then(|mut s| s.execute(rusqlite::params![did, data.as_ref()]))
+                    .map_err(&e)?;
+                }
+                None => {
+                    tx.prepare_cached("DELETE FROM peers WHERE did = ?1")
+                        .and_then(|mut s| s.execute([did]))
+                        .map_err(&e)?;
+                }
+            }
+        }
+        for (from, id) in &c.inbox_remove {
+            let size: Option<i64> = tx
+                .prepare_cached("DELETE FROM inbox WHERE peer = ?1 AND id = ?2 RETURNING size")
+                .and_then(|mut s| s.query_row([from, id], |r| r.get(0)).optional())
+                .map_err(&e)?;
+            if let Some(size) = size {
+                t.inbox_rows = t.inbox_rows.saturating_sub(1);
+                t.inbox_bytes = t.inbox_bytes.saturating_sub(to_u64(size));
+            }
+        }
+        for (peer, id) in &c.outbox_remove {
+            let size: Option<i64> = tx
+                .prepare_cached("DELETE FROM outbox WHERE peer = ?1 AND id = ?2 RETURNING size")
+                .and_then(|mut s| s.query_row([peer, id], |r| r.get(0)).optional())
+                .map_err(&e)?;
+            if let Some(size) = size {
+                t.outbox_rows = t.outbox_rows.saturating_sub(1);
+                t.outbox_bytes = t.outbox_bytes.saturating_sub(to_u64(size));
+            }
+        }
+        for m in &c.inbox_add {
+            let data = seal_or_copy(sealer, &aad("inbox", &[&m.from, &m.id]), &m.payload);
+            let size = m.payload.len() as u64;
+            let added = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO inbox (peer, id, received_at, plaintext, size, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .and_then(|mut s| {
+                    s.execute(rusqlite::params![
+                        m.from,
+                        m.id,
+                        to_i64(m.received_at_ms),
+                        m.plaintext,
+                        to_i64(size),
+                        data.as_ref()
+                    ])
+                })
+                .map_err(&e)?;
+            if added == 1 {
+                t.inbox_rows += 1;
+                t.inbox_bytes += size;
+            }
+        }
+        for m in &c.outbox_add {
+            let data = seal_or_copy(sealer, &aad("outbox", &[&m.peer, &m.id]), &m.payload);
+            let size = m.payload.len() as u64;
+            let added = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO outbox (peer, seq, id, created_at, size, payload)
+                     VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox WHERE peer = ?1), ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut s| {
+                    s.execute(rusqlite::params![
+                        m.peer,
+                        m.id,
+                        to_i64(m.created_at_ms),
+                        to_i64(size),
+                        data.as_ref()
+                    ])
+                })
+                .map_err(&e)?;
+            if added == 1 {
+                t.outbox_rows += 1;
+                t.outbox_bytes += size;
+            }
+        }
+        let l = &self.limits;
+        if !c.inbox_add.is_empty() && (t.inbox_rows > l.max_inbox_rows || t.inbox_bytes > l.max_inbox_bytes) {
+            self.refused_inbox.fetch_add(1, Ordering::Relaxed);
+            return Err(PersistError::InboxFull {
+                rows: t.inbox_rows,
+                bytes: t.inbox_bytes,
+                max_rows: l.max_inbox_rows,
+                max_bytes: l.max_inbox_bytes,
+            });
+        }
+        if !c.outbox_add.is_empty() && (t.outbox_rows > l.max_outbox_rows || t.outbox_bytes > l.max_outbox_bytes) {
+            self.refused_outbox.fetch_add(1, Ordering::Relaxed);
+            return Err(PersistError::OutboxFull {
+                rows: t.outbox_rows,
+                bytes: t.outbox_bytes,
+                max_rows: l.max_outbox_rows,
+                max_bytes: l.max_outbox_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The value as stored: sealed for its place, or the bytes as they are.
+fn seal_or_copy<'a>(sealer: Option<&Sealer>, aad: &[u8], plain: &'a [u8]) -> Cow<'a, [u8]> {
+    match sealer {
+        Some(s) => Cow::Owned(s.seal(aad, plain)),
+        None => Cow::Borrowed(plain),
+    }
+}
+
+impl Persistence for SqliteStore {
+    fn load(&self) -> Result<Snapshot, PersistError> {
+        let path = &self.path;
+        let e = db(path);
+        let mut inner = self.lock();
+        // One read transaction: a consistent view.
+        let tx = inner.conn.transaction().map_err(&e)?;
+        let mut snapshot = Snapshot::default();
+        {
+            let mut stmt = tx
+                .prepare("SELECT key, value FROM meta WHERE substr(key, 1, 9) <> 'meshwire.' ORDER BY key")
+                .map_err(&e)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(&e)?;
+            for row in rows {
+                let (k, v) = row.map_err(&e)?;
+                snapshot.meta.insert(k, v);
+            }
+        }
+        let prekeys: Option<Vec<u8>> = tx
+            .query_row("SELECT data FROM prekeys WHERE slot = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(&e)?;
+        if let Some(stored) = prekeys {
+            snapshot.prekeys = Some(self.reveal_text(&aad("prekeys", &[]), stored, || "the pre-keys row".into())?);
+        }
+        {
+            let mut stmt = tx.prepare("SELECT did, data FROM peers ORDER BY did").map_err(&e)?;
+            let mut rows = stmt.query([]).map_err(&e)?;
+            while let Some(row) = rows.next().map_err(&e)? {
+                let did: String = row.get(0).map_err(&e)?;
+                let stored: Vec<u8> = row.get(1).map_err(&e)?;
+                let text = self.reveal_text(&aad("peers", &[&did]), stored, || format!("peer row {did:?}"))?;
+                snapshot.peers.push((did, text));
+            }
+        }
+        {
+            let mut stmt = tx
+                .prepare("SELECT peer, id, received_at, plaintext, payload FROM inbox ORDER BY seq")
+                .map_err(&e)?;
+            let mut rows = stmt.query([]).map_err(&e)?;
+            while let Some(row) = rows.next().map_err(&e)? {
+                let from: String = row.get(0).map_err(&e)?;
+                let id: String = row.get(1).map_err(&e)?;
+                let stored: Vec<u8> = row.get(4).map_err(&e)?;
+                let payload = self.reveal(&aad("inbox", &[&from, &id]), stored, || {
+                    format!("inbox row ({from:?}, {id:?})")
+                })?;
+                snapshot.inbox.push(InboxEntry {
+                    received_at_ms: to_u64(row.get(2).map_err(&e)?),
+                    plaintext: row.get(3).map_err(&e)?,
+                    from,
+                    id,
+                    payload,
+                });
+            }
+        }
+        {
+            let mut stmt = tx
+                .prepare("SELECT peer, id, created_at, payload FROM outbox ORDER BY n")
+                .map_err(&e)?;
+            let mut rows = stmt.query([]).map_err(&e)?;
+            while let Some(row) = rows.next().map_err(&e)? {
+                let peer: String = row.get(0).map_err(&e)?;
+                let id: String = row.get(1).map_err(&e)?;
+                let stored: Vec<u8> = row.get(3).map_err(&e)?;
+                let payload = self.reveal(&aad("outbox", &[&peer, &id]), stored, || {
+                    format!("outbox row ({peer:?}, {id:?})")
+                })?;
+                snapshot.outbox.push(OutboxEntry {
+                    created_at_ms: to_u64(row.get(2).map_err(&e)?),
+                    peer,
+                    id,
+                    payload,
+                });
+            }
+        }
+        tx.finish().map_err(&e)?;
+        Ok(snapshot)
+    }
+
+    fn commit(&self, commit: &Commit) -> Result<(), PersistError> {
+        if commit.is_empty() {
+            return Ok(());
+        }
+        commit.check_meta()?;
+        let mut inner = self.lock();
+        let Inner { conn, totals } = &mut *inner;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db(&self.path))?;
+        let mut after = *totals;
+        // On error the transaction rolls back when dropped.
+        self.apply(&tx, commit, &mut after)?;
+        tx.commit().map_err(db(&self.path))?;
+        *totals = after;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn reset_mesh(&self) -> Result<(), PersistError> {
+        let mut inner = self.lock();
+        let tx = inner
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db(&self.path))?;
+        tx.execute_batch("DELETE FROM prekeys; DELETE FROM peers;")
+            .map_err(db(&self.path))?;
+        tx.commit().map_err(db(&self.path))
+    }
+
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+}
