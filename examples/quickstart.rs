@@ -5,7 +5,7 @@
 //!
 //! Run with `cargo run --example quickstart`.
 
-use meshwire::{ClientEvent, Identity, MemoryStore, MeshClient, SessionStore};
+use meshwire::{ClientEvent, Identity, MemoryPersistence, MeshClient, Persistence};
 use serde_json::json;
 use std::error::Error;
 use std::sync::Arc;
@@ -25,16 +25,16 @@ async fn main() -> Result<(), Box<dyn Error>> {
         server.relay_url(),
         server.registry_url()
     );
-    let connect = |identity: Identity, name: &'static str, store: Option<Arc<dyn SessionStore>>| {
+    let connect = |identity: Identity, name: &'static str, store: Option<Arc<dyn Persistence>>| {
         MeshClient::builder(identity, server.relay_url(), server.registry_url())
             .display_name(name)
-            .store_opt(store)
+            .persistence_opt(store)
             .connect()
     };
 
     let alice = connect(Identity::generate(&mut rand_core::OsRng), "alice", None).await?;
     let bob_identity = Identity::generate(&mut rand_core::OsRng);
-    let bob_store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new());
+    let bob_store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
     let bob = connect(
         Identity::from_seed(&bob_identity.seed()),
         "bob",

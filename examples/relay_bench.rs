@@ -3,7 +3,10 @@
 //! AGT 5.0.0 relay and registry when `--agt PYTHON` names the Python of a
 //! venv that has `agent-governance-toolkit-core` (see interop/python/setup_venv.sh).
 //!
-//! `cargo run --release --example relay_bench -- [--agt PYTHON] [--messages N] [--paced N]`
+//! `cargo run --release --example relay_bench -- [--agt PYTHON] [--messages N] [--paced N] [--durable]`
+//!
+//! `--durable`: both agents keep their state in an SQLite store (every
+//! message committed before it is sent, acked or handed over).
 //!
 //! Throughput: Alice sends N messages back to back, rate = N / time until
 //! Bob has all of them. Latency: one-way, Alice paced at 50 msg/s, measured
@@ -107,15 +110,22 @@ async fn main() -> Result<(), Box<dyn Error>> {
             (urls.0, urls.1, "embedded relay")
         }
     };
+    let durable = args.iter().any(|a| a == "--durable");
+    let state = std::env::temp_dir().join(format!("meshwire-relay-bench-{}", std::process::id()));
     let connect = |n: &'static str| {
-        MeshClient::builder(
+        let builder = MeshClient::builder(
             Identity::generate(&mut rand_core::OsRng),
             relay.clone(),
             registry.clone(),
         )
         .display_name(n)
-        .config(|c| c.receipts = false)
-        .connect()
+        .config(|c| c.receipts = false);
+        let builder = if durable {
+            builder.state_dir(state.join(n))
+        } else {
+            builder
+        };
+        builder.connect()
     };
     let alice = connect("bench-alice").await?;
     let bob = connect("bench-bob").await?;
@@ -168,6 +178,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let summary = json!({
         "relay": name,
         "provider": meshwire::proto::crypto::active_provider_name(),
+        "durable": durable,
         "payload_bytes": 256,
         "messages": messages,
         "messages_per_s": (rate * 10.0).round() / 10.0,
@@ -178,5 +189,6 @@ async fn main() -> Result<(), Box<dyn Error>> {
     println!("{summary}");
     alice.close().await;
     bob.close().await;
+    let _ = std::fs::remove_dir_all(&state);
     Ok(())
 }

@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,8 +312,11 @@ async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, pa
         await receiver.start()
         for peer, role in ((sender, "s"), (receiver, "r")):
             seed = hashlib.sha256(f"figures/{role}/{time.time_ns()}".encode()).hexdigest()
+            # Durable: meshwire peers commit every message to their SQLite
+            # store (the reference agents keep state in memory only).
+            state_dir = tempfile.mkdtemp(prefix=f"meshwire-figures-{role}-")
             peer.did = (await peer.call(cmd="connect", relay=relay.relay_url, registry=relay.registry_url,
-                                        name=f"fig-{role}", seed=seed))["did"]
+                                        name=f"fig-{role}", seed=seed, state_dir=state_dir))["did"]
         await sender.call(cmd="send", to=receiver.did, payload={"warmup": True})
         await receiver.call(cmd="recv", count=1, timeout_ms=10000)
         await sender.call(cmd="send_many", to=receiver.did, count=count, payload_bytes=256, interval_ms=0, timeout=300)
@@ -393,11 +397,11 @@ async def main() -> int:
         relays.append(Relay("agt-unauthed", compat, f"http://127.0.0.1:{reg_port}", True))
     if "embedded" in relay_names:
         reg_port = free_port()
-        registry = Service("embedded-registry", [args.meshwire_bin, "serve", "--listen", f"127.0.0.1:{reg_port}", "--legacy-registration"], reg_port)
+        registry = Service("embedded-registry", [args.meshwire_bin, "serve", "--memory", "--listen", f"127.0.0.1:{reg_port}", "--legacy-registration"], reg_port)
         services.append(registry)
         p1, p2 = free_port(), free_port()
-        strict = Service("embedded-relay", [args.meshwire_bin, "serve", "--listen", f"127.0.0.1:{p1}"], p1)
-        compat = Service("embedded-relay-compat", [args.meshwire_bin, "serve", "--listen", f"127.0.0.1:{p2}", "--allow-unauthenticated-did"], p2)
+        strict = Service("embedded-relay", [args.meshwire_bin, "serve", "--memory", "--listen", f"127.0.0.1:{p1}"], p1)
+        compat = Service("embedded-relay-compat", [args.meshwire_bin, "serve", "--memory", "--listen", f"127.0.0.1:{p2}", "--allow-unauthenticated-did"], p2)
         services += [strict, compat]
         relays.append(Relay("embedded", strict, f"http://127.0.0.1:{reg_port}", False))
         relays.append(Relay("embedded-compat", compat, f"http://127.0.0.1:{reg_port}", True))

@@ -8,11 +8,10 @@
 
 use crate::paths::{self, PathRole};
 use clap::{Args, Subcommand};
-use meshwire::{ClientEvent, FileStore, Identity, MeshClient, Message, Payload, RegistryClient, RegistryOptions};
+use meshwire::{ClientEvent, Identity, MeshClient, Message, Payload, RegistryClient, RegistryOptions};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The capability every agent started by this CLI advertises, listed by
@@ -204,11 +203,12 @@ impl AgentOpts {
         Ok(identity)
     }
 
-    fn store(&self) -> CliResult<FileStore> {
+    /// The state folder (checked; created later by the store if missing).
+    fn store_dir(&self) -> CliResult<PathBuf> {
         let (dir, given) = self.state_dir()?;
         let role = if given { PathRole::Dir } else { PathRole::DirCreate };
         paths::check(&dir, role, "state folder")?;
-        Ok(FileStore::new(dir))
+        Ok(dir)
     }
 
     /// Registers and joins the relay.
@@ -220,12 +220,12 @@ impl AgentOpts {
     /// only through [`MeshClient::ack`].
     async fn connect_with(&self, manual_ack: bool) -> CliResult<MeshClient> {
         let identity = self.load_identity()?;
-        let store = self.store()?;
+        let store = self.store_dir()?;
         let token = self.relay_token()?;
         let timeout = seconds(self.timeout)?;
         let mut builder = MeshClient::builder(identity, self.relay.clone(), self.registry.clone())
             .capabilities([CLI_CAPABILITY])
-            .store(Arc::new(store))
+            .state_dir(store)
             .config(|c| {
                 c.connect_timeout = timeout;
                 c.manual_ack = manual_ack;
@@ -328,19 +328,15 @@ async fn find_in_registry(registry: &RegistryClient, name: &str, me: Option<&str
     Ok(best.map(|(_, did)| did))
 }
 
-/// Waits until every queued frame went out on the relay socket.
+/// Waits until the relay confirmed every send (it read the frames).
 async fn flushed(client: &MeshClient, timeout: Duration) -> CliResult<()> {
-    let deadline = Instant::now() + timeout;
-    while client.queued() > 0 || !client.is_connected() {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the relay did not take the message within {timeout:?} ({} frames still queued)",
-                client.queued()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
+    client.flush(timeout).await.map_err(|_| {
+        format!(
+            "the relay did not take the message within {timeout:?} ({} frames unconfirmed; they are kept and \
+             sent on the next run)",
+            client.unconfirmed_by_relay()
+        )
+    })
 }
 
 fn report_counters(client: &MeshClient) {
@@ -388,7 +384,11 @@ pub fn send(opts: AgentOpts, args: SendArgs) -> CliResult<()> {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match client.next_event_timeout(left).await {
                         Some(ClientEvent::Delivered { ids, .. }) if ids.contains(&id) => break,
-                        Some(_) => continue,
+                        Some(other) => {
+                            if opts.verbose {
+                                eprintln!("{other:?}");
+                            }
+                        }
                         None => {
                             return Err(format!(
                                 "the relay has message {id}, but no delivery receipt came within {timeout:?} \
@@ -402,6 +402,9 @@ pub fn send(opts: AgentOpts, args: SendArgs) -> CliResult<()> {
         }
         .await;
         if opts.verbose {
+            for event in client.try_events() {
+                eprintln!("{event:?}");
+            }
             report_counters(&client);
         }
         client.close().await;
@@ -519,7 +522,12 @@ async fn listen_loop(client: &MeshClient, opts: &AgentOpts, args: &ListenArgs) -
             return Ok(());
         }
         printed += 1;
-        client.ack(&message);
+        client.ack(&message).map_err(|e| {
+            format!(
+                "could not acknowledge message {} from {}: {e}",
+                message.id, message.from
+            )
+        })?;
         if args.echo {
             if let Some(reply) = echo_reply(&payload) {
                 if let Err(e) = client.send(&message.from, &reply).await {

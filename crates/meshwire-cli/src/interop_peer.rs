@@ -1,7 +1,8 @@
 //! `meshwire interop-peer`: the Rust peer of the interop harness, driven
 //! over stdin/stdout with the line protocol of interop/PROTOCOL.md.
 
-use meshwire::{ClientConfig, FileStore, Identity, MemoryStore, MeshClient, Message, SessionStore};
+use meshwire::persist::{open_state_dir, SqliteOptions};
+use meshwire::{ClientConfig, Identity, MemoryPersistence, MeshClient, Message, Persistence};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,7 +13,7 @@ struct Peer {
     client: Option<MeshClient>,
     identity_seed: Option<[u8; 32]>,
     config: Option<ClientConfig>,
-    store: Arc<dyn SessionStore>,
+    store: Arc<dyn Persistence>,
     /// Messages as they arrived, stamped on arrival by a background task.
     inbox: Arc<Mutex<Vec<Value>>>,
     arrived: Arc<Notify>,
@@ -87,7 +88,10 @@ impl Peer {
                 config.reconnect_max = Duration::from_secs(2);
                 config.retransmit_after = Duration::from_secs(3);
                 if let Some(dir) = request.get("state_dir").and_then(Value::as_str) {
-                    self.store = Arc::new(FileStore::new(dir));
+                    let did = Identity::from_seed(&seed).did().to_string();
+                    let store = open_state_dir(std::path::Path::new(dir), &did, SqliteOptions::new())
+                        .map_err(|e| format!("state_dir: {e}"))?;
+                    self.store = Arc::new(store);
                 }
                 self.identity_seed = Some(seed);
                 self.config = Some(config);
@@ -167,7 +171,7 @@ pub async fn run() -> std::io::Result<()> {
         client: None,
         identity_seed: None,
         config: None,
-        store: Arc::new(MemoryStore::new()),
+        store: Arc::new(MemoryPersistence::new()),
         inbox: Arc::new(Mutex::new(Vec::new())),
         arrived: Arc::new(Notify::new()),
         collector: None,

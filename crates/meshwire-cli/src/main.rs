@@ -4,6 +4,7 @@ mod agent;
 mod interop_peer;
 mod paths;
 mod serve_addr;
+mod serve_cmd;
 mod state_cmd;
 
 use clap::{Parser, Subcommand};
@@ -82,32 +83,7 @@ enum Command {
         command: state_cmd::StateCommand,
     },
     /// Run the embedded relay (WebSocket /ws) and registry (HTTP /v1) on one port.
-    Serve {
-        /// Address to listen on: HOST:PORT, or a bare PORT for 127.0.0.1:PORT.
-        #[arg(long, default_value = "127.0.0.1:8765")]
-        listen: String,
-        /// Accept connect frames without proof of possession (legacy npm 4.0.0 clients; insecure).
-        #[arg(long)]
-        allow_unauthenticated_did: bool,
-        /// Accept npm 4.0.0 registrations without proof of possession (insecure).
-        #[arg(long)]
-        legacy_registration: bool,
-        /// Shared secret connect frames must carry in `token`.
-        #[arg(long)]
-        relay_token: Option<String>,
-        /// How far (seconds) a signed timestamp may be from the server clock; each proof is accepted once within it.
-        #[arg(long, default_value_t = 300)]
-        replay_window_secs: u64,
-        /// Refuse timestamp proofs: only challenge-bound proofs (docs/specs/MESHWIRE-CHALLENGE-AUTH.md); AGT clients cannot connect.
-        #[arg(long)]
-        require_challenge: bool,
-        /// Public origin (e.g. https://mesh.example.com) challenge proofs may name, behind a proxy; repeatable.
-        #[arg(long = "public-origin")]
-        public_origins: Vec<String>,
-        /// Pre-key bundle fetches per minute per requester (DID, or IP; loopback not limited); 0 disables.
-        #[arg(long, default_value_t = 30)]
-        bundle_fetches_per_minute: u32,
-    },
+    Serve(serve_cmd::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -116,6 +92,10 @@ enum VectorsCommand {
     Verify {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// A PATH that does not exist is reported and counted as skipped
+        /// instead of failed (for `../shared/vectors`, which a clone may lack).
+        #[arg(long)]
+        skip_missing: bool,
     },
     /// Write meshwire's own vectors into DIR.
     Generate { dir: PathBuf },
@@ -147,31 +127,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve {
-            listen,
-            allow_unauthenticated_did,
-            legacy_registration,
-            relay_token,
-            replay_window_secs,
-            require_challenge,
-            public_origins,
-            bundle_fetches_per_minute,
-        } => serve(
-            &listen,
-            meshwire_server::ServerConfig {
-                allow_unauthenticated_did,
-                legacy_registration,
-                relay_token,
-                replay_window: std::time::Duration::from_secs(replay_window_secs),
-                require_challenge,
-                public_origins,
-                bundle_fetches_per_minute,
-                ..Default::default()
-            },
-        ),
+        Command::Serve(args) => serve_cmd::run(args),
         Command::Vectors {
-            command: VectorsCommand::Verify { paths },
-        } => verify(&paths),
+            command: VectorsCommand::Verify { paths, skip_missing },
+        } => verify(&paths, skip_missing),
         Command::Vectors {
             command: VectorsCommand::Generate { dir },
         } => match meshwire_vectors::generate::write_all(&dir) {
@@ -200,9 +159,14 @@ fn agent_result(result: agent::CliResult<()>) -> ExitCode {
     }
 }
 
-fn verify(paths: &[PathBuf]) -> ExitCode {
+fn verify(paths: &[PathBuf], skip_missing: bool) -> ExitCode {
     let (mut passed, mut failed, mut skipped) = (0usize, 0usize, 0usize);
     for path in paths {
+        if skip_missing && !path.exists() {
+            println!("SKIP {}: no such file or folder", path.display());
+            skipped += 1;
+            continue;
+        }
         match verify_path(path) {
             Ok(results) => {
                 for result in results {
@@ -230,48 +194,6 @@ fn verify(paths: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-fn serve(listen: &str, config: meshwire_server::ServerConfig) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        // Logs on stderr: stdout carries only the URLs to give clients.
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let listen = serve_addr::bind_address(listen);
-        let listen = listen.as_str();
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("error: cannot listen on {listen}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let server = match meshwire_server::RunningServer::spawn(config, listener, None) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let (relay_url, registry_url, note) = serve_addr::client_urls(server.relay_addr());
-        println!("meshwire relay    {relay_url}");
-        println!("meshwire registry {registry_url}");
-        if let Some(note) = note {
-            println!("note: {note}");
-        }
-        let _ = tokio::signal::ctrl_c().await;
-        server.shutdown().await;
-        ExitCode::SUCCESS
-    })
 }
 
 #[cfg(test)]

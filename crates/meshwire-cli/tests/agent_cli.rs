@@ -166,6 +166,7 @@ fn listen(home: &Path, relay: &str, registry: &str, extra: &[&str]) -> Running {
                 relay,
                 "--registry",
                 registry,
+                "-v",
             ])
             .args(extra),
     );
@@ -224,7 +225,11 @@ fn two_agents_talk_twice_and_the_second_run_opens_no_session() {
     let out = send(&home, &relay, &registry, "hello again", &["--wait-receipt"]);
     let sent = text(&out.stderr);
     assert!(sent.contains("frames sent:") && sent.contains("message="), "{sent}");
-    assert!(!sent.contains("knock"), "the second run sent a KNOCK: {sent}");
+    assert!(
+        !sent.contains("knock"),
+        "the second run sent a KNOCK: {sent}\nbob: {:#?}",
+        bob.drain_stderr()
+    );
     let line: serde_json::Value = serde_json::from_str(&bob.next_stdout()).unwrap();
     assert_eq!(line["payload"], serde_json::json!({"text": "hello again"}));
     assert_eq!(line["id"], text(&out.stdout).trim());

@@ -43,6 +43,46 @@ fn check_initiator(initiator: &Did, establishment: &Establishment) -> Result<(),
 }
 
 /// An end-to-end encrypted session with one peer.
+///
+/// The initiator opens it from the responder's [`PreKeyBundle`]
+/// ([`SecureChannel::initiate`]) and sends the [`Establishment`] with its
+/// first message; the responder opens its side from both
+/// ([`SecureChannel::accept`]). A message that does not decrypt (forged,
+/// replayed, out of window) is an error that leaves the channel as it was.
+///
+/// ```
+/// use meshwire_proto::{DecryptError, Identity, KdfDialect, PreKeys, SecureChannel};
+/// use rand_core::OsRng;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let alice = Identity::generate(&mut OsRng);
+/// let bob = Identity::generate(&mut OsRng);
+/// let mut bob_keys = PreKeys::generate(&mut OsRng, &bob);
+/// let otk = bob_keys.generate_one_time_keys(&mut OsRng, 1)?[0];
+/// let bundle = bob_keys.bundle(&bob, Some(otk));
+///
+/// let (mut to_bob, establishment) =
+///     SecureChannel::initiate(&mut OsRng, &alice, bob.did(), &bundle, KdfDialect::Spec)?;
+/// let first = to_bob.encrypt(&mut OsRng, b"hello bob")?;
+///
+/// let (mut to_alice, text) = SecureChannel::accept(
+///     &mut OsRng, &bob, &mut bob_keys, alice.did(), &establishment, &first, KdfDialect::Spec,
+/// )?;
+/// assert_eq!(text, b"hello bob");
+/// assert_eq!(bob_keys.one_time_key_count(), 0); // used up once the first message decrypted
+///
+/// let reply = to_alice.encrypt(&mut OsRng, b"hi alice")?;
+/// assert_eq!(to_bob.decrypt(&mut OsRng, &reply)?, b"hi alice");
+/// // A replay is refused, and the channel still works afterwards.
+/// assert!(matches!(
+///     to_bob.decrypt(&mut OsRng, &reply),
+///     Err(DecryptError::DuplicateOrExpired { n: 0 })
+/// ));
+/// let next = to_alice.encrypt(&mut OsRng, b"still here")?;
+/// assert_eq!(to_bob.decrypt(&mut OsRng, &next)?, b"still here");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecureChannel {
     ratchet: DoubleRatchet,

@@ -109,6 +109,33 @@ pub enum SignatureError {
 }
 
 /// An agent's long-term identity.
+///
+/// One Ed25519 key signs (registry requests, signed pre-keys, relay
+/// proofs); its Montgomery image is the X25519 identity key of X3DH; the
+/// DID is derived from the Ed25519 public key. Persist [`Identity::seed`]
+/// (a zeroizing secret) and rebuild with [`Identity::from_seed`].
+///
+/// ```
+/// use meshwire_proto::identity::verify_signature;
+/// use meshwire_proto::Identity;
+/// use rand_core::OsRng;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let agent = Identity::generate(&mut OsRng);
+/// assert!(agent.did().as_str().starts_with("did:mesh:"));
+/// assert!(agent.did().is_derived_from(&agent.ed25519_public()));
+///
+/// // The seed is all there is to persist: the same seed, the same agent.
+/// let restored = Identity::from_seed(&agent.seed());
+/// assert_eq!(restored.did(), agent.did());
+/// assert_eq!(restored.x25519_public(), agent.x25519_public());
+///
+/// let signature = agent.sign(b"register me");
+/// verify_signature(&agent.ed25519_public(), b"register me", &signature)?;
+/// assert!(verify_signature(&agent.ed25519_public(), b"register you", &signature).is_err());
+/// # Ok(())
+/// # }
+/// ```
 pub struct Identity {
     signing: SigningKey,
     x25519: KeyPair,

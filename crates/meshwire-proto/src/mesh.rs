@@ -16,7 +16,10 @@
 //!   replaces the session once the new session's first message decrypts, so a
 //!   forged KNOCK cannot destroy a working session or burn a one-time key;
 //! - duplicate frames (relay redelivery, retransmission) are dropped by id;
-//! - end-to-end delivery receipts between peers that both support them.
+//! - end-to-end delivery receipts between peers that both support them;
+//! - between such peers, a session that stopped working (a peer restored
+//!   from an older copy, frames lost beyond the skip window) is replaced by
+//!   a new one ([`Mesh::resync`]) and what was not confirmed is resent on it.
 
 use crate::channel::{Establishment, SecureChannel};
 use crate::frames::{
@@ -143,8 +146,11 @@ pub enum ErrorKind {
     Plaintext,
     /// An `error` frame from the relay.
     Relay,
-    /// The peer reused message numbers: its session state looks restored
-    /// from an older copy (a backup or snapshot).
+    /// The session looks desynchronized: the peer reused message numbers
+    /// (its state looks restored from an older copy, a backup or snapshot),
+    /// its messages no longer decrypt on a verified session (restored
+    /// across a ratchet step, or more than the skip window lost in
+    /// transit), or it stopped confirming while it kept sending.
     Rollback,
 }
 
@@ -183,6 +189,10 @@ pub struct MeshStats {
     /// Messages whose number was already used: the peer's state looked
     /// restored from an older copy.
     pub rollbacks_detected: u64,
+    /// New sessions asked for ([`Event::ResyncNeeded`]) because a session
+    /// looked desynchronized: a rollback, messages that no longer decrypt,
+    /// or messages left unconfirmed through several retransmissions.
+    pub resyncs_requested: u64,
 }
 
 /// A message for the application.
@@ -243,9 +253,11 @@ pub enum Event {
         /// The consumed key's id.
         id: OneTimeKeyId,
     },
-    /// The peer's session state looks restored from an older copy: open a
-    /// new session with [`Mesh::resync`] (fetch its bundle first). Emitted at
-    /// most once per peer every 30 s, and only for receipt-capable peers.
+    /// The session with the peer looks desynchronized (its state restored
+    /// from an older copy, frames lost beyond the skip window, or our
+    /// messages left unconfirmed while it kept sending): open a new session
+    /// with [`Mesh::resync`] (fetch its bundle first). Emitted at most once
+    /// per peer every 30 s, and only for receipt-capable peers.
     ResyncNeeded {
         /// The peer.
         peer: String,
@@ -305,6 +317,13 @@ struct Unconfirmed {
     sent_at: u64,
 }
 
+impl Unconfirmed {
+    /// Changes whenever a field a store keeps changes (the id aside).
+    fn fingerprint(&self) -> u64 {
+        self.sent_at ^ ((self.payload.len() as u64) << 48)
+    }
+}
+
 impl Drop for Unconfirmed {
     fn drop(&mut self) {
         use zeroize::Zeroize;
@@ -333,6 +352,30 @@ struct Peer {
     sent_knock: Option<String>,
     /// When we last asked this peer to resync.
     last_resync: Option<Timestamp>,
+    /// The channel `channel` replaced (by our resync, or by the peer's
+    /// accepted re-KNOCK), kept to decrypt messages still in flight on it;
+    /// never used to encrypt. Not persisted.
+    previous: Option<SecureChannel>,
+    /// `channel` was opened by us ([`Mesh::open_session`]) and no message
+    /// of the peer decrypted on it yet.
+    fresh: bool,
+    /// When we sent our latest resync KNOCK, until a message of the peer
+    /// decrypts on its session (or another session replaces it).
+    resync_sent: Option<Timestamp>,
+    /// When an encrypted message from this peer last arrived (decrypted or
+    /// not): it is online and sending.
+    last_heard: Option<Timestamp>,
+    /// Retransmission rounds, since the peer last confirmed anything, in
+    /// which it had been heard from since the messages last went out.
+    stalled_rounds: u32,
+    /// Ids remembered in `seen` since this peer's entry was made.
+    seen_total: u64,
+    /// `seen_total` when the store last got this peer's new ids (side
+    /// rows, [`Mesh::track_side_rows`]).
+    seen_persisted: u64,
+    /// What the store holds of `unconfirmed` (side rows): id and
+    /// [`Unconfirmed::fingerprint`].
+    unconfirmed_persisted: HashMap<String, u64>,
 }
 
 const ACCEPTED_EKS_KEPT: usize = 32;
@@ -361,6 +404,10 @@ pub const PEER_INFO_KEPT: usize = 1024;
 /// At most one resync per peer this often.
 pub const RESYNC_INTERVAL_MS: u64 = 30_000;
 
+/// Retransmission rounds in which a receipt-capable peer kept sending but
+/// confirmed nothing, after which its session is resynced.
+pub const RESYNC_AFTER_STALLED_ROUNDS: u32 = 3;
+
 impl Peer {
     /// Whether the entry holds nothing worth keeping: entries made by
     /// frames that led nowhere are dropped, so junk `from` values cannot
@@ -382,6 +429,39 @@ impl Peer {
         self.channel.is_none() && self.accepted_eks.is_empty() && self.seen.is_empty() && self.unconfirmed.is_empty()
     }
 
+    /// Whether our latest resync KNOCK is unanswered and recent.
+    fn resync_outstanding(&self, now: Timestamp) -> bool {
+        self.resync_sent.is_some_and(|at| now < at.plus_ms(RESYNC_INTERVAL_MS))
+    }
+
+    /// Whether a resync may be asked for now: receipt-capable peers only
+    /// (they resend on the new session), at most once per
+    /// [`RESYNC_INTERVAL_MS`], and not while ours is unanswered.
+    fn may_resync(&self, now: Timestamp) -> bool {
+        self.receipts
+            && self.last_resync.is_none_or(|at| at.plus_ms(RESYNC_INTERVAL_MS) <= now)
+            && !self.resync_outstanding(now)
+    }
+
+    /// Whether a resync was asked for or sent within the last
+    /// [`RESYNC_INTERVAL_MS`]: the peer will resend what we cannot read.
+    fn resync_under_way(&self, now: Timestamp) -> bool {
+        self.resync_outstanding(now) || self.last_resync.is_some_and(|at| now < at.plus_ms(RESYNC_INTERVAL_MS))
+    }
+
+    /// Installs `channel` in place of the current one. A channel that
+    /// worked stays as `previous` for messages in flight on it; one we
+    /// opened that never worked is dropped.
+    fn replace_channel(&mut self, channel: SecureChannel, fresh: bool) {
+        if let Some(old) = self.channel.take() {
+            if !self.fresh {
+                self.previous = Some(old);
+            }
+        }
+        self.channel = Some(channel);
+        self.fresh = fresh;
+    }
+
     fn accepted(&mut self, ek: X25519PublicKey) {
         self.accepted_eks.push_back(ek);
         while self.accepted_eks.len() > ACCEPTED_EKS_KEPT {
@@ -391,6 +471,7 @@ impl Peer {
 
     fn remember(&mut self, id: &str, limit: usize) {
         if self.seen_set.insert(id.to_owned()) {
+            self.seen_total += 1;
             self.seen.push_back(id.to_owned());
             while self.seen.len() > limit {
                 if let Some(old) = self.seen.pop_front() {
@@ -422,6 +503,9 @@ pub struct Mesh {
     dirty_peers: BTreeSet<String>,
     /// Whether the pre-keys changed since [`Mesh::take_dirty`].
     dirty_prekeys: bool,
+    /// Whether the duplicate-id memory and the unconfirmed messages are
+    /// kept as side rows ([`Mesh::track_side_rows`]).
+    side_rows: bool,
     /// What the registry said of peers without an entry yet.
     peer_info: HashMap<String, PeerInfo>,
     /// `peer_info`'s keys, oldest first.
@@ -430,19 +514,41 @@ pub struct Mesh {
 
 /// What changed since the last [`Mesh::take_dirty`]: the rows a store must
 /// write ([`Mesh::export_prekeys`], [`Mesh::export_peer`]) to be current.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Debug shows counts only (unconfirmed rows hold plaintext).
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Dirty {
     /// The pre-keys changed.
     pub prekeys: bool,
     /// These peers' rows changed (write [`Mesh::export_peer`], or delete
-    /// the row when it returns `None`), in DID order.
+    /// the row, and its side rows, when it returns `None`), in DID order.
     pub peers: Vec<String>,
+    /// With [`Mesh::track_side_rows`]: message ids newly remembered for
+    /// duplicate detection, `(peer, id)` in the order they were seen. A
+    /// store keeps the newest [`Dirty::seen_limit`] of each peer.
+    pub seen: Vec<(String, String)>,
+    /// [`MeshConfig::seen_ids_per_peer`].
+    pub seen_limit: usize,
+    /// With [`Mesh::track_side_rows`]: unconfirmed messages to write
+    /// (`Some`: the entry's JSON, secret; insert or replace, keeping the
+    /// original position) or delete (`None`), keyed `(peer, id)`.
+    pub unconfirmed: Vec<(String, String, Option<zeroize::Zeroizing<String>>)>,
+}
+
+impl fmt::Debug for Dirty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dirty")
+            .field("prekeys", &self.prekeys)
+            .field("peers", &self.peers)
+            .field("seen", &self.seen.len())
+            .field("unconfirmed", &self.unconfirmed.len())
+            .finish()
+    }
 }
 
 impl Dirty {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        !self.prekeys && self.peers.is_empty()
+        !self.prekeys && self.peers.is_empty() && self.seen.is_empty() && self.unconfirmed.is_empty()
     }
 }
 
@@ -479,6 +585,7 @@ impl Mesh {
             stats: MeshStats::default(),
             dirty_peers: BTreeSet::new(),
             dirty_prekeys: false,
+            side_rows: false,
             peer_info: HashMap::new(),
             peer_info_order: VecDeque::new(),
         }
@@ -489,9 +596,68 @@ impl Mesh {
     /// those rows before it transmits the operation's frames or acks its
     /// messages: then a crash never loses a ratchet step the peer saw.
     pub fn take_dirty(&mut self) -> Dirty {
-        Dirty {
+        let peers: Vec<String> = std::mem::take(&mut self.dirty_peers).into_iter().collect();
+        let mut dirty = Dirty {
             prekeys: std::mem::take(&mut self.dirty_prekeys),
-            peers: std::mem::take(&mut self.dirty_peers).into_iter().collect(),
+            seen_limit: self.config.seen_ids_per_peer,
+            ..Dirty::default()
+        };
+        if self.side_rows {
+            for did in &peers {
+                let Some(p) = self.peers.get_mut(did) else { continue };
+                // The ids remembered since the last call: the newest ones.
+                let new = usize::try_from(p.seen_total.saturating_sub(p.seen_persisted))
+                    .unwrap_or(usize::MAX)
+                    .min(p.seen.len());
+                for id in p.seen.iter().skip(p.seen.len() - new) {
+                    dirty.seen.push((did.clone(), id.clone()));
+                }
+                p.seen_persisted = p.seen_total;
+                // Unconfirmed entries: what differs from the store's image.
+                let mut current = HashSet::with_capacity(p.unconfirmed.len());
+                for u in &p.unconfirmed {
+                    current.insert(u.id.as_str());
+                    let print = u.fingerprint();
+                    if p.unconfirmed_persisted.get(&u.id) != Some(&print) {
+                        p.unconfirmed_persisted.insert(u.id.clone(), print);
+                        dirty
+                            .unconfirmed
+                            .push((did.clone(), u.id.clone(), Some(crate::state::to_json_text(u))));
+                    }
+                }
+                let gone: Vec<String> = p
+                    .unconfirmed_persisted
+                    .keys()
+                    .filter(|id| !current.contains(id.as_str()))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    p.unconfirmed_persisted.remove(&id);
+                    dirty.unconfirmed.push((did.clone(), id, None));
+                }
+            }
+        }
+        dirty.peers = peers;
+        dirty
+    }
+
+    /// Keeps the duplicate-id memory and the unconfirmed messages out of
+    /// the peer rows of [`Mesh::export_peer`] and reports their changes in
+    /// [`Dirty::seen`] and [`Dirty::unconfirmed`] instead, so that a
+    /// message costs a store a few small rows rather than a rewrite of
+    /// lists thousands of entries long. Every peer is marked changed, with
+    /// all of its entries new: the next [`Mesh::take_dirty`] moves what a
+    /// store held inline into side rows. [`Mesh::import_parts`] turns it
+    /// on. Without it, nothing is tracked (no memory grows).
+    pub fn track_side_rows(&mut self) {
+        self.side_rows = true;
+        let dids: Vec<String> = self.peers.keys().cloned().collect();
+        for did in dids {
+            if let Some(p) = self.peers.get_mut(&did) {
+                p.seen_persisted = p.seen_total.saturating_sub(p.seen.len() as u64);
+                p.unconfirmed_persisted.clear();
+            }
+            self.touch(&did);
         }
     }
 
@@ -684,7 +850,8 @@ impl Mesh {
         let (channel, establishment) = SecureChannel::initiate(rng, &self.identity, &peer_did, bundle, dialect)?;
         let knock_id = self.ids.next_id();
         let p = peer_entry(&mut self.peers, &self.peer_info, peer);
-        p.channel = Some(channel);
+        p.replace_channel(channel, true);
+        p.resync_sent = None;
         p.pending = None;
         p.dialect = Some(dialect);
         p.sent_knock = Some(knock_id.clone());
@@ -700,10 +867,15 @@ impl Mesh {
         .to_text())
     }
 
-    /// Heals a session the peer's restored state broke: opens a new session
-    /// from `bundle` and returns the KNOCK and a first (control) message that
-    /// makes the peer replace its session and resend what we did not
-    /// confirm. Transmit both, in order.
+    /// Heals a desynchronized session (see [`Event::ResyncNeeded`]): opens a
+    /// new session from `bundle` and returns the KNOCK and a first (control)
+    /// message that makes the peer replace its session and resend what we
+    /// did not confirm. Transmit both, in order. What we did not have
+    /// confirmed goes out again on the new session at the next
+    /// [`Mesh::retransmit`]; the replaced session still decrypts messages
+    /// in flight on it. When both sides resync at once (crossing KNOCKs),
+    /// the side with the smaller DID keeps its own session and ignores the
+    /// other's KNOCK; the other accepts it, so one session remains.
     pub fn resync(
         &mut self,
         rng: &mut impl CryptoRngCore,
@@ -711,10 +883,24 @@ impl Mesh {
         peer: &str,
         bundle: &PreKeyBundle,
     ) -> Result<[String; 2], SendError> {
+        // A KNOCK of the peer's own accepted meanwhile stays pending: if
+        // our KNOCKs cross, the DID order decides which session both keep.
+        let theirs = self.peers.get(peer).and_then(|p| p.pending.clone());
         let knock = self.open_session(rng, now, peer, bundle)?;
         let payload = serde_json::json!({ CONTROL_KEY: "resync" }).to_string();
         let id = self.ids.next_id();
         let message = self.encrypt_with_id(rng, now, peer, &id, payload.as_bytes())?;
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.pending = theirs;
+            p.resync_sent = Some(now);
+            p.last_resync = Some(now);
+            p.stalled_rounds = 0;
+            // What the peer did not confirm may not have decrypted there:
+            // it goes out again on the new session at the next retransmit.
+            for u in &mut p.unconfirmed {
+                u.sent_at = 0;
+            }
+        }
         Ok([knock, message])
     }
 
@@ -892,7 +1078,23 @@ impl Mesh {
             ));
             return;
         }
+        if p.resync_sent.take().is_some() && p.fresh {
+            if let Some(previous) = p.previous.take() {
+                // The peer refused our resync: keep the session we had (what
+                // it did not confirm goes out again on it).
+                p.channel = Some(previous);
+                p.fresh = false;
+                p.sent_knock = None;
+                self.touch(&r.from);
+                events.push(Event::KnockRejected {
+                    from: r.from.clone(),
+                    reason: r.reason,
+                });
+                return;
+            }
+        }
         p.channel = None;
+        p.previous = None;
         p.unconfirmed.clear();
         p.sent_knock = None;
         self.touch(&r.from);
@@ -933,6 +1135,27 @@ impl Mesh {
                 return;
             }
         }
+        if let (Some(e), Some(p)) = (&knock.establishment, self.peers.get_mut(&knock.from)) {
+            // Crossing resync KNOCKs (both sides found the session broken at
+            // once): the side with the smaller DID keeps its own new session
+            // and ignores the other's KNOCK, which the other side's
+            // acceptance of ours makes moot. Remembered as handled, so that
+            // the relay's redeliveries of it are ignored too.
+            if p.receipts && p.resync_outstanding(now) && self.identity.did().as_str() < knock.from.as_str() {
+                p.accepted(e.ephemeral_key);
+                self.touch(&knock.from);
+                events.push(error(
+                    ErrorKind::Knock,
+                    Some(&knock.from),
+                    format!(
+                        "KNOCK {:?} crosses our resync KNOCK: ours is kept (smaller DID), this one ignored",
+                        knock.id
+                    ),
+                ));
+                return;
+            }
+        }
+        let known_peer = self.peers.get(&knock.from);
         let has_session = known_peer.is_some_and(|p| p.channel.is_some());
         let awaiting = known_peer.is_some_and(|p| p.awaiting_verdict.is_some());
         let pending_knocks = self.peers.values().filter(|p| p.awaiting_verdict.is_some()).count();
@@ -1109,8 +1332,23 @@ impl Mesh {
         // (`prune` drops an empty entry afterwards).
         let p = peer_entry(&mut self.peers, &self.peer_info, &m.from);
         if p.seen_set.contains(&m.id) {
-            // A copy of a message we have: the sender may not have our
-            // receipt (it retransmits until it does), so confirm again.
+            // A copy of a message we have. A retransmitted copy took a new
+            // message number: read it anyway (and drop what it says), so
+            // that our receiving chain keeps in step with the sender's;
+            // copies left unread leave gaps that add up past the skip
+            // window. A relay's redelivery of a frame already read fails
+            // here, as expected.
+            if let (MessageBody::Encrypted(e), None) = (&m.body, &p.awaiting_verdict) {
+                let read = match p.channel.as_mut().map(|c| c.decrypt(rng, e)) {
+                    Some(Ok(_)) => true,
+                    _ => p.previous.as_mut().is_some_and(|c| c.decrypt(rng, e).is_ok()),
+                };
+                if read && !self.dirty_peers.contains(&m.from) {
+                    self.dirty_peers.insert(m.from.clone());
+                }
+            }
+            // The sender may not have our receipt (it retransmits until it
+            // does), so confirm again.
             if p.receipts
                 && p.receipts_due.len() < self.config.max_receipts_due_per_peer
                 && !p.receipts_due.contains(&m.id)
@@ -1187,6 +1425,27 @@ impl Mesh {
             return;
         }
 
+        p.last_heard = Some(now);
+        if p.pending.is_some()
+            && p.receipts
+            && p.resync_outstanding(now)
+            && self.identity.did().as_str() < m.from.as_str()
+        {
+            // Crossing resyncs: the peer's KNOCK was accepted before ours
+            // went out. Ours is kept (smaller DID); the peer takes ours.
+            // Remembered as handled: a redelivered copy is ignored.
+            if let Some(e) = p.pending.take() {
+                p.accepted(e.ephemeral_key);
+            }
+            if !self.dirty_peers.contains(&m.from) {
+                self.dirty_peers.insert(m.from.clone());
+            }
+            events.push(error(
+                ErrorKind::Knock,
+                Some(&m.from),
+                "the peer's new session crosses our resync: ours is kept (smaller DID), its session dropped",
+            ));
+        }
         let mut plaintext = None;
         let mut last_error = None;
         if let Some(establishment) = p.pending.clone() {
@@ -1212,7 +1471,11 @@ impl Mesh {
                     ) {
                         Ok((channel, text)) => {
                             let replaced = p.channel.is_some();
-                            p.channel = Some(channel);
+                            // The peer's new session wins over one we
+                            // opened that it never answered.
+                            p.replace_channel(channel, false);
+                            p.resync_sent = None;
+                            p.stalled_rounds = 0;
                             p.accepted(establishment.ephemeral_key);
                             p.pending = None;
                             p.dialect = Some(dialect);
@@ -1240,40 +1503,104 @@ impl Mesh {
                 last_error = Some("sender is not a DID".into());
             }
         }
+        let mut channel_error = None;
         if plaintext.is_none() {
             if let Some(channel) = p.channel.as_mut() {
                 match channel.decrypt(rng, &encrypted) {
-                    Ok(text) => plaintext = Some(text),
-                    Err(DecryptError::DuplicateOrExpired { .. }) if last_error.is_none() => {
-                        // A message id we never saw, with a message number
-                        // whose key is used up: the sender's state was
-                        // restored from an older copy (or the relay redelivered
-                        // a message older than our id memory). It cannot be
-                        // decrypted; let the relay drop it, and say so.
+                    Ok(text) => {
+                        plaintext = Some(text);
+                        // The peer answered on the session we opened.
+                        p.fresh = false;
+                        p.resync_sent = None;
+                    }
+                    // Sent before the peer saw the session that replaced
+                    // this one?
+                    Err(e) => match p.previous.as_mut().map(|c| c.decrypt(rng, &encrypted)) {
+                        Some(Ok(text)) => plaintext = Some(text),
+                        _ => channel_error = Some(e),
+                    },
+                }
+            }
+        }
+        if let Some(e) = channel_error {
+            match e {
+                DecryptError::DuplicateOrExpired { .. } if last_error.is_none() => {
+                    // A message id we never saw, with a message number whose
+                    // key is used up: the sender's state was restored from an
+                    // older copy (or the relay redelivered a message older
+                    // than our id memory). It cannot be decrypted; let the
+                    // relay drop it, and say so.
+                    events.push(Event::Transmit(ack_text(&m.id)));
+                    let heal = p.may_resync(now);
+                    events.push(error(
+                        ErrorKind::Rollback,
+                        Some(&m.from),
+                        format!(
+                            "message {:?} reuses a message number already consumed: the peer's session state \
+                             looks restored from an older copy; {}",
+                            m.id,
+                            if p.receipts {
+                                "opening a new session so it resends what we did not confirm"
+                            } else {
+                                "this message is lost (the peer does not support receipts)"
+                            }
+                        ),
+                    ));
+                    if heal {
+                        p.last_resync = Some(now);
+                        self.stats.resyncs_requested += 1;
+                        events.push(Event::ResyncNeeded { peer: m.from.clone() });
+                    }
+                    return;
+                }
+                DecryptError::AuthenticationFailed
+                | DecryptError::TooManySkipped { .. }
+                | DecryptError::NoReceivingChain
+                    if p.receipts && p.verified_encrypted && p.pending.is_none() =>
+                {
+                    // A session this peer proved it holds no longer decrypts
+                    // its messages: its state was restored from a copy older
+                    // than a ratchet step, or more frames than the skip
+                    // window were lost in transit. Retrying cannot help
+                    // (every resend takes a newer number); a new session
+                    // does, and the peer resends on it what we did not
+                    // confirm. A forged frame costs at most one resync per
+                    // interval: the session we share stays usable for what
+                    // is in flight until the new one decrypts.
+                    if p.may_resync(now) {
+                        p.last_resync = Some(now);
+                        self.stats.resyncs_requested += 1;
                         events.push(Event::Transmit(ack_text(&m.id)));
-                        let heal = p.receipts && p.last_resync.is_none_or(|at| at.plus_ms(RESYNC_INTERVAL_MS) <= now);
                         events.push(error(
                             ErrorKind::Rollback,
                             Some(&m.from),
                             format!(
-                                "message {:?} reuses a message number already consumed: the peer's session state \
-                                 looks restored from an older copy; {}",
-                                m.id,
-                                if p.receipts {
-                                    "opening a new session so it resends what we did not confirm"
-                                } else {
-                                    "this message is lost (the peer does not support receipts)"
-                                }
+                                "message {:?} does not decrypt on the verified session ({e}): the session looks \
+                                 desynchronized (the peer's state restored from an older copy, or more than \
+                                 the skip window lost in transit); opening a new session so it resends what \
+                                 we did not confirm (this message acknowledged to the relay)",
+                                m.id
                             ),
                         ));
-                        if heal {
-                            p.last_resync = Some(now);
-                            events.push(Event::ResyncNeeded { peer: m.from.clone() });
-                        }
+                        events.push(Event::ResyncNeeded { peer: m.from.clone() });
                         return;
                     }
-                    Err(e) => last_error = Some(e.to_string()),
+                    if p.resync_under_way(now) {
+                        events.push(Event::Transmit(ack_text(&m.id)));
+                        events.push(error(
+                            ErrorKind::Decrypt,
+                            Some(&m.from),
+                            format!(
+                                "message {:?}: {e}; a new session is under way: acknowledged to the relay (the \
+                                 peer resends it on the new session)",
+                                m.id
+                            ),
+                        ));
+                        return;
+                    }
+                    last_error = Some(e.to_string());
                 }
+                e => last_error = Some(e.to_string()),
             }
         }
         let Some(payload) = plaintext else {
@@ -1295,6 +1622,7 @@ impl Mesh {
                     let before = p.unconfirmed.len();
                     p.unconfirmed.retain(|u| !ids.contains(&u.id));
                     if p.unconfirmed.len() != before {
+                        p.stalled_rounds = 0;
                         events.push(Event::Delivered {
                             peer: m.from.clone(),
                             ids,
@@ -1303,6 +1631,7 @@ impl Mesh {
                 }
                 Control::Resync => {
                     // Resend everything unconfirmed on the next retransmit.
+                    p.stalled_rounds = 0;
                     for u in &mut p.unconfirmed {
                         u.sent_at = 0;
                     }
@@ -1408,16 +1737,55 @@ impl Mesh {
     /// Re-encrypts messages to receipt-capable peers not confirmed within
     /// `older_than_ms` (the relay lost them, e.g. in a restart). They keep
     /// their ids, so the receiver drops copies it already has.
+    ///
+    /// A peer that kept sending through [`RESYNC_AFTER_STALLED_ROUNDS`] such
+    /// rounds yet confirmed nothing has a session that no longer decrypts our
+    /// messages: [`Event::ResyncNeeded`] (with a [`ErrorKind::Rollback`]
+    /// error), at most once per [`RESYNC_INTERVAL_MS`]. A peer that is
+    /// silent (offline) is not resynced: the relay keeps our messages.
     pub fn retransmit(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp, older_than_ms: u64) -> Vec<Event> {
         let mut due = Vec::new();
+        let mut resyncs = Vec::new();
         for (peer, p) in &mut self.peers {
+            let before = due.len();
+            // When the messages due now last went out.
+            let mut sent = u64::MAX;
             for u in &mut p.unconfirmed {
                 if now.0.saturating_sub(u.sent_at) >= older_than_ms {
+                    sent = sent.min(u.sent_at);
                     u.sent_at = now.0;
                     due.push((peer.clone(), u.id.clone(), zeroize::Zeroizing::new(u.payload.clone())));
                 }
             }
+            if due.len() == before || !p.receipts || p.channel.is_none() {
+                continue;
+            }
+            // A round: was the peer heard from since these went out?
+            if p.last_heard.is_some_and(|heard| heard.0 > sent) {
+                p.stalled_rounds = p.stalled_rounds.saturating_add(1);
+            }
+            if p.stalled_rounds >= RESYNC_AFTER_STALLED_ROUNDS
+                && p.pending.is_none()
+                && p.awaiting_verdict.is_none()
+                && p.may_resync(now)
+            {
+                p.stalled_rounds = 0;
+                p.last_resync = Some(now);
+                self.stats.resyncs_requested += 1;
+                resyncs.push(error(
+                    ErrorKind::Rollback,
+                    Some(peer),
+                    format!(
+                        "{} messages still unconfirmed after {RESYNC_AFTER_STALLED_ROUNDS} retransmissions while the \
+                         peer kept sending: the session looks desynchronized (our messages no longer decrypt \
+                         there); opening a new session so they go out again on it",
+                        p.unconfirmed.len()
+                    ),
+                ));
+                resyncs.push(Event::ResyncNeeded { peer: peer.clone() });
+            }
         }
+        self.count_errors(&resyncs);
         let mut events = Vec::new();
         for (peer, id, payload) in due {
             match self.encrypt_with_id(rng, now, &peer, &id, payload.as_bytes()) {
@@ -1429,6 +1797,7 @@ impl Mesh {
                 )),
             }
         }
+        events.extend(resyncs);
         events
     }
 
@@ -1474,6 +1843,10 @@ fn control_message(payload: &[u8]) -> Option<Control> {
 }
 
 mod persist;
+pub use persist::SideRows;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod resync_tests;

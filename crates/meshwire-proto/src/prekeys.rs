@@ -264,6 +264,32 @@ impl fmt::Debug for SignedPreKey {
 /// [`PreKeys::forget_expired_signed_pre_key`] drops it, so that sessions
 /// initiated from a bundle fetched before the rotation still establish (AGT
 /// spec section 6.2: rotate every 7 days, keep the previous key 14 days).
+///
+/// ```
+/// use meshwire_proto::{Identity, PreKeyBundle, PreKeys};
+/// use rand_core::OsRng;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let bob = Identity::generate(&mut OsRng);
+/// let mut keys = PreKeys::generate(&mut OsRng, &bob);
+/// let ids = keys.generate_one_time_keys(&mut OsRng, 3)?;
+/// assert_eq!(keys.one_time_key_count(), 3);
+///
+/// // What the registry serves: public keys only, signed pre-key signed by Bob.
+/// let bundle = keys.bundle(&bob, Some(ids[0]));
+/// let served = PreKeyBundle::from_json(&bundle.to_json())?;
+/// served.verify_for(bob.did())?;
+/// assert!(served.verify_for(Identity::generate(&mut OsRng).did()).is_err());
+///
+/// // The private half persists as JSON (a zeroizing secret) and comes back
+/// // only under the identity that signed it.
+/// let saved = keys.export_json();
+/// let restored = PreKeys::import_json(&bob, &saved)?;
+/// assert_eq!(restored.one_time_key_ids().collect::<Vec<_>>(), ids);
+/// assert!(PreKeys::import_json(&Identity::generate(&mut OsRng), &saved).is_err());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct PreKeys {
     signed: SignedPreKey,

@@ -5,9 +5,10 @@ use crate::crypto::PyIdentity;
 use crate::errors::{new_err, Kind, ResultExt};
 use crate::runtime::{awaitable, awaitable_with_locals, current_locals, running_handle};
 use meshwire::client::{ClientConfig, ClientError, ClientEvent, KnockInfo, KnockPolicy, Message, Payload};
+use meshwire::persist::{open_state_dir, SqliteOptions};
 use meshwire::registry::DiscoverResult;
-use meshwire::store::{FileStore, SessionStore};
 use meshwire::Identity;
+use meshwire::Persistence;
 use meshwire_proto::mesh::ErrorKind;
 use pyo3::exceptions::{PyStopAsyncIteration, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -154,11 +155,18 @@ impl Shared {
             }
         }
         let attempt = Attempt(&self);
-        let store = self
-            .store_dir
-            .clone()
-            .map(|dir| Arc::new(FileStore::new(dir)) as Arc<dyn SessionStore>);
         let identity = Identity::from_seed(&self.identity.seed());
+        let store = match self.store_dir.clone() {
+            Some(dir) => {
+                let did = identity.did().to_string();
+                let opened = tokio::task::spawn_blocking(move || open_state_dir(&dir, &did, SqliteOptions::new()))
+                    .await
+                    .map_err(|e| new_err(Kind::State, format!("opening the store: {e}")))?;
+                let opened = opened.map_err(|e| new_err(Kind::State, format!("opening the store: {e}")))?;
+                Some(Arc::new(opened) as Arc<dyn Persistence>)
+            }
+            None => None,
+        };
         let policy = knock_policy(Arc::downgrade(&self));
         let result = meshwire::MeshClient::connect(identity, self.config.clone(), store, Some(policy)).await;
         let client = result.py()?;
@@ -301,6 +309,13 @@ impl PyMessage {
         self.message.plaintext
     }
 
+    /// Loaded from the store after a restart, unacknowledged: the
+    /// application may have seen it before the process stopped (or not).
+    #[getter]
+    fn redelivered(&self) -> bool {
+        self.message.redelivered
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let payload = self.payload(py)?;
         Ok(format!(
@@ -328,7 +343,8 @@ fn error_kind_name(kind: ErrorKind) -> &'static str {
 /// Something that happened besides messages. `kind` is one of
 /// `connected`, `reconnected`, `disconnected`, `taken_over`, `rejected`,
 /// `knock`, `knock_accepted`, `knock_rejected`, `session_established`,
-/// `session_replaced`, `delivered`, `error`; the other attributes are set
+/// `session_replaced`, `delivered`, `reregistered`, `registry_error`,
+/// `store_error`, `error`; the other attributes are set
 /// where they apply and `None` elsewhere.
 #[pyclass(frozen, name = "Event", module = "meshwire")]
 pub struct PyEvent {
@@ -352,7 +368,11 @@ impl PyEvent {
             ClientEvent::SessionEstablished { .. } => "session_established",
             ClientEvent::SessionReplaced { .. } => "session_replaced",
             ClientEvent::Delivered { .. } => "delivered",
+            ClientEvent::Reregistered { .. } => "reregistered",
+            ClientEvent::RegistryError { .. } => "registry_error",
+            ClientEvent::StoreError { .. } => "store_error",
             ClientEvent::Error { .. } => "error",
+            _ => "other",
         }
     }
 
@@ -391,6 +411,7 @@ impl PyEvent {
             | ClientEvent::Displaced { reason, .. }
             | ClientEvent::Rejected { reason, .. } => Some(reason),
             ClientEvent::KnockRejected { reason, .. } => reason.as_deref(),
+            ClientEvent::Reregistered { reason } => Some(reason),
             _ => None,
         }
     }
@@ -413,11 +434,13 @@ impl PyEvent {
         }
     }
 
-    /// What went wrong (`error`).
+    /// What went wrong (`error`, `registry_error`, `store_error`).
     #[getter]
     fn detail(&self) -> Option<&str> {
         match &self.event {
-            ClientEvent::Error { detail, .. } => Some(detail),
+            ClientEvent::Error { detail, .. }
+            | ClientEvent::RegistryError { detail, .. }
+            | ClientEvent::StoreError { detail } => Some(detail),
             _ => None,
         }
     }
@@ -523,6 +546,7 @@ impl PyMeshClient {
         metadata = None,
         connect_timeout = 10.0,
         relay_token = None,
+        manual_ack = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -537,6 +561,7 @@ impl PyMeshClient {
         metadata: Option<BTreeMap<String, String>>,
         connect_timeout: f64,
         relay_token: Option<String>,
+        manual_ack: bool,
     ) -> PyResult<Self> {
         check_callable(&knock_policy, py)?;
         let mut config = ClientConfig::new(relay_url, registry_url);
@@ -545,6 +570,7 @@ impl PyMeshClient {
         config.metadata = metadata.unwrap_or_default();
         config.connect_timeout = duration(Some(connect_timeout))?.unwrap_or(config.connect_timeout);
         config.relay_token = relay_token.map(zeroize::Zeroizing::new);
+        config.manual_ack = manual_ack;
         let (closed, _) = watch::channel(false);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -687,6 +713,15 @@ impl PyMeshClient {
             let messages = client.gather(&senders, timeout).await;
             Ok(messages.into_iter().map(PyMessage::new).collect::<Vec<_>>())
         })
+    }
+
+    /// Acknowledges `message`: it leaves the durable inbox and is never
+    /// handed over again, even after a crash. Returns False if it was
+    /// acknowledged already. Needed with `manual_ack=True`; otherwise the
+    /// next receive call (or the next step of `async for`) acknowledges the
+    /// messages handed over before it.
+    fn ack(&self, message: &PyMessage) -> PyResult<bool> {
+        self.shared.reader()?.ack(&message.message).py()
     }
 
     /// Every message already received, without waiting.

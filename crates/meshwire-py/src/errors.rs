@@ -249,10 +249,12 @@ impl ToPyErr for ClientError {
             ClientError::CorruptState { .. } => new_err(Kind::State, message),
             ClientError::Session(e) => e.to_py_err(),
             ClientError::Store(_) => new_err(Kind::Store, message),
+            ClientError::Persist(_) => new_err(Kind::Store, message),
             ClientError::State(_) => new_err(Kind::State, message),
             ClientError::Did(_) | ClientError::Payload(_) => new_err(Kind::Protocol, message),
             ClientError::Closed => new_err(Kind::Closed, message),
             ClientError::Timeout => new_err(Kind::Timeout, message),
+            _ => new_err(Kind::State, message),
         }
     }
 }

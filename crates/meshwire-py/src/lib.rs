@@ -1,12 +1,17 @@
 //! `meshwire` for Python: the AgentMesh end-to-end encrypted agent protocol
 //! with a Rust core and an asyncio API.
 //!
-//! High level, [`client::PyMeshClient`] wraps `meshwire::MeshClient`
+//! High level, `client::PyMeshClient` wraps `meshwire::MeshClient`
 //! (registry, relay, sessions opened on demand, KNOCK policy, events).
-//! Low level, [`crypto`] exposes identities, pre-keys, bundles and secure
-//! channels for runtimes with their own transport. Errors map onto the
-//! `MeshError` hierarchy of [`errors`]. The tokio runtime of [`runtime`]
-//! is created on first use and shut down at interpreter exit.
+//! Low level, the `crypto` module exposes identities, pre-keys, bundles and
+//! secure channels for runtimes with their own transport. Errors map onto
+//! the `MeshError` hierarchy of the `errors` module. The tokio runtime of
+//! the `runtime` module is created on first use and shut down at
+//! interpreter exit.
+//!
+//! The Python API is documented in the package's own docstrings and type
+//! stubs (`python/meshwire/`); nothing here is a Rust API.
+#![warn(missing_docs)]
 
 mod client;
 mod convert;

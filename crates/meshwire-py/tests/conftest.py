@@ -114,7 +114,7 @@ def meshwire_server() -> Iterator[Backend]:
     """`meshwire serve`: relay and registry on one port."""
     _require(MESHWIRE_BIN, "the meshwire CLI", "MESHWIRE_BIN")
     port = free_port()
-    process = Process("meshwire-serve", [str(MESHWIRE_BIN), "serve", "--listen", f"127.0.0.1:{port}"])
+    process = Process("meshwire-serve", [str(MESHWIRE_BIN), "serve", "--memory", "--listen", f"127.0.0.1:{port}"])
     try:
         wait_healthy(process, f"http://127.0.0.1:{port}")
         yield Backend("meshwire", f"ws://127.0.0.1:{port}", f"http://127.0.0.1:{port}")

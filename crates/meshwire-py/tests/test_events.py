@@ -28,7 +28,7 @@ async def wait_for_kind(client: meshwire.MeshClient, kind: str, seen: List[str],
 
 
 def serve(port: int) -> Process:
-    process = Process("meshwire-serve-events", [str(MESHWIRE_BIN), "serve", "--listen", f"127.0.0.1:{port}"])
+    process = Process("meshwire-serve-events", [str(MESHWIRE_BIN), "serve", "--memory", "--listen", f"127.0.0.1:{port}"])
     wait_healthy(process, f"http://127.0.0.1:{port}")
     return process
 

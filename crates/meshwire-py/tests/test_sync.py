@@ -133,7 +133,7 @@ def test_connect_failures_name_their_cause(meshwire_server):
 def test_relay_token():
     _require(MESHWIRE_BIN, "the meshwire CLI", "MESHWIRE_BIN")
     port = free_port()
-    server = Process("meshwire-serve-token", [str(MESHWIRE_BIN), "serve", "--listen", f"127.0.0.1:{port}",
+    server = Process("meshwire-serve-token", [str(MESHWIRE_BIN), "serve", "--memory", "--listen", f"127.0.0.1:{port}",
                                               "--relay-token", "py-s3cret"])
     try:
         wait_healthy(server, f"http://127.0.0.1:{port}")

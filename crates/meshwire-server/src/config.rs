@@ -1,6 +1,7 @@
 //! Server configuration and the injectable wall clock.
 
 use crate::replay::ProofLedger;
+use crate::storage::{MailboxLimits, Storage, StorageLimits, DEFAULT_MAX_PROOF_LIFETIME};
 use meshwire_proto::time::Timestamp;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// store-and-forward TTL all go through it. Socket timeouts (connect, idle)
 /// are real timers and are configured separately.
 pub trait Clock: Send + Sync + 'static {
+    /// The current time, ms since the Unix epoch.
     fn now(&self) -> Timestamp;
 }
 
@@ -35,14 +37,17 @@ impl Clock for SystemClock {
 pub struct ManualClock(Arc<AtomicU64>);
 
 impl ManualClock {
+    /// A clock standing at `start`.
     pub fn new(start: Timestamp) -> Self {
         Self(Arc::new(AtomicU64::new(start.0)))
     }
 
+    /// Moves the clock to `now` (backwards too).
     pub fn set(&self, now: Timestamp) {
         self.0.store(now.0, Ordering::SeqCst);
     }
 
+    /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Duration) {
         let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
         // fetch_update with a total closure never fails.
@@ -95,16 +100,27 @@ pub struct ServerConfig {
     pub message_ttl: Duration,
     /// Stored messages per recipient.
     pub max_stored_per_recipient: usize,
+    /// Stored messages one sender may have queued, all recipients
+    /// together (so one sender cannot fill another agent's mailbox alone).
+    /// Default [`DEFAULT_MAX_PER_SENDER`](crate::storage::DEFAULT_MAX_PER_SENDER).
+    pub max_stored_per_sender: usize,
     /// Stored messages in total.
     pub max_stored_total: usize,
     /// Bytes of stored frames in total.
     pub max_stored_bytes: usize,
-    /// Frames queued for one live connection before further messages to it
-    /// are stored instead.
+    /// Frames queued for one live connection (its outbound buffer). A
+    /// reader that lets more pile up is a slow consumer: the message that
+    /// does not fit is stored, the connection is closed with
+    /// [`SLOW_CONSUMER`](crate::close_code::SLOW_CONSUMER) and its queue
+    /// goes back to the offline store (the agent gets it on reconnecting).
+    /// Default 1024.
     pub outbound_queue: usize,
-    /// Bytes of frames queued for one live connection before further
-    /// messages to it are stored instead.
+    /// Bytes of frames queued for one live connection; past it, as past
+    /// [`ServerConfig::outbound_queue`]. Default 16 MiB.
     pub outbound_queue_bytes: usize,
+    /// Open relay WebSockets (handshaking ones included). Further upgrades
+    /// get HTTP 503 with `Retry-After`. Default 10,000.
+    pub max_connections: usize,
     /// Registered agents.
     pub max_agents: usize,
     /// One-time pre-keys in one upload.
@@ -114,6 +130,17 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Minimum time between two accepted registry heartbeats of one agent.
     pub heartbeat_min_interval: Duration,
+    /// An agent not seen (registration, heartbeat) for this long is
+    /// removed from the registry with its keys. Default 30 days;
+    /// `Duration::ZERO` keeps agents forever.
+    pub agent_expiry: Duration,
+    /// Capabilities one registration may list. Default 64.
+    pub max_capabilities: usize,
+    /// Metadata entries one registration may carry. Default 32.
+    pub max_metadata_entries: usize,
+    /// Longest capability, metadata key or metadata value (bytes).
+    /// Default 1024.
+    pub max_registration_string_bytes: usize,
     /// How far a signed timestamp (relay `connect`, `Ed25519-Timestamp`
     /// header, registration proof) may be from the server clock, either
     /// way. Default 5 minutes, as the reference servers. A proof is
@@ -127,9 +154,19 @@ pub struct ServerConfig {
     /// Live proofs the once-only memory holds for one DID. Default
     /// [`DEFAULT_MAX_LIVE_PROOFS_PER_DID`](crate::DEFAULT_MAX_LIVE_PROOFS_PER_DID).
     pub max_live_proofs_per_did: usize,
-    /// A shared once-only memory (e.g. for a cluster); `None` keeps one in
-    /// process, bounded by the two limits above.
+    /// A once-only memory to use instead of the storage's; `None` uses
+    /// [`Storage::proofs`] of [`ServerConfig::storage`] (in process when
+    /// that is `None`, bounded by the two limits above).
     pub proof_ledger: Option<Arc<dyn ProofLedger>>,
+    /// Where offline mailboxes, agent records, pre-keys, one-time keys and
+    /// (unless [`ServerConfig::proof_ledger`] is set) the once-only proof
+    /// memory live: [`Storage::sqlite`] (durable), [`Storage::nats`]
+    /// (several instances on one NATS JetStream) or [`Storage::memory`].
+    /// `None`: in memory, with the limits of this configuration
+    /// ([`ServerConfig::storage_limits`]); everything is lost on exit.
+    /// A storage opened elsewhere keeps the limits it was opened with:
+    /// build it with [`ServerConfig::storage_limits`].
+    pub storage: Option<Storage>,
     /// Refuse the timestamp forms of authentication (relay `connect` with
     /// `timestamp`, `Authorization: Ed25519-Timestamp`): only
     /// challenge-bound proofs (docs/specs/MESHWIRE-CHALLENGE-AUTH.md) are
@@ -191,6 +228,27 @@ impl ServerConfig {
         self
     }
 
+    /// The storage limits this configuration implies: its mailbox quotas,
+    /// message TTL and proof limits (pass them to [`Storage::sqlite`] or
+    /// [`Storage::nats`]).
+    pub fn storage_limits(&self) -> StorageLimits {
+        let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        StorageLimits {
+            mailbox: MailboxLimits {
+                per_recipient: wide(self.max_stored_per_recipient),
+                per_sender: wide(self.max_stored_per_sender),
+                total: wide(self.max_stored_total),
+                total_bytes: wide(self.max_stored_bytes),
+                max_ttl: self.message_ttl,
+            },
+            max_live_proofs: self.max_live_proofs,
+            max_live_proofs_per_did: self.max_live_proofs_per_did,
+            // A proof lives at most twice the window (a timestamp up to one
+            // window ahead, then fresh for one window).
+            max_proof_lifetime: DEFAULT_MAX_PROOF_LIFETIME.max(self.replay_window.saturating_mul(3)),
+        }
+    }
+
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
     }
@@ -212,18 +270,25 @@ impl Default for ServerConfig {
             stale_after: Duration::from_secs(90),
             message_ttl: Duration::from_secs(72 * 3600),
             max_stored_per_recipient: 10_000,
+            max_stored_per_sender: crate::storage::DEFAULT_MAX_PER_SENDER as usize,
             max_stored_total: 100_000,
             max_stored_bytes: 256 * 1024 * 1024,
             outbound_queue: 1024,
             outbound_queue_bytes: 16 * 1024 * 1024,
+            max_connections: 10_000,
             max_agents: 100_000,
             max_one_time_keys: 1000,
             max_body_bytes: 256 * 1024,
             heartbeat_min_interval: Duration::from_secs(10),
+            agent_expiry: Duration::from_secs(30 * 24 * 3600),
+            max_capabilities: 64,
+            max_metadata_entries: 32,
+            max_registration_string_bytes: 1024,
             replay_window: Duration::from_millis(meshwire_proto::auth::REPLAY_WINDOW_MS),
             max_live_proofs: crate::replay::DEFAULT_MAX_LIVE_PROOFS,
             max_live_proofs_per_did: crate::replay::DEFAULT_MAX_LIVE_PROOFS_PER_DID,
             proof_ledger: None,
+            storage: None,
             require_challenge: false,
             challenge_ttl: Duration::from_secs(60),
             challenge_secret: None,
@@ -249,18 +314,25 @@ impl fmt::Debug for ServerConfig {
             .field("stale_after", &self.stale_after)
             .field("message_ttl", &self.message_ttl)
             .field("max_stored_per_recipient", &self.max_stored_per_recipient)
+            .field("max_stored_per_sender", &self.max_stored_per_sender)
             .field("max_stored_total", &self.max_stored_total)
             .field("max_stored_bytes", &self.max_stored_bytes)
             .field("outbound_queue", &self.outbound_queue)
             .field("outbound_queue_bytes", &self.outbound_queue_bytes)
+            .field("max_connections", &self.max_connections)
             .field("max_agents", &self.max_agents)
             .field("max_one_time_keys", &self.max_one_time_keys)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("heartbeat_min_interval", &self.heartbeat_min_interval)
+            .field("agent_expiry", &self.agent_expiry)
+            .field("max_capabilities", &self.max_capabilities)
+            .field("max_metadata_entries", &self.max_metadata_entries)
+            .field("max_registration_string_bytes", &self.max_registration_string_bytes)
             .field("replay_window", &self.replay_window)
             .field("max_live_proofs", &self.max_live_proofs)
             .field("max_live_proofs_per_did", &self.max_live_proofs_per_did)
             .field("proof_ledger", &self.proof_ledger.as_ref().map(|_| "<custom>"))
+            .field("storage", &self.storage.as_ref().map(Storage::backend))
             .field("require_challenge", &self.require_challenge)
             .field("challenge_ttl", &self.challenge_ttl)
             .field("challenge_secret", &self.challenge_secret)

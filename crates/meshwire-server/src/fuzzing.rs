@@ -11,9 +11,10 @@
 
 use crate::challenge::NONCE_LEN;
 use crate::config::{ChallengeSecret, ManualClock, ServerConfig};
-use crate::registry::store::{AgentRecord, StoredOneTimeKey, StoredSignedPreKey};
+use crate::registry::store::install_signed_pre_key;
 use crate::relay::{check_connect, classify, close_code, proof, Incoming};
 use crate::server::Server;
+use crate::storage::{AgentRecord, OneTimeKey, SignedPreKey};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use meshwire_proto::binding::check_identity_keys;
@@ -130,10 +131,13 @@ pub fn relay_frames(data: &[u8]) -> Option<Result<String, u16>> {
     }
     let sender = identity(1).did().to_string();
     match classify(&sender, &text, shared.config.max_frame_bytes) {
-        Incoming::Route { to, id } => {
+        Incoming::Route { to, id, stamped, .. } => {
             assert!(!to.is_empty() && !id.is_empty());
-            let frame: Value = serde_json::from_str(&text).expect("routed frames are JSON");
+            let forwarded = stamped.as_deref().unwrap_or(&text);
+            let frame: Value = serde_json::from_str(forwarded).expect("routed frames are JSON");
             assert_eq!(frame["from"].as_str(), Some(sender.as_str()));
+            assert_eq!(frame["to"].as_str(), Some(to.as_str()));
+            assert_eq!(frame["id"].as_str(), Some(id.as_str()));
         }
         Incoming::Error(detail) => assert!(!detail.is_empty()),
         _ => {}
@@ -143,42 +147,41 @@ pub fn relay_frames(data: &[u8]) -> Option<Result<String, u16>> {
 
 fn registry_server(flags: u8) -> Server {
     let server = Server::new(config(flags & 1));
-    let shared = server.shared();
+    let store = std::sync::Arc::clone(&server.storage().registry);
     let alice = identity(1);
     let bob = identity(2);
-    let mut agents = shared.registry.lock();
-    for id in [&alice, &bob] {
-        agents.by_did.insert(
-            id.did().to_string(),
-            AgentRecord::new(
+    let keys = PreKeys::with_signed_pre_key(&bob, 7, X25519Secret::from_bytes([9; 32]));
+    let bundle = keys.bundle(&bob, None);
+    runtime().block_on(async move {
+        for id in [&alice, &bob] {
+            let mut record = AgentRecord::new(
                 id.did().to_string(),
-                Some(id.ed25519_public()),
+                Some(*id.ed25519_public().as_bytes()),
                 vec!["fuzz".to_owned()],
                 Default::default(),
                 now(),
-            ),
-        );
-    }
-    let keys = PreKeys::with_signed_pre_key(&bob, 7, X25519Secret::from_bytes([9; 32]));
-    let bundle = keys.bundle(&bob, None);
-    if let Some(record) = agents.by_did.get_mut(bob.did().as_str()) {
-        record.identity_key = Some(*bundle.identity_key.as_bytes());
-        record.identity_key_ed = Some(*bundle.identity_key_ed.as_bytes());
-        record.install_signed_pre_key(
-            StoredSignedPreKey {
-                key_id: 7.into(),
-                public_key: *bundle.signed_pre_key.as_bytes(),
-                signature: bundle.signed_pre_key_signature,
-            },
-            now(),
-            0,
-        );
-        record.one_time_pre_keys.push_back(StoredOneTimeKey {
+            );
+            if id.did() == bob.did() {
+                record.identity_key = Some(*bundle.identity_key.as_bytes());
+                record.identity_key_ed = Some(*bundle.identity_key_ed.as_bytes());
+                let spk = SignedPreKey {
+                    key_id: 7.into(),
+                    public_key: *bundle.signed_pre_key.as_bytes(),
+                    signature: bundle.signed_pre_key_signature,
+                };
+                install_signed_pre_key(&mut record, spk, now(), 0);
+            }
+            store.create_agent(record, u64::MAX).await.expect("memory store");
+        }
+        let otk = OneTimeKey {
             key_id: 1.into(),
             public_key: [3; 32],
-        });
-    }
-    drop(agents);
+        };
+        store
+            .set_one_time_keys(bob.did().as_str(), vec![otk])
+            .await
+            .expect("memory store");
+    });
     server
 }
 
@@ -246,11 +249,21 @@ pub fn registry_request(data: &[u8]) -> Option<u16> {
             String::from_utf8_lossy(&body)
         );
     }
-    let agents = server.shared().registry.lock();
-    for agent in agents.by_did.values() {
+    let store = std::sync::Arc::clone(&server.storage().registry);
+    let agents = runtime().block_on(async move {
+        let mut agents = Vec::new();
+        for id in [identity(1), identity(2)] {
+            if let Some(agent) = store.get_agent(id.did().as_str()).await.expect("memory store") {
+                agents.push(agent);
+            }
+        }
+        agents
+    });
+    for agent in &agents {
         let (Some(signing), Some(spk)) = (agent.signing_key, &agent.signed_pre_key) else {
             continue;
         };
+        let signing = Ed25519PublicKey::from_bytes(signing);
         let did = Did::parse(&agent.did).expect("registered DIDs are valid");
         let x = X25519PublicKey::from_bytes(agent.identity_key.expect("identity key stored with the bundle"));
         check_identity_keys(&did, &signing, &x).expect("stored identity keys are the agent's");

@@ -1,7 +1,10 @@
 //! FastAPI-shaped HTTP errors and request-body validation.
 //!
 //! Errors are `{"detail": "..."}`; request validation failures are 422 with
-//! `{"detail": [{"type", "loc", "msg", "input"}, ...]}` like FastAPI's.
+//! `{"detail": [{"type", "loc", "msg"}, ...]}` like FastAPI's, except that
+//! the offending `input` is never echoed (FastAPI copies it, so a large
+//! invalid body came back whole): an answer's size does not depend on
+//! what was sent. Text details are cut at [`MAX_DETAIL_CHARS`].
 
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
@@ -12,25 +15,46 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Number, Value};
 
-/// One FastAPI/pydantic validation error.
+/// Longest text detail sent (characters; longer ones end with `…`).
+pub(crate) const MAX_DETAIL_CHARS: usize = 300;
+
+/// Longest location element echoed (a field name or key from the body).
+const MAX_LOC_CHARS: usize = 64;
+
+/// One FastAPI/pydantic validation error (without its `input`).
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Issue {
     #[serde(rename = "type")]
     kind: &'static str,
     loc: Vec<Value>,
     msg: String,
-    input: Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     ctx: Option<Value>,
 }
 
+/// Cuts `text` to `max` characters (then `…`).
+pub(crate) fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 impl Issue {
-    pub(crate) fn new(kind: &'static str, loc: Vec<Value>, msg: impl Into<String>, input: Value) -> Self {
+    /// An issue at `loc`. `_input` (the offending value) is not kept: it is
+    /// never echoed.
+    pub(crate) fn new(kind: &'static str, loc: Vec<Value>, msg: impl Into<String>, _input: Value) -> Self {
+        let loc = loc
+            .into_iter()
+            .map(|part| match part {
+                Value::String(s) => Value::String(clip(&s, MAX_LOC_CHARS)),
+                other => other,
+            })
+            .collect();
         Self {
             kind,
             loc,
             msg: msg.into(),
-            input,
             ctx: None,
         }
     }
@@ -93,6 +117,19 @@ impl ApiError {
     pub(crate) fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The HTTP status.
+    pub(crate) fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The detail, when it is text.
+    pub(crate) fn text(&self) -> Option<&str> {
+        match &self.detail {
+            Detail::Text(text) => Some(text),
+            Detail::Issues(_) => None,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -108,7 +145,13 @@ struct IssuesBody<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self.detail {
-            Detail::Text(text) => (self.status, Json(TextBody { detail: text })).into_response(),
+            Detail::Text(text) => (
+                self.status,
+                Json(TextBody {
+                    detail: &clip(text, MAX_DETAIL_CHARS),
+                }),
+            )
+                .into_response(),
             Detail::Issues(issues) => (self.status, Json(IssuesBody { detail: issues })).into_response(),
         }
     }
@@ -179,17 +222,6 @@ pub(crate) struct Fields<'a> {
     pub(crate) issues: Vec<Issue>,
 }
 
-/// The whole body as a value (pydantic reports it as the input of a
-/// missing field).
-fn whole(object: &RawObject) -> Value {
-    Value::Object(
-        object
-            .iter()
-            .map(|(k, raw)| (k.clone(), serde_json::from_str(raw.get()).unwrap_or(Value::Null)))
-            .collect(),
-    )
-}
-
 impl<'a> Fields<'a> {
     pub(crate) fn new(object: &'a RawObject) -> Self {
         Self {
@@ -199,9 +231,7 @@ impl<'a> Fields<'a> {
     }
 
     fn missing(&mut self, name: &str) {
-        let mut issue = Issue::missing(body_loc(name));
-        issue.input = whole(self.object);
-        self.issues.push(issue);
+        self.issues.push(Issue::missing(body_loc(name)));
     }
 
     /// The field as sent (for error reports).

@@ -8,8 +8,10 @@ use meshwire_proto::KdfDialect;
 use meshwire_vectors::mesh_generate;
 use meshwire_vectors::{verify_document, CaseOutcome};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+mod common;
+use common::shared_vectors;
 
 fn cases(dialect: KdfDialect) -> Vec<Value> {
     static SPEC: OnceLock<Vec<Value>> = OnceLock::new();
@@ -45,18 +47,6 @@ fn fails_naming(dialect: KdfDialect, name: &str, what: &str, needle: &str, mutat
             "{dialect} {name}, {what}: failed, but the message does not name {needle:?}: {why}"
         ),
         other => panic!("{dialect} {name}, {what}: not detected: {other:?}"),
-    }
-}
-
-fn shared_vectors() -> Option<PathBuf> {
-    let dir = std::env::var_os("MESHWIRE_SHARED_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: no shared vectors at {}", dir.display());
-        None
     }
 }
 

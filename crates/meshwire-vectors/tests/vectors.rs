@@ -9,22 +9,13 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+mod common;
+use common::shared_vectors;
+
 fn documents() -> Vec<(String, Document)> {
     static DOCS: OnceLock<Vec<(String, Document)>> = OnceLock::new();
     DOCS.get_or_init(|| meshwire_vectors::generate::documents().unwrap())
         .clone()
-}
-
-fn shared_vectors() -> Option<PathBuf> {
-    let dir = std::env::var_os("MESHWIRE_SHARED_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: no shared vectors at {}", dir.display());
-        None
-    }
 }
 
 fn repo_vectors() -> PathBuf {

@@ -8,6 +8,7 @@
 //! registry as well as meshwire's own embedded server. The protocol logic
 //! lives in [`meshwire_proto`]; this crate adds the network and persistence.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod client;
 pub mod persist;
@@ -21,5 +22,6 @@ pub use client::{
 };
 pub use meshwire_proto as proto;
 pub use meshwire_proto::{Did, Identity, KdfDialect};
+pub use persist::{MemoryPersistence, Persistence, SqliteStore};
 pub use registry::{RegistryClient, RegistryError, RegistryOptions};
 pub use store::{load_identity, load_or_create_identity, save_identity, FileStore, MemoryStore, SessionStore};

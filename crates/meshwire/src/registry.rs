@@ -38,17 +38,31 @@ pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 pub enum RegistryError {
     /// 404: the agent (or its pre-key bundle) is not registered.
     #[error("not found (404): {body}")]
-    NotFound { body: String },
+    NotFound {
+        /// The answer's body (bounded).
+        body: String,
+    },
     /// 409 where it is an error (registering again is not).
     #[error("conflict (409): {body}")]
-    Conflict { body: String },
+    Conflict {
+        /// The answer's body (bounded).
+        body: String,
+    },
     /// 429: the registry rate-limited the call (heartbeats: at most one per
     /// 10 s). Not retried.
     #[error("throttled (429): {body}")]
-    Throttled { body: String },
+    Throttled {
+        /// The answer's body (bounded).
+        body: String,
+    },
     /// Any other non-success status, after retries for 5xx.
     #[error("registry answered {status}: {body}")]
-    Status { status: u16, body: String },
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The answer's body (bounded).
+        body: String,
+    },
     /// No answer within the configured timeout, after retries.
     #[error("registry request timed out")]
     Timeout,
@@ -161,6 +175,7 @@ impl fmt::Debug for RegistryOptions {
 /// One HTTP request, exactly as it goes on the wire (minus the base URL).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestSpec {
+    /// The HTTP method.
     pub method: Method,
     /// Path and query, e.g. `/v1/agents/did%3Amesh%3A.../prekeys`.
     pub path: String,
@@ -320,12 +335,14 @@ pub enum Registration {
 }
 
 impl Registration {
+    /// The registered DID.
     pub fn did(&self) -> &Did {
         match self {
             Self::Created(did) | Self::AlreadyRegistered(did) => did,
         }
     }
 
+    /// The registered DID, by value.
     pub fn into_did(self) -> Did {
         match self {
             Self::Created(did) | Self::AlreadyRegistered(did) => did,
@@ -343,11 +360,17 @@ pub struct UploadReceipt {
 /// `GET /v1/agents/{did}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentRecord {
+    /// The agent's DID.
     pub did: Did,
+    /// Its published capabilities.
     pub capabilities: Vec<String>,
+    /// Its registry metadata (unauthenticated: see `docs/SECURITY.md`).
     pub metadata: BTreeMap<String, String>,
+    /// When it registered, if the registry said.
     pub registered_at: Option<Timestamp>,
+    /// Its last heartbeat, if the registry said.
     pub last_seen: Option<Timestamp>,
+    /// The registry's reputation score, if any.
     pub reputation_score: Option<f64>,
     /// AGT's verification tier (`"anonymous"`, `"verified"`).
     pub tier: Option<String>,
@@ -358,9 +381,13 @@ pub struct AgentRecord {
 /// One `GET /v1/discover` hit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiscoverResult {
+    /// The agent's DID.
     pub did: Did,
+    /// Its published capabilities.
     pub capabilities: Vec<String>,
+    /// Its last heartbeat, if the registry said.
     pub last_seen: Option<Timestamp>,
+    /// The registry's reputation score, if any.
     pub reputation_score: Option<f64>,
     /// Present only if the registry sends it (AGT 5.0.0 does not).
     pub metadata: Option<BTreeMap<String, String>>,
@@ -690,10 +717,12 @@ impl RegistryClient {
         Ok(true)
     }
 
+    /// The registry's base URL.
     pub fn base_url(&self) -> &str {
         &self.base
     }
 
+    /// The options this client was made with.
     pub fn options(&self) -> &RegistryOptions {
         &self.options
     }
@@ -845,20 +874,20 @@ impl RegistryClient {
         loop {
             let timestamp = self.next_proof_timestamp().to_iso();
             let mut spec = build(&timestamp)?;
-            let bound = match identity {
-                Some(identity) => self.bind_to_challenge(identity, &mut spec).await?,
-                None => false,
-            };
+            if let Some(identity) = identity {
+                self.bind_to_challenge(identity, &mut spec).await?;
+            }
             let mut outcome = self.send_once(&spec).await;
             if let Ok(response) = &outcome {
                 self.learn(response);
             }
             // A registry that requires challenges refuses a timestamp proof
-            // with 401 and a nonce: answer it once in the challenge form.
-            let refused_timestamp = !bound
-                && spec.header("authorization").is_some()
+            // with 401 and a nonce, and a registry that restarted refuses a
+            // nonce it did not issue the same way: answer once with a proof
+            // bound to the fresh nonce.
+            let refused_proof = spec.header("authorization").is_some()
                 && matches!(&outcome, Ok(r) if r.status == 401 && r.challenge.is_some());
-            if let (true, Some(identity)) = (refused_timestamp, identity) {
+            if let (true, Some(identity)) = (refused_proof, identity) {
                 let mut again = build(&self.next_proof_timestamp().to_iso())?;
                 if self.bind_to_challenge(identity, &mut again).await? {
                     outcome = self.send_once(&again).await;

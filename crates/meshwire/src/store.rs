@@ -1,9 +1,17 @@
-//! Persistence: the identity file and session stores.
+//! The identity file, and the whole-state session stores of earlier
+//! meshwire versions.
 //!
 //! The identity file holds the Ed25519 seed; it is created `0600` and
-//! refused when group or others may read it. A [`SessionStore`] keeps the
-//! mesh state (sessions, pre-keys, delivery bookkeeping) so that an agent
-//! that restarts continues its conversations without a new KNOCK.
+//! refused when group or others may read it (see
+//! [`crate::persist::save_identity_encrypted`] for an encrypted one).
+//!
+//! A [`SessionStore`] keeps the whole mesh state as one JSON text. The
+//! client no longer uses it: [`crate::MeshClient`] commits each change
+//! incrementally through [`crate::persist::Persistence`] (SQLite by
+//! default), which a JSON text rewritten whole cannot do crash-consistently.
+//! [`FileStore`]'s files are migrated into the SQLite store on first use
+//! ([`crate::persist::open_state_dir`]); the types stay for that migration
+//! and for tools that read old files.
 //!
 //! Every write ([`write_private_atomic`]) goes to a temporary file with an
 //! unpredictable name beside the target, created exclusively, without
@@ -13,12 +21,12 @@
 //! at a time within the process. A link or a stale file planted at any
 //! temporary name therefore cannot receive the secrets or lend its mode.
 //!
-//! **A corrupt state file** (truncated, edited, from an incompatible
-//! version) makes [`crate::MeshClient::connect`] fail with
-//! [`crate::ClientError::CorruptState`], naming the file. To start over
+//! **A corrupt state** (truncated, edited, from an incompatible version)
+//! makes [`crate::MeshClient::connect`] fail with
+//! [`crate::ClientError::CorruptState`], naming the store. To start over
 //! with the same identity (fresh pre-keys; peers KNOCK again): call
-//! [`SessionStore::reset`] (for a [`FileStore`], [`FileStore::reset`]),
-//! set [`crate::MeshClientBuilder::reset_corrupt_state`], or run
+//! [`crate::persist::Persistence::reset_mesh`], set
+//! [`crate::MeshClientBuilder::reset_corrupt_state`], or run
 //! `meshwire state reset --state PATH`.
 
 use meshwire_proto::Identity;
@@ -32,16 +40,39 @@ use zeroize::{Zeroize, Zeroizing};
 /// Loading or saving persisted state failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Reading or writing the file failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file may be read by group or others.
     #[error("{path} is readable by group or others (mode {mode:04o}); run `chmod 600` on it")]
-    Permissions { path: PathBuf, mode: u32 },
+    Permissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file is not what it should be.
     #[error("{path}: not a meshwire identity file: {reason}")]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A state could not be used or handled where it is (not a file, a
     /// store that cannot reset).
     #[error("{path}: {reason}")]
-    State { path: PathBuf, reason: String },
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -255,6 +286,7 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }

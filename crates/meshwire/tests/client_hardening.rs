@@ -9,11 +9,12 @@ mod support;
 
 use futures_util::{SinkExt, StreamExt};
 use meshwire::client::{deadline_after, saturating_period, ClientStats, MAX_WAIT};
+use meshwire::persist::{open_state_dir, state_file, SqliteStore};
 use meshwire::proto::encoding::b64_std;
 use meshwire::proto::frames::{self, ConnectFrame};
 use meshwire::proto::time::Timestamp;
 use meshwire::proto::PreKeys;
-use meshwire::{ClientConfig, ClientError, ClientEvent, FileStore, Identity, MemoryStore, MeshClient, SessionStore};
+use meshwire::{ClientConfig, ClientError, ClientEvent, Identity, MemoryPersistence, MeshClient, Persistence};
 use meshwire_server::{RunningServer, ServerConfig};
 use rand_core::OsRng;
 use serde_json::json;
@@ -294,8 +295,8 @@ async fn junk_frames_and_unconfirmed_sends_do_not_grow_state() {
     const SENDS: usize = 20_000;
     let server = server().await;
     let dir = std::env::temp_dir().join(format!("meshwire-flood-{}-{}", std::process::id(), now_ms()));
-    let store = Arc::new(FileStore::new(&dir));
     let identity = Identity::generate(&mut OsRng);
+    let store = Arc::new(open_state_dir(&dir, identity.did().as_str(), Default::default()).unwrap());
     let mesh_limits = meshwire::proto::mesh::MeshConfig::default();
 
     // Phase 1: the junk, through a malicious relay.
@@ -305,7 +306,7 @@ async fn junk_frames_and_unconfirmed_sends_do_not_grow_state() {
     let connecting = MeshClient::connect(
         Identity::from_seed(&identity.seed()),
         c,
-        Some(store.clone() as Arc<dyn SessionStore>),
+        Some(store.clone() as Arc<dyn Persistence>),
         None,
     );
     let (client, ws) = tokio::join!(connecting, relay.accept());
@@ -354,7 +355,7 @@ async fn junk_frames_and_unconfirmed_sends_do_not_grow_state() {
     );
     client.close().await;
     drain.abort();
-    let file = store.path(&me);
+    let file = state_file(&dir, &me);
     let on_disk = std::fs::metadata(&file).unwrap().len() as usize;
     assert!(on_disk <= baseline + junk_bound, "{on_disk}");
     #[cfg(unix)]
@@ -370,7 +371,7 @@ async fn junk_frames_and_unconfirmed_sends_do_not_grow_state() {
     let client = MeshClient::connect(
         Identity::from_seed(&identity.seed()),
         config(&server.relay_url(), &server.registry_url(), "flooded"),
-        Some(store.clone() as Arc<dyn SessionStore>),
+        Some(store.clone() as Arc<dyn Persistence>),
         None,
     )
     .await
@@ -430,7 +431,7 @@ async fn client_recovers_from_a_takeover_it_did_not_cause() {
     let alice = MeshClient::connect(
         Identity::from_seed(&identity.seed()),
         c,
-        Some(Arc::new(MemoryStore::new())),
+        Some(Arc::new(MemoryPersistence::new())),
         None,
     )
     .await
@@ -549,13 +550,18 @@ async fn two_live_instances_settle_on_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_pre_key_rotates_on_schedule() {
     let server = server().await;
-    let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryPersistence::new());
     let identity = Identity::generate(&mut OsRng);
     let mut c = config(&server.relay_url(), &server.registry_url(), "rotating");
     c.signed_pre_key_rotation = Duration::from_millis(800);
-    let bob = MeshClient::connect(Identity::from_seed(&identity.seed()), c, Some(store.clone()), None)
-        .await
-        .unwrap();
+    let bob = MeshClient::connect(
+        Identity::from_seed(&identity.seed()),
+        c,
+        Some(store.clone() as Arc<dyn Persistence>),
+        None,
+    )
+    .await
+    .unwrap();
     let registry = meshwire::RegistryClient::new(&server.registry_url(), Default::default()).unwrap();
     let first = registry.fetch_bundle(identity.did()).await.unwrap().signed_pre_key_id;
     wait_until("a rotation", || bob.stats().signed_pre_key_rotations >= 1).await;
@@ -573,14 +579,16 @@ async fn signed_pre_key_rotates_on_schedule() {
     let m = bob.recv_from_any(&[alice.did()], WAIT).await.unwrap();
     assert_eq!(m.payload.as_json().unwrap()["k"], "after rotation");
     bob.close().await;
-    let saved = store.load(identity.did().as_str()).unwrap().unwrap();
-    let restored = meshwire::proto::mesh::Mesh::import_state(
-        Identity::from_seed(&identity.seed()),
-        &saved,
-        Default::default(),
-        Box::new(meshwire::proto::mesh::RandomUuids),
-    )
-    .unwrap();
+    let restored = store
+        .load()
+        .unwrap()
+        .restore_mesh(
+            Identity::from_seed(&identity.seed()),
+            Default::default(),
+            Box::new(meshwire::proto::mesh::RandomUuids),
+        )
+        .unwrap()
+        .unwrap();
     assert!(
         restored.prekeys().signed_pre_key().id >= rotated,
         "the rotated key is persisted"
@@ -650,32 +658,45 @@ async fn drained_one_time_keys_are_refilled_and_sessions_without_one_are_counted
 async fn corrupt_state_names_the_file_and_can_be_reset() {
     let server = server().await;
     let dir = std::env::temp_dir().join(format!("meshwire-corrupt-{}-{}", std::process::id(), now_ms()));
-    let store = Arc::new(FileStore::new(&dir));
     let identity = Identity::generate(&mut OsRng);
     let did = identity.did().to_string();
-    store.save(&did, "{\"truncated\": ").unwrap();
-    let path = store.path(&did);
+    let store: Arc<SqliteStore> = Arc::new(open_state_dir(&dir, &did, Default::default()).unwrap());
     let connect = |reset: bool| {
         let mut c = config(&server.relay_url(), &server.registry_url(), "corrupt");
         c.reset_corrupt_state = reset;
         MeshClient::connect(
             Identity::from_seed(&identity.seed()),
             c,
-            Some(store.clone() as Arc<dyn SessionStore>),
+            Some(store.clone() as Arc<dyn Persistence>),
             None,
         )
     };
+    connect(false).await.unwrap().close().await;
+    // A peer row that does not import (truncated, edited, from elsewhere).
+    let corrupt = || {
+        let mut commit = meshwire::persist::Commit::new();
+        commit.put_peer(
+            "did:mesh:00000000000000000000000000000000",
+            Some(zeroize::Zeroizing::new("{\"truncated\": ".to_owned())),
+        );
+        store.commit(&commit).unwrap();
+    };
+    corrupt();
     let err = connect(false).await.unwrap_err();
     let ClientError::CorruptState { location, .. } = &err else {
         panic!("{err}")
     };
-    assert_eq!(location, &path.display().to_string());
+    assert_eq!(location, &store.location());
+    assert!(
+        location.contains(&state_file(&dir, &did).display().to_string()),
+        "{location}"
+    );
     let message = err.to_string();
-    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains(location.as_str()), "{message}");
     assert!(message.contains("meshwire state reset"), "{message}");
-    assert_eq!(
-        std::fs::read_to_string(&path).unwrap(),
-        "{\"truncated\": ",
+    let rows = store.load().unwrap().peers;
+    assert!(
+        rows.iter().any(|(_, row)| row.as_str() == "{\"truncated\": "),
         "left as it was"
     );
 
@@ -683,16 +704,16 @@ async fn corrupt_state_names_the_file_and_can_be_reset() {
     let client = connect(true).await.unwrap();
     assert_eq!(client.did(), did);
     client.close().await;
-    assert!(std::fs::read_to_string(&path).unwrap().starts_with('{'));
+    assert!(store.load().unwrap().peers.is_empty());
     connect(false).await.unwrap().close().await;
 
     // And the API way.
-    store.save(&did, "garbage").unwrap();
+    corrupt();
     assert!(matches!(connect(false).await, Err(ClientError::CorruptState { .. })));
-    assert!(store.reset(&did).unwrap());
-    assert!(!path.exists());
+    store.reset_mesh().unwrap();
     let client = connect(false).await.unwrap();
     client.close().await;
+    drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -467,3 +467,71 @@ fn a_world_readable_store_or_a_second_opener_is_refused() {
     assert!(SqliteStore::open(&link).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Side rows (schema 2): the duplicate-id memory keeps the newest
+/// `seen_limit` ids per peer, unconfirmed rows keep their position when
+/// rewritten, and deleting a peer's row deletes its side rows, in both
+/// stores alike.
+#[test]
+fn side_rows_are_trimmed_rewritten_in_place_and_deleted_with_their_peer() {
+    let dir = temp_dir("side-rows");
+    let sqlite = SqliteStore::open(dir.join("agent.db")).unwrap();
+    let memory = MemoryPersistence::new();
+    for store in [&sqlite as &dyn Persistence, &memory] {
+        let mut c = Commit::new();
+        c.put_peer("did:mesh:p", text("{}"));
+        c.seen_limit = 3;
+        for i in 0..5 {
+            c.seen.push(("did:mesh:p".into(), format!("m{i}")));
+        }
+        c.seen.push(("did:mesh:p".into(), "m4".into())); // a duplicate id is one row
+        for id in ["u1", "u2", "u3"] {
+            c.unconfirmed.push((
+                "did:mesh:p".into(),
+                id.into(),
+                text(&format!("{{\"id\":\"{id}\",\"v\":1}}")),
+            ));
+        }
+        store.commit(&c).unwrap();
+        let mut c = Commit::new();
+        c.seen_limit = 3;
+        c.unconfirmed
+            .push(("did:mesh:p".into(), "u1".into(), text("{\"id\":\"u1\",\"v\":2}")));
+        c.unconfirmed.push(("did:mesh:p".into(), "u2".into(), None));
+        store.commit(&c).unwrap();
+        let s = store.load().unwrap();
+        assert_eq!(s.seen["did:mesh:p"], ["m2", "m3", "m4"], "{}", store.location());
+        let rows: Vec<&str> = s.unconfirmed["did:mesh:p"].iter().map(|r| r.as_str()).collect();
+        assert_eq!(rows, ["{\"id\":\"u1\",\"v\":2}", "{\"id\":\"u3\",\"v\":1}"]);
+        let mut c = Commit::new();
+        c.put_peer("did:mesh:p", None);
+        store.commit(&c).unwrap();
+        let s = store.load().unwrap();
+        assert!(s.seen.is_empty() && s.unconfirmed.is_empty() && s.peers.is_empty());
+    }
+}
+
+/// An unconfirmed row is sealed for its place: moved to another key, it
+/// fails authentication instead of feeding another peer's retransmission.
+#[test]
+fn encrypted_unconfirmed_rows_cannot_be_moved() {
+    let dir = temp_dir("side-rows-sealed");
+    let path = dir.join("agent.db");
+    let key = || meshwire::persist::AtRestKey::from_bytes(Zeroizing::new([7u8; 32]));
+    {
+        let store = meshwire::persist::SqliteOptions::new().key(key()).open(&path).unwrap();
+        let mut c = Commit::new();
+        c.put_peer("did:mesh:p", text("{}"));
+        c.unconfirmed
+            .push(("did:mesh:p".into(), "u1".into(), text("{\"payload\":\"secret\"}")));
+        store.commit(&c).unwrap();
+        assert!(!String::from_utf8_lossy(&file_bytes(&path)).contains("secret"));
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute("UPDATE unconfirmed SET id = 'u2'", []).unwrap();
+    drop(conn);
+    let store = meshwire::persist::SqliteOptions::new().key(key()).open(&path).unwrap();
+    let err = store.load().unwrap_err();
+    assert!(matches!(err, PersistError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("unconfirmed row"), "{err}");
+}

@@ -14,7 +14,6 @@ use rand_core::OsRng;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,20 +21,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 mod support;
+use support::shared_vectors;
 
 const FIXED_TS: &str = "2026-11-21T12:00:00.000Z";
 
 // ── TypeScript request vectors ─────────────────────────────────────────
-
-fn shared_vectors() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: {} is absent", dir.display());
-        None
-    }
-}
 
 fn hex32(value: &Value) -> [u8; 32] {
     hex::decode(value.as_str().unwrap()).unwrap().try_into().unwrap()
@@ -131,7 +121,7 @@ fn prekey_upload_bytes_match_ts_sdk_4_vector() {
     let Some(dir) = shared_vectors() else { return };
     let path = dir.join("ts-sdk-4.0.0/mesh-session.json");
     let Ok(text) = std::fs::read_to_string(&path) else {
-        eprintln!("skipping: {} is absent", path.display());
+        support::skipped(&format!("{} is absent", path.display()));
         return;
     };
     let file: Value = serde_json::from_str(&text).unwrap();
@@ -180,11 +170,11 @@ struct AgtRegistry {
 }
 
 impl AgtRegistry {
-    async fn start() -> Option<Self> {
-        let python = support::agt_python()?;
+    async fn start() -> Self {
+        let python = support::agt_python();
         let process = support::AgtProcess::start(&python, "registry", support::free_port(), &[]).await;
         let url = format!("http://127.0.0.1:{}", process.port);
-        Some(Self { _process: process, url })
+        Self { _process: process, url }
     }
 
     fn client(&self) -> RegistryClient {
@@ -207,10 +197,9 @@ fn assert_recent(ts: Option<Timestamp>) {
 }
 
 #[tokio::test]
-async fn agt_registry_round_trip() {
-    let Some(server) = AgtRegistry::start().await else {
-        return;
-    };
+#[ignore = "needs PyPI (agent-governance-toolkit-core 5.0.0 into target/agt-venv); run with `-- --ignored online_`, as CI does"]
+async fn online_agt_registry_round_trip() {
+    let server = AgtRegistry::start().await;
     let client = server.client();
     let alice = Identity::generate(&mut OsRng);
     let bob = Identity::generate(&mut OsRng);
@@ -345,10 +334,9 @@ async fn agt_registry_round_trip() {
 }
 
 #[tokio::test]
-async fn agt_registry_error_mapping() {
-    let Some(server) = AgtRegistry::start().await else {
-        return;
-    };
+#[ignore = "needs PyPI (agent-governance-toolkit-core 5.0.0 into target/agt-venv); run with `-- --ignored online_`, as CI does"]
+async fn online_agt_registry_error_mapping() {
+    let server = AgtRegistry::start().await;
     let client = server.client();
     let alice = Identity::generate(&mut OsRng);
     let stranger = Identity::generate(&mut OsRng);

@@ -20,6 +20,25 @@ use zeroize::Zeroizing;
 
 const FORMAT: &str = "meshwire-mesh/1";
 
+/// The side rows of an incremental store, by peer DID (see
+/// [`Mesh::import_parts`]).
+#[derive(Default)]
+pub struct SideRows<U> {
+    /// Remembered message ids, oldest first.
+    pub seen: std::collections::BTreeMap<String, Vec<String>>,
+    /// Unconfirmed messages' JSON, in sending order (secret).
+    pub unconfirmed: std::collections::BTreeMap<String, Vec<U>>,
+}
+
+impl<U> std::fmt::Debug for SideRows<U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SideRows")
+            .field("seen", &self.seen.values().map(Vec::len).sum::<usize>())
+            .field("unconfirmed", &self.unconfirmed.values().map(Vec::len).sum::<usize>())
+            .finish()
+    }
+}
+
 /// One peer's bookkeeping, without its channel.
 #[derive(Serialize)]
 struct PeerOut<'a> {
@@ -73,8 +92,11 @@ fn join(parts: &[Zeroizing<String>]) -> Zeroizing<String> {
     out
 }
 
-/// One peer's JSON object: `{"channel": ..., bookkeeping...}`.
-fn peer_json(p: &Peer) -> Zeroizing<String> {
+/// One peer's JSON object: `{"channel": ..., bookkeeping...}`; with
+/// `side_rows`, without the duplicate-id memory and the unconfirmed
+/// messages (they are written as side rows).
+fn peer_json(p: &Peer, side_rows: bool) -> Zeroizing<String> {
+    let no_seen = std::collections::VecDeque::new();
     let channel = match &p.channel {
         Some(c) => c.export_state(),
         None => Zeroizing::new("null".to_owned()),
@@ -84,8 +106,8 @@ fn peer_json(p: &Peer) -> Zeroizing<String> {
         dialect: p.dialect.map(|d| d.as_str()),
         receipts: p.receipts,
         verified_encrypted: p.verified_encrypted,
-        seen: &p.seen,
-        unconfirmed: &p.unconfirmed,
+        seen: if side_rows { &no_seen } else { &p.seen },
+        unconfirmed: if side_rows { &[] } else { &p.unconfirmed },
     });
     // `rest` is `{...}`: splice its fields after the channel.
     join(&[
@@ -98,6 +120,12 @@ fn peer_json(p: &Peer) -> Zeroizing<String> {
 
 /// Rebuilds a peer from its JSON object; `None` when it holds nothing.
 fn peer_from(did: &str, v: PeerIn<'_>, seen_limit: usize) -> Result<Option<Peer>, StateError> {
+    let p = peer_of(did, v, seen_limit)?;
+    Ok((!p.persists_nothing()).then_some(p))
+}
+
+/// Rebuilds a peer from its JSON object.
+fn peer_of(did: &str, v: PeerIn<'_>, seen_limit: usize) -> Result<Peer, StateError> {
     let bad = |what: &'static str| StateError::Json(format!("peer {did:?}: {what}"));
     let mut p = Peer::default();
     if let Some(channel) = v.channel {
@@ -116,7 +144,7 @@ fn peer_from(did: &str, v: PeerIn<'_>, seen_limit: usize) -> Result<Option<Peer>
         p.remember(id, seen_limit);
     }
     p.unconfirmed = v.unconfirmed;
-    Ok((!p.persists_nothing()).then_some(p))
+    Ok(p)
 }
 
 impl Mesh {
@@ -138,7 +166,7 @@ impl Mesh {
         for (i, (did, p)) in peers.into_iter().enumerate() {
             let comma = if i == 0 { "" } else { "," };
             parts.push(Zeroizing::new(format!("{comma}{}:", json_string(did))));
-            parts.push(peer_json(p));
+            parts.push(peer_json(p, false));
         }
         parts.push(Zeroizing::new("}}".to_owned()));
         join(&parts)
@@ -150,28 +178,72 @@ impl Mesh {
     }
 
     /// `peer`'s row for an incremental store (secret); `None` when the peer
-    /// holds nothing worth keeping (delete its row).
+    /// holds nothing worth keeping (delete its row and its side rows).
+    /// With [`Mesh::track_side_rows`], the duplicate-id memory and the
+    /// unconfirmed messages are not in it (see [`super::Dirty`]).
     pub fn export_peer(&self, peer: &str) -> Option<Zeroizing<String>> {
-        self.peers.get(peer).filter(|p| !p.persists_nothing()).map(peer_json)
+        self.peers
+            .get(peer)
+            .filter(|p| !p.persists_nothing())
+            .map(|p| peer_json(p, self.side_rows))
     }
 
     /// Rebuilds a mesh from the rows of an incremental store: the pre-keys
-    /// of [`Mesh::export_prekeys`] and each peer's [`Mesh::export_peer`].
-    pub fn import_parts<P: AsRef<str>>(
+    /// of [`Mesh::export_prekeys`], each peer's [`Mesh::export_peer`] and
+    /// its side rows (`seen`: remembered ids, oldest first; `unconfirmed`:
+    /// the JSON of each unconfirmed message, in sending order), and turns
+    /// [`Mesh::track_side_rows`] on. Rows written before side rows existed
+    /// hold both lists inline: those peers are marked changed, so that the
+    /// next [`Mesh::take_dirty`] moves them into side rows.
+    pub fn import_parts<P: AsRef<str>, U: AsRef<str>>(
         identity: Identity,
         prekeys: &str,
         peers: impl IntoIterator<Item = (String, P)>,
+        side: &SideRows<U>,
         config: MeshConfig,
         ids: Box<dyn IdSource>,
     ) -> Result<Self, StateError> {
         let prekeys = PreKeys::import_json(&identity, prekeys)?;
         let mut mesh = Self::new(identity, prekeys, config, ids);
+        mesh.side_rows = true;
+        let limit = mesh.config.seen_ids_per_peer;
+        let mut inline = Vec::new();
         for (did, text) in peers {
             let v: PeerIn<'_> =
                 serde_json::from_str(text.as_ref()).map_err(|e| StateError::Json(format!("peer {did:?}: {e}")))?;
-            if let Some(p) = peer_from(&did, v, mesh.config.seen_ids_per_peer)? {
-                mesh.peers.insert(did, p);
+            let had_inline = !v.seen.is_empty() || !v.unconfirmed.is_empty();
+            let mut v = v;
+            if let Some(stored) = side.unconfirmed.get(&did) {
+                for text in stored {
+                    let u: Unconfirmed = serde_json::from_str(text.as_ref())
+                        .map_err(|e| StateError::Json(format!("peer {did:?}: unconfirmed row: {e}")))?;
+                    if !v.unconfirmed.iter().any(|have| have.id == u.id) {
+                        v.unconfirmed.push(u);
+                    }
+                }
             }
+            let mut p = peer_of(&did, v, limit)?;
+            for id in side.seen.get(&did).into_iter().flatten() {
+                p.remember(id, limit);
+            }
+            if !p.persists_nothing() {
+                mesh.peers.insert(did.clone(), p);
+            }
+            if let Some(p) = mesh.peers.get_mut(&did) {
+                if had_inline {
+                    inline.push(did);
+                } else {
+                    // The store holds exactly this.
+                    p.seen_persisted = p.seen_total;
+                    p.unconfirmed_persisted = p.unconfirmed.iter().map(|u| (u.id.clone(), u.fingerprint())).collect();
+                }
+            }
+        }
+        for did in inline {
+            if let Some(p) = mesh.peers.get_mut(&did) {
+                p.seen_persisted = 0;
+            }
+            mesh.touch(&did);
         }
         Ok(mesh)
     }

@@ -706,13 +706,10 @@ fn dirty_rows_rebuild_the_same_state() {
     deliver(&mut bob, &knock);
     assert!(bob.take_dirty().is_empty(), "an accepted KNOCK alone persists nothing");
     deliver(&mut bob, &m);
-    assert_eq!(
-        bob.take_dirty(),
-        Dirty {
-            prekeys: true,
-            peers: vec![did(&alice)]
-        }
-    );
+    let dirty = bob.take_dirty();
+    assert!(dirty.prekeys);
+    assert_eq!(dirty.peers, vec![did(&alice)]);
+    assert!(dirty.seen.is_empty() && dirty.unconfirmed.is_empty(), "not tracked");
     // Junk changes nothing persisted.
     bob.handle_text(&mut OsRng, T0, &m.replace(&did(&alice), "did:mesh:junk"));
     bob.handle_text(&mut OsRng, T0, &m);
@@ -731,6 +728,7 @@ fn dirty_rows_rebuild_the_same_state() {
         Identity::from_seed(&bob.identity().seed()),
         &bob.export_prekeys(),
         rows,
+        &SideRows::<String>::default(),
         MeshConfig::default(),
         Box::new(Counter("b2".into(), 0)),
     )
@@ -948,4 +946,86 @@ fn only_receipts_and_resyncs_are_control_messages() {
         .encrypt(&mut OsRng, T0, &did(&bob), br#"{"$meshwire":"resync"}"#)
         .unwrap();
     assert!(messages(&deliver(&mut bob, &m)).is_empty());
+}
+
+/// With side rows, a message costs its ids and unconfirmed entries, not a
+/// rewrite of the lists: the peer row stays small, and the rows plus the
+/// side rows rebuild the same state.
+#[test]
+fn side_rows_keep_peer_rows_small_and_rebuild_the_same_state() {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 2);
+    alice.set_peer_info(
+        &did(&bob),
+        PeerInfo {
+            dialect: None,
+            receipts: true,
+        },
+    );
+    bob.set_peer_info(
+        &did(&alice),
+        PeerInfo {
+            dialect: None,
+            receipts: true,
+        },
+    );
+    alice.track_side_rows();
+    bob.track_side_rows();
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    deliver(&mut bob, &knock);
+    let mut side = SideRows::<zeroize::Zeroizing<String>>::default();
+    let mut bob_seen = SideRows::<String>::default();
+    let mut alice_rows = std::collections::BTreeMap::new();
+    for i in 0..50 {
+        let (_, m) = alice
+            .encrypt(&mut OsRng, T0, &did(&bob), format!("{{\"n\":{i}}}").as_bytes())
+            .unwrap();
+        let dirty = alice.take_dirty();
+        for (peer, id, row) in dirty.unconfirmed {
+            let list = side.unconfirmed.entry(peer).or_default();
+            assert!(row.is_some(), "new unconfirmed message {id}");
+            list.extend(row);
+        }
+        for peer in dirty.peers {
+            alice_rows.insert(peer.clone(), alice.export_peer(&peer).unwrap());
+        }
+        deliver(&mut bob, &m);
+        let dirty = bob.take_dirty();
+        assert_eq!(dirty.seen.len(), 1, "one new id per message");
+        for (peer, id) in dirty.seen {
+            bob_seen.seen.entry(peer).or_default().push(id);
+        }
+    }
+    let row = bob.export_peer(&did(&alice)).unwrap();
+    assert!(!row.contains("\"seen\":[\""), "ids are side rows: {}", row.len());
+    assert!(alice_rows[&did(&bob)].len() < 4096, "{}", alice_rows[&did(&bob)].len());
+    assert_eq!(alice.unconfirmed_count(&did(&bob)), 50);
+    let rebuilt_alice = Mesh::import_parts(
+        Identity::from_seed(&alice.identity().seed()),
+        &alice.export_prekeys(),
+        alice_rows.clone(),
+        &side,
+        MeshConfig::default(),
+        Box::new(Counter("a2".into(), 0)),
+    )
+    .unwrap();
+    assert_eq!(*rebuilt_alice.export_state(), *alice.export_state());
+    let rebuilt_bob = Mesh::import_parts(
+        Identity::from_seed(&bob.identity().seed()),
+        &bob.export_prekeys(),
+        vec![(did(&alice), bob.export_peer(&did(&alice)).unwrap())],
+        &bob_seen,
+        MeshConfig::default(),
+        Box::new(Counter("b2".into(), 0)),
+    )
+    .unwrap();
+    assert_eq!(*rebuilt_bob.export_state(), *bob.export_state());
+    // A confirmation deletes the side rows it confirms.
+    let receipts = bob.flush_receipts(&mut OsRng, T0);
+    for t in transmits(&receipts) {
+        alice.handle_text(&mut OsRng, T0, &t);
+    }
+    let dirty = alice.take_dirty();
+    assert_eq!(dirty.unconfirmed.iter().filter(|(_, _, row)| row.is_none()).count(), 50);
+    assert_eq!(alice.unconfirmed_count(&did(&bob)), 0);
 }

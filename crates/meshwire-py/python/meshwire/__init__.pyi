@@ -325,6 +325,9 @@ class Message:
     @property
     def plaintext(self) -> bool:
         """Sent in plaintext by an allow-listed peer."""
+    @property
+    def redelivered(self) -> bool:
+        """Handed over again after a restart (it was not acknowledged)."""
 
 @final
 class Event:
@@ -398,6 +401,7 @@ class MeshClient:
         metadata: Optional[Mapping[str, str]] = None,
         connect_timeout: float = 10.0,
         relay_token: Optional[str] = None,
+        manual_ack: bool = False,
     ) -> "MeshClient": ...
     @property
     def did(self) -> str: ...
@@ -431,6 +435,8 @@ class MeshClient:
         """The next message from one of ``senders``; others stay queued."""
     def gather(self, senders: Sequence[str], timeout: float) -> Awaitable[List[Message]]:
         """One message from each sender, within ``timeout`` in all."""
+    def ack(self, message: Message) -> bool:
+        """Acknowledges ``message`` durably (False if already acknowledged)."""
     def drain(self) -> List[Message]:
         """Every message already received, without waiting."""
     def messages(self) -> MessageIterator:

@@ -128,6 +128,7 @@ class MeshClient:
         metadata: Optional[Mapping[str, str]] = None,
         connect_timeout: float = 10.0,
         relay_token: Optional[str] = None,
+        manual_ack: bool = False,
     ) -> None:
         self._client = _native.MeshClient(
             identity,
@@ -140,6 +141,7 @@ class MeshClient:
             metadata=dict(metadata) if metadata is not None else None,
             connect_timeout=connect_timeout,
             relay_token=relay_token,
+            manual_ack=manual_ack,
         )
         self._loop = _LoopThread(f"meshwire-sync-{self._client.did[-8:]}")
         self._close_lock = threading.Lock()
@@ -226,6 +228,13 @@ class MeshClient:
     def drain(self) -> List[_native.Message]:
         """Every message already received, without waiting."""
         return self._client.drain()
+
+    def ack(self, message: _native.Message) -> bool:
+        """Acknowledges ``message``: it is never handed over again, even
+        after a crash (False if it was acknowledged already). Needed with
+        ``manual_ack=True``; otherwise the next receive call (or the next
+        step of ``for msg in client``) acknowledges what came before."""
+        return self._client.ack(message)
 
     def messages(self, timeout: Optional[float] = None) -> Iterator[_native.Message]:
         """``for msg in client.messages():`` until the client closes (or,

@@ -12,7 +12,7 @@
 //!   and their one-time keys, consumed atomically (two server instances on
 //!   one backend never hand out the same key), discovery by capability
 //!   through an index, and expiry of agents not seen for a while.
-//! - [`ProofLedger`](crate::ProofLedger) (the security work's trait, which
+//! - [`ProofLedger`] (the security work's trait, which
 //!   is synchronous): "insert `(did, proof)` unless present, until
 //!   `expires_at`".
 //!
@@ -521,6 +521,12 @@ impl fmt::Debug for Storage {
 #[async_trait]
 pub(crate) trait ReadyCheck: Send + Sync + 'static {
     async fn ready(&self) -> StorageResult<()>;
+
+    /// Makes every committed write durable in the backend's own files or
+    /// servers (on shutdown). Nothing to do by default.
+    async fn flush(&self) -> StorageResult<()> {
+        Ok(())
+    }
 }
 
 impl Storage {
@@ -574,6 +580,14 @@ impl Storage {
     /// Whether the store is reachable now (for `/readyz`).
     pub async fn ready(&self) -> StorageResult<()> {
         self.ready.ready().await
+    }
+
+    /// Flushes the backend on shutdown: SQLite checkpoints its WAL into
+    /// the database file, NATS flushes pending publishes to the server.
+    /// Every acknowledged write is durable without it; it leaves the data
+    /// directory compact and the NATS connection drained.
+    pub async fn flush(&self) -> StorageResult<()> {
+        self.ready.flush().await
     }
 }
 

@@ -905,11 +905,23 @@ impl ProofLedger for NatsStorage {
 #[async_trait]
 impl ReadyCheck for NatsStorage {
     async fn ready(&self) -> StorageResult<()> {
+        // A disconnected client still hands out stream handles: ask the
+        // connection first, then the server (a stream info round trip).
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(StorageError::Unavailable("not connected to NATS".to_owned()));
+        }
         self.js
-            .get_stream_no_info(format!("{}_MAIL", self.namespace))
+            .get_stream(format!("{}_MAIL", self.namespace))
             .await
             .map(|_| ())
             .map_err(nats_err("readiness"))
+    }
+
+    async fn flush(&self) -> StorageResult<()> {
+        self.client
+            .flush()
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("flushing the NATS connection: {e}")))
     }
 }
 

@@ -721,4 +721,12 @@ impl ReadyCheck for SqliteStorage {
         self.run(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
             .await
     }
+
+    async fn flush(&self) -> StorageResult<()> {
+        self.run(|conn| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(db_error)
+        })
+        .await
+    }
 }

@@ -17,12 +17,15 @@
 //!   ([`Commit::remove_inbox`]); the **relay's ack** of a send removes the
 //!   outbox row ([`Commit::remove_outbox`]).
 //!
-//! Only what changed is written: one peer's row, not the whole state. The
-//! **duplicate-id memory** is the `seen` list inside each peer's row (the
-//! JSON of [`meshwire_proto::mesh::Mesh::export_peer`] carries it), so it
-//! is committed with the ratchet step that decrypted the message and with
-//! the inbox row, atomically: after a crash a message is either in the
-//! inbox *and* remembered as seen, or neither (the relay redelivers it).
+//! Only what changed is written: one peer's row (its session, a few KB),
+//! not the whole state. The lists that grow with traffic are side rows
+//! ([`meshwire_proto::mesh::Mesh::track_side_rows`]): the **duplicate-id
+//! memory** (one row per message id, [`Commit::seen`]) and the
+//! **unconfirmed messages** ([`Commit::unconfirmed`]), so a message costs a
+//! few small rows, never a rewrite of thousands of entries. The id is
+//! committed with the ratchet step that decrypted the message and with the
+//! inbox row, atomically: after a crash a message is either in the inbox
+//! *and* remembered as seen, or neither (the relay redelivers it).
 //!
 //! [`Persistence::load`] returns everything needed to rebuild a client
 //! ([`Snapshot`]): the pre-keys, the peers, the unacknowledged inbox in
@@ -112,7 +115,7 @@ use meshwire_proto::mesh::{IdSource, Mesh, MeshConfig};
 use meshwire_proto::{Identity, StateError};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 /// Default of [`Limits::max_inbox_rows`].
@@ -384,8 +387,17 @@ pub struct Commit {
     /// The new pre-keys JSON ([`Mesh::export_prekeys`]), if they changed.
     pub prekeys: Option<Zeroizing<String>>,
     /// Peer rows to write (`Some`: the JSON of [`Mesh::export_peer`]) or
-    /// delete (`None`).
+    /// delete (`None`, with the peer's side rows).
     pub peers: Vec<(String, Option<Zeroizing<String>>)>,
+    /// Message ids newly remembered for duplicate detection, `(peer, id)`
+    /// in order (side rows: [`Mesh::track_side_rows`]); a store keeps the
+    /// newest [`Commit::seen_limit`] per peer.
+    pub seen: Vec<(String, String)>,
+    /// How many remembered ids a store keeps per peer.
+    pub seen_limit: usize,
+    /// Unconfirmed messages to write (`Some`: JSON, secret; a rewrite keeps
+    /// the original position) or delete (`None`), keyed `(peer, id)`.
+    pub unconfirmed: Vec<(String, String, Option<Zeroizing<String>>)>,
     /// Messages to add to the inbox, in arrival order.
     pub inbox_add: Vec<InboxEntry>,
     /// Inbox rows the application acknowledged: `(from, id)`.
@@ -405,6 +417,8 @@ impl fmt::Debug for Commit {
         f.debug_struct("Commit")
             .field("prekeys", &self.prekeys.is_some())
             .field("peers", &self.peers.len())
+            .field("seen", &self.seen.len())
+            .field("unconfirmed", &self.unconfirmed.len())
             .field("inbox_add", &self.inbox_add.len())
             .field("inbox_remove", &self.inbox_remove.len())
             .field("outbox_add", &self.outbox_add.len())
@@ -433,32 +447,30 @@ impl Commit {
             let row = mesh.export_peer(&did);
             commit.peers.push((did, row));
         }
+        commit.seen = dirty.seen;
+        commit.seen_limit = dirty.seen_limit;
+        commit.unconfirmed = dirty.unconfirmed;
         commit
     }
 
-    /// The whole state of `mesh` (pre-keys and every peer that holds
-    /// something), for a store that does not have it yet: the first commit
-    /// of a new agent ([`Mesh::take_dirty`] reports changes only, and a new
-    /// mesh's pre-keys are not a change). Also clears what
-    /// [`Mesh::take_dirty`] would report. Rows of peers the store holds but
+    /// The whole state of `mesh` (pre-keys, every peer that holds
+    /// something and its side rows), for a store that does not have it
+    /// yet: the first commit of a new agent. Turns
+    /// [`Mesh::track_side_rows`] on. Rows of peers the store holds but
     /// `mesh` does not are not deleted: use it on an empty store.
     pub fn full(mesh: &mut Mesh) -> Self {
-        let _ = mesh.take_dirty();
-        let state = mesh.export_state();
-        let mut commit = Self::new();
-        // The mesh's own export always splits; an error leaves the commit
-        // empty rather than partial.
-        if let Ok((prekeys, peers)) = split_state(&state) {
-            commit.prekeys = Some(prekeys);
-            commit.peers = peers.into_iter().map(|(did, row)| (did, Some(row))).collect();
-        }
-        commit
+        mesh.track_side_rows();
+        // Marks the pre-keys changed.
+        let _ = mesh.prekeys_mut();
+        Self::from_dirty(mesh)
     }
 
     /// Whether the commit changes nothing.
     pub fn is_empty(&self) -> bool {
         self.prekeys.is_none()
             && self.peers.is_empty()
+            && self.seen.is_empty()
+            && self.unconfirmed.is_empty()
             && self.inbox_add.is_empty()
             && self.inbox_remove.is_empty()
             && self.outbox_add.is_empty()
@@ -534,6 +546,10 @@ pub struct Snapshot {
     pub prekeys: Option<Zeroizing<String>>,
     /// Each peer's row, in DID order.
     pub peers: Vec<(String, Zeroizing<String>)>,
+    /// Each peer's remembered message ids, oldest first.
+    pub seen: BTreeMap<String, Vec<String>>,
+    /// Each peer's unconfirmed messages (JSON, secret), in sending order.
+    pub unconfirmed: BTreeMap<String, Vec<Zeroizing<String>>>,
     /// Unacknowledged messages, in arrival order.
     pub inbox: Vec<InboxEntry>,
     /// Unacked sends, in the order they were accepted (so in order per
@@ -548,6 +564,8 @@ impl fmt::Debug for Snapshot {
         f.debug_struct("Snapshot")
             .field("prekeys", &self.prekeys.is_some())
             .field("peers", &self.peers.len())
+            .field("seen", &self.seen.values().map(Vec::len).sum::<usize>())
+            .field("unconfirmed", &self.unconfirmed.values().map(Vec::len).sum::<usize>())
             .field("inbox", &self.inbox.len())
             .field("outbox", &self.outbox.len())
             .field("meta", &self.meta.len())
@@ -568,7 +586,15 @@ impl Snapshot {
             return Ok(None);
         };
         let peers = self.peers.iter().map(|(did, row)| (did.clone(), row.as_str()));
-        Mesh::import_parts(identity, prekeys, peers, config, ids).map(Some)
+        let side = meshwire_proto::mesh::SideRows {
+            seen: self.seen.clone(),
+            unconfirmed: self
+                .unconfirmed
+                .iter()
+                .map(|(did, rows)| (did.clone(), rows.iter().map(|r| r.as_str()).collect()))
+                .collect(),
+        };
+        Mesh::import_parts(identity, prekeys, peers, &side, config, ids).map(Some)
     }
 }
 
@@ -596,6 +622,63 @@ pub trait Persistence: Send + Sync {
 
     /// Where the state lives, for messages.
     fn location(&self) -> String;
+}
+
+/// The store file of `did` in a state directory:
+/// `<dir>/<did with every character but ASCII letters and digits as _>.db`.
+pub fn state_file(dir: &Path, did: &str) -> PathBuf {
+    dir.join(format!("{}.db", file_stem(did)))
+}
+
+/// The JSON state file an older meshwire ([`crate::store::FileStore`])
+/// kept for `did` in `dir`.
+pub fn legacy_state_file(dir: &Path, did: &str) -> PathBuf {
+    dir.join(format!("{}.session.json", file_stem(did)))
+}
+
+fn file_stem(did: &str) -> String {
+    did.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// Opens (or creates) the SQLite store of `did` in `dir` with `options`,
+/// creating the directory (`0700`) if missing, and migrating the JSON
+/// state file of an older meshwire found there
+/// ([`legacy_state_file`]). A path that exists and is not a directory is
+/// refused with an error that says so.
+pub fn open_state_dir(dir: &Path, did: &str, options: SqliteOptions) -> Result<SqliteStore, PersistError> {
+    let io = |source: std::io::Error| PersistError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "the state path is not a directory",
+            )))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder.create(dir).map_err(io)?;
+        }
+        Err(e) => return Err(io(e)),
+    }
+    let legacy = legacy_state_file(dir, did);
+    let options = if legacy.exists() {
+        options.migrate_from(legacy)
+    } else {
+        options
+    };
+    options.open(state_file(dir, did))
 }
 
 /// The JSON state format of [`Mesh::export_state`] (and of the files

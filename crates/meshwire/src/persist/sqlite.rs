@@ -16,7 +16,7 @@ use zeroize::{Zeroize, Zeroizing};
 /// The schema version this build writes (`PRAGMA user_version`). Opening
 /// an older store migrates it forward in one transaction; a newer one is
 /// refused ([`PersistError::TooNew`]).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// `MIGRATIONS[v]` takes a store from version `v` to `v + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -42,6 +42,22 @@ const MIGRATIONS: &[&str] = &[
          size INTEGER NOT NULL,
          payload BLOB NOT NULL,
          UNIQUE (peer, seq),
+         UNIQUE (peer, id));",
+    // 1 -> 2: the duplicate-id memory and the unconfirmed messages as side
+    // rows (a message writes a row, not a peer's whole list). Version 1
+    // peer rows hold both inline; the client moves them on first use.
+    "CREATE TABLE seen (
+         seq INTEGER PRIMARY KEY,
+         peer TEXT NOT NULL,
+         n INTEGER NOT NULL,
+         id TEXT NOT NULL,
+         UNIQUE (peer, id),
+         UNIQUE (peer, n));
+     CREATE TABLE unconfirmed (
+         seq INTEGER PRIMARY KEY,
+         peer TEXT NOT NULL,
+         id TEXT NOT NULL,
+         data BLOB NOT NULL,
          UNIQUE (peer, id));",
 ];
 
@@ -729,8 +745,51 @@ impl SqliteStore {
                     .map_err(&e)?;
                 }
                 None => {
-                    tx.prepare_cached("DELETE FROM peers WHERE did = ?1")
-                        .and_then(|mut s| s.execute([did]))
+                    for sql in [
+                        "DELETE FROM peers WHERE did = ?1",
+                        "DELETE FROM seen WHERE peer = ?1",
+                        "DELETE FROM unconfirmed WHERE peer = ?1",
+                    ] {
+                        tx.prepare_cached(sql).and_then(|mut s| s.execute([did])).map_err(&e)?;
+                    }
+                }
+            }
+        }
+        let mut trimmed: Vec<&str> = Vec::new();
+        for (peer, id) in &c.seen {
+            // `n` numbers a peer's ids: trimming is an index range delete.
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO seen (peer, n, id)
+                 VALUES (?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM seen WHERE peer = ?1), ?2)",
+            )
+            .and_then(|mut s| s.execute([peer, id]))
+            .map_err(&e)?;
+            if !trimmed.contains(&peer.as_str()) {
+                trimmed.push(peer);
+            }
+        }
+        for peer in trimmed {
+            // Keeps the newest `seen_limit` ids of the peer.
+            tx.prepare_cached(
+                "DELETE FROM seen WHERE peer = ?1 AND n <= (SELECT MAX(n) FROM seen WHERE peer = ?1) - ?2",
+            )
+            .and_then(|mut s| s.execute(rusqlite::params![peer, to_i64(c.seen_limit.max(1) as u64)]))
+            .map_err(&e)?;
+        }
+        for (peer, id, row) in &c.unconfirmed {
+            match row {
+                Some(row) => {
+                    let data = seal_or_copy(sealer, &aad("unconfirmed", &[peer, id]), row.as_bytes());
+                    tx.prepare_cached(
+                        "INSERT INTO unconfirmed (peer, id, data) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (peer, id) DO UPDATE SET data = excluded.data",
+                    )
+                    .and_then(|mut s| s.execute(rusqlite::params![peer, id, data.as_ref()]))
+                    .map_err(&e)?;
+                }
+                None => {
+                    tx.prepare_cached("DELETE FROM unconfirmed WHERE peer = ?1 AND id = ?2")
+                        .and_then(|mut s| s.execute([peer, id]))
                         .map_err(&e)?;
                 }
             }
@@ -871,6 +930,30 @@ impl Persistence for SqliteStore {
             }
         }
         {
+            let mut stmt = tx.prepare("SELECT peer, id FROM seen ORDER BY seq").map_err(&e)?;
+            let mut rows = stmt.query([]).map_err(&e)?;
+            while let Some(row) = rows.next().map_err(&e)? {
+                let peer: String = row.get(0).map_err(&e)?;
+                let id: String = row.get(1).map_err(&e)?;
+                snapshot.seen.entry(peer).or_default().push(id);
+            }
+        }
+        {
+            let mut stmt = tx
+                .prepare("SELECT peer, id, data FROM unconfirmed ORDER BY seq")
+                .map_err(&e)?;
+            let mut rows = stmt.query([]).map_err(&e)?;
+            while let Some(row) = rows.next().map_err(&e)? {
+                let peer: String = row.get(0).map_err(&e)?;
+                let id: String = row.get(1).map_err(&e)?;
+                let stored: Vec<u8> = row.get(2).map_err(&e)?;
+                let text = self.reveal_text(&aad("unconfirmed", &[&peer, &id]), stored, || {
+                    format!("unconfirmed row ({peer:?}, {id:?})")
+                })?;
+                snapshot.unconfirmed.entry(peer).or_default().push(text);
+            }
+        }
+        {
             let mut stmt = tx
                 .prepare("SELECT peer, id, received_at, plaintext, payload FROM inbox ORDER BY seq")
                 .map_err(&e)?;
@@ -940,7 +1023,7 @@ impl Persistence for SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db(&self.path))?;
-        tx.execute_batch("DELETE FROM prekeys; DELETE FROM peers;")
+        tx.execute_batch("DELETE FROM prekeys; DELETE FROM peers; DELETE FROM seen; DELETE FROM unconfirmed;")
             .map_err(db(&self.path))?;
         tx.commit().map_err(db(&self.path))
     }

@@ -4,7 +4,7 @@
 
 pub mod fake_relay;
 
-use meshwire::{ClientConfig, ClientEvent, Identity, MeshClient, SessionStore};
+use meshwire::{ClientConfig, ClientEvent, Identity, MeshClient, Persistence};
 use meshwire_server::{RunningServer, ServerConfig};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,34 +16,65 @@ pub fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
+/// The reference runtimes' golden vectors: `$MESHWIRE_SHARED_VECTORS`, else
+/// `../shared/vectors` beside the repository (where CI puts them). They are
+/// not part of the repository: without them the tests that read them say
+/// that they skipped (see [`skipped`]) and get None.
+pub fn shared_vectors() -> Option<PathBuf> {
+    let dir = std::env::var_os("MESHWIRE_SHARED_VECTORS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/vectors"));
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        skipped(&format!(
+            "no shared vectors at {} (set MESHWIRE_SHARED_VECTORS to their folder)",
+            dir.display()
+        ));
+        None
+    }
+}
+
+/// Prints `SKIPPED <test>: <reason>` straight to the process's stderr:
+/// libtest captures only `print!`/`eprint!`, so the line shows without
+/// `--nocapture`, next to the test's `ok`.
+pub fn skipped(reason: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().filter(|n| *n != "main").unwrap_or("a test");
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {reason}");
+}
+
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
-/// The AGT venv's python (installed on first use); None only outside CI
-/// when python3 is missing.
-pub fn agt_python() -> Option<PathBuf> {
+/// The AGT venv's python, installed on first use by
+/// `interop/python/setup_venv.sh` (python3 and PyPI, or a ready `$AGT_VENV`).
+/// Only tests `#[ignore]`d for needing PyPI call it (`online_` in their
+/// names: `cargo test --workspace -- --ignored online_` runs them), so a
+/// missing prerequisite fails the test that was asked for, naming it.
+pub fn agt_python() -> PathBuf {
     let has_python = Command::new("python3")
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-    if !has_python.is_ok_and(|s| s.success()) {
-        assert!(!in_ci(), "python3 is required under CI");
-        eprintln!("skipping: python3 is not available");
-        return None;
-    }
+    assert!(
+        has_python.is_ok_and(|s| s.success()),
+        "python3 is not available: the AGT relay and registry need it"
+    );
     let output = Command::new("bash")
         .arg(repo().join("interop/python/setup_venv.sh"))
         .output()
         .unwrap();
     assert!(
         output.status.success(),
-        "setup_venv.sh failed:\n{}",
+        "setup_venv.sh could not make the AGT venv (no PyPI access? set AGT_VENV to a ready one):\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let venv = String::from_utf8(output.stdout).unwrap().trim().to_owned();
-    Some(Path::new(&venv).join("bin/python"))
+    Path::new(&venv).join("bin/python")
 }
 
 pub fn free_port() -> u16 {
@@ -147,19 +178,19 @@ impl Backend {
         }
     }
 
-    /// None when python3 is unavailable outside CI.
-    pub async fn agt() -> Option<Self> {
-        let python = agt_python()?;
+    /// The real AGT relay and registry (see [`agt_python`]).
+    pub async fn agt() -> Self {
+        let python = agt_python();
         let registry = AgtProcess::start(&python, "registry", free_port(), &[]).await;
         let relay_port = free_port();
         let relay = AgtProcess::start(&python, "relay", relay_port, &[]).await;
-        Some(Self {
+        Self {
             name: "agt",
             registry_url: format!("http://127.0.0.1:{}", registry.port),
             registry: None,
             agt_registry: Some(registry),
             relay: Relay::Agt(Some(relay), python, relay_port),
-        })
+        }
     }
 
     pub fn relay_url(&self) -> String {
@@ -224,7 +255,7 @@ impl Backend {
             .await
     }
 
-    pub async fn agent_with(&self, identity: Identity, name: &str, store: Option<Arc<dyn SessionStore>>) -> MeshClient {
+    pub async fn agent_with(&self, identity: Identity, name: &str, store: Option<Arc<dyn Persistence>>) -> MeshClient {
         MeshClient::connect(identity, self.config(name), store, None)
             .await
             .unwrap()

@@ -1,0 +1,543 @@
+//! The relay connection driver: joins with proof, moves frames between the
+//! socket and the state machine, reconnects with backoff, and confirms to
+//! the durable outbox what the relay has taken. It decides nothing about
+//! frames: the state machine does.
+
+use super::config::{ClientConfig, CLOSE_AUTH_FAILED, CLOSE_PROOF_REJECTED, CLOSE_TAKEOVER, MAX_WAIT};
+use super::durable::Outgoing;
+use super::inner::Inner;
+use super::types::ClientEvent;
+use super::util::{deadline_after, escape_log, lock, now, saturating_period};
+use futures_util::{SinkExt, StreamExt};
+use meshwire_proto::frames::{self, ConnectFrame, FetchPendingFrame};
+use meshwire_proto::mesh::{ErrorKind, Event};
+use meshwire_proto::Did;
+use rand_core::{OsRng, RngCore};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+pub(crate) enum Ended {
+    Lost {
+        code: Option<u16>,
+        reason: String,
+    },
+    /// Closed with 4003/4005 (or any rejection) before the join was confirmed.
+    RejectedBeforeJoin(u16, String),
+    TakenOver(String),
+    Rejected(u16, String),
+    Shutdown,
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The relay socket's limits: no WebSocket message or frame longer than
+/// [`ClientConfig::max_relay_message_bytes`] is buffered (tungstenite's
+/// default would be 64 MiB).
+fn socket_config(config: &ClientConfig) -> WebSocketConfig {
+    let limit = config.max_relay_message_bytes();
+    WebSocketConfig {
+        max_message_size: Some(limit),
+        max_frame_size: Some(limit),
+        ..WebSocketConfig::default()
+    }
+}
+
+/// Takeovers (4006) within [`ClientConfig::takeover_window`].
+#[derive(Default)]
+struct Takeovers {
+    recent: VecDeque<tokio::time::Instant>,
+}
+
+impl Takeovers {
+    /// Records a takeover and reports it: the wait before taking the DID
+    /// back, or `None` (after emitting the terminal
+    /// [`ClientEvent::TakenOver`]) once the limit is passed.
+    fn displaced(&mut self, inner: &Inner, reason: String) -> Option<Duration> {
+        inner.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+        let now = tokio::time::Instant::now();
+        let window = inner.config.takeover_window.min(MAX_WAIT);
+        while self.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
+            self.recent.pop_front();
+        }
+        // Never more entries than the limit allows (bounded memory).
+        let limit = inner.config.takeover_limit;
+        while self.recent.len() > limit as usize {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
+        let attempt = u32::try_from(self.recent.len()).unwrap_or(u32::MAX);
+        if attempt > limit {
+            tracing::warn!(
+                target: "meshwire",
+                takeovers = attempt,
+                reason = %escape_log(&reason),
+                "another live instance holds this DID; not taking it back"
+            );
+            inner.emit(ClientEvent::TakenOver { reason });
+            return None;
+        }
+        let base = inner
+            .config
+            .takeover_backoff
+            .min(MAX_WAIT / 8)
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(MAX_WAIT / 4);
+        let factor = 1.0 + f64::from(OsRng.next_u32() % 20_001) / 10_000.0;
+        let wait = base.mul_f64(factor);
+        tracing::info!(
+            target: "meshwire",
+            attempt,
+            ?wait,
+            reason = %escape_log(&reason),
+            "relay connection taken over; taking the DID back with a fresh proof"
+        );
+        inner.emit(ClientEvent::Displaced { reason, attempt });
+        Some(wait)
+    }
+}
+
+pub(crate) async fn run_connection(inner: Arc<Inner>) {
+    let mut attempt: u32 = 0;
+    let mut ever_connected = false;
+    let mut takeovers = Takeovers::default();
+    loop {
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let endpoint = match crate::relay_connect::RelayEndpoint::parse(&inner.config.relay_url) {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                inner.join_failure.send_replace(Some(e.into()));
+                return;
+            }
+        };
+        let url = endpoint.to_string();
+        let connecting =
+            // TCP_NODELAY: a frame goes out at once, not held by Nagle's
+            // algorithm behind an unacknowledged earlier segment (the relay's
+            // delayed ACK made that up to 40 ms).
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(socket_config(&inner.config)), true);
+        let attempt_timeout = inner.config.connect_timeout.min(MAX_WAIT);
+        let result = tokio::select! {
+            r = tokio::time::timeout(attempt_timeout, connecting) => r,
+            _ = inner.shutdown.notified() => return,
+        };
+        match result {
+            Ok(Ok((socket, response))) => {
+                attempt = 0;
+                // A meshwire relay offers a challenge nonce in the upgrade
+                // answer (docs/specs/MESHWIRE-CHALLENGE-AUTH.md); AGT's sends none.
+                let challenge = response
+                    .headers()
+                    .get(meshwire_proto::auth::CHALLENGE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|nonce| (url.clone(), nonce.to_owned()));
+                let ended = drive(&inner, socket, ever_connected, challenge).await;
+                let joined = inner.connected.send_replace(false);
+                if !ever_connected && !joined {
+                    // The first attempt ended before the relay took us:
+                    // `connect()` reports why.
+                    let failure = match &ended {
+                        Ended::Rejected(code, reason) | Ended::RejectedBeforeJoin(code, reason) => {
+                            crate::relay_connect::ConnectFailure::rejected(&url, *code, reason)
+                        }
+                        Ended::Lost { code, reason } => crate::relay_connect::ConnectFailure::Closed {
+                            url: url.clone(),
+                            detail: match code {
+                                Some(code) => format!("close code {code}, {reason:?}"),
+                                None => reason.clone(),
+                            },
+                        },
+                        Ended::TakenOver(reason) => crate::relay_connect::ConnectFailure::Closed {
+                            url: url.clone(),
+                            detail: format!("taken over: {reason:?}"),
+                        },
+                        Ended::Shutdown => return,
+                    };
+                    inner.join_failure.send_replace(Some(failure));
+                }
+                ever_connected |= joined;
+                match ended {
+                    Ended::Shutdown => return,
+                    Ended::TakenOver(reason) => {
+                        let Some(wait) = takeovers.displaced(&inner, reason) else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = inner.shutdown.notified() => return,
+                        }
+                        continue;
+                    }
+                    Ended::Rejected(code, reason) | Ended::RejectedBeforeJoin(code, reason) => {
+                        inner.emit(ClientEvent::Rejected { code, reason });
+                        return;
+                    }
+                    Ended::Lost { code, reason } => inner.emit(ClientEvent::Disconnected { code, reason }),
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(target: "meshwire", error = %escape_log(&e.to_string()), "relay connection failed");
+                if !ever_connected {
+                    let failure = crate::relay_connect::ConnectFailure::from_handshake(&endpoint, &e).await;
+                    inner.join_failure.send_replace(Some(failure));
+                }
+            }
+            Err(_) => {
+                tracing::debug!(target: "meshwire", "relay connection timed out");
+                if !ever_connected {
+                    inner
+                        .join_failure
+                        .send_replace(Some(crate::relay_connect::ConnectFailure::Timeout {
+                            url: url.clone(),
+                            after: attempt_timeout,
+                        }));
+                }
+            }
+        }
+        let exp = inner
+            .config
+            .reconnect_base
+            .saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        let capped = exp.min(inner.config.reconnect_max).min(MAX_WAIT / 2);
+        let jitter = 0.8 + f64::from(OsRng.next_u32() % 4001) / 10_000.0;
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(capped.mul_f64(jitter)) => {}
+            _ = inner.shutdown.notified() => return,
+        }
+    }
+}
+
+async fn send_text(inner: &Inner, socket: &mut Socket, text: String) -> Result<(), String> {
+    inner.count(true, &text);
+    socket.send(WsMessage::Text(text)).await.map_err(|e| e.to_string())
+}
+
+async fn drive(inner: &Arc<Inner>, mut socket: Socket, reconnect: bool, challenge: Option<(String, String)>) -> Ended {
+    let identity_did = inner.did.clone();
+    let connect = if inner.config.legacy_connect {
+        match Did::parse(&identity_did) {
+            Ok(did) => vec![
+                frames::to_text(&ConnectFrame::legacy(&did)),
+                frames::to_text(&FetchPendingFrame::for_did(&did)),
+            ],
+            Err(e) => return Ended::Rejected(0, e.to_string()),
+        }
+    } else {
+        let mesh = lock(&inner.mesh);
+        // The challenge form where the relay offered it, else a timestamp
+        // proof on the registry client's monotonic proof clock (no two
+        // proofs of ours share a signature).
+        let challenged =
+            challenge.and_then(|(url, nonce)| ConnectFrame::challenge_for_url(mesh.identity(), &url, &nonce).ok());
+        match challenged {
+            Some(frame) => vec![
+                frames::to_text(&frame),
+                frames::to_text(&FetchPendingFrame::new(mesh.identity())),
+            ],
+            None => mesh.connect_frames(inner.registry.next_proof_timestamp()).to_vec(),
+        }
+    };
+    for (i, text) in connect.into_iter().enumerate() {
+        let text = match (&inner.config.relay_token, i) {
+            (Some(token), 0) => crate::relay_connect::with_token(&text, token),
+            _ => text,
+        };
+        if let Err(e) = send_text(inner, &mut socket, text).await {
+            return Ended::Lost { code: None, reason: e };
+        }
+        if i == 0 {
+            // Right behind the `connect` frame: see `confirm_join`.
+            if let Err(e) = socket.send(WsMessage::Ping(JOIN_PING.to_vec())).await {
+                return Ended::Lost {
+                    code: None,
+                    reason: e.to_string(),
+                };
+            }
+        }
+    }
+    if let Err(ended) = confirm_join(inner, &mut socket).await {
+        return ended;
+    }
+    let _ = inner.connected.send_replace(true);
+    inner.emit(ClientEvent::Connected { reconnect });
+    if reconnect {
+        // The relay may have lost what it held (AGT keeps it in memory):
+        // resend what receipt-capable peers have not confirmed.
+        let older_than_ms = inner.config.retransmit_after.as_millis() as u64;
+        inner.mesh_step(|mesh| mesh.retransmit(&mut rand::thread_rng(), now(), older_than_ms));
+    }
+    // Aborted however this connection ends (also when the connection task
+    // itself is aborted: a dropped JoinHandle would detach it).
+    let _registry_upkeep = AbortOnDrop(tokio::spawn(super::registry_upkeep::registry_upkeep(inner.clone())));
+    let mut awaiting = VecDeque::new();
+    let ended = drive_loop(inner, &mut socket, &mut awaiting).await;
+    // Frames the relay never confirmed go out again first on the next
+    // connection (a peer drops what it already has as a duplicate).
+    if !awaiting.is_empty() {
+        let mut outgoing = lock(&inner.outgoing);
+        for (_, frame) in awaiting.into_iter().rev() {
+            outgoing.push_front(frame);
+        }
+    }
+    ended
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The payload of the WebSocket ping sent right after the `connect` frame.
+const JOIN_PING: &[u8] = b"meshwire-join";
+
+/// How long after the relay's pong the client still waits for a rejection
+/// (a relay whose WebSocket layer answers pings before its application
+/// read the `connect` frame, as AGT's does, rejects within this).
+pub const JOIN_SETTLE: Duration = Duration::from_millis(100);
+
+/// Longest wait for the relay's answer to the join ping; a relay silent
+/// that long is taken as having accepted the `connect` frame.
+pub const JOIN_CONFIRM_MAX: Duration = Duration::from_secs(2);
+
+/// Waits until the relay shows that it took the `connect` frame. The
+/// client sends a WebSocket ping right after it: meshwire's relay reads
+/// frames in order and answers the ping only once it accepted the
+/// `connect`, so its pong (plus [`JOIN_SETTLE`], for relays that pong
+/// earlier) means joined, as does any frame that is not an error. A close
+/// first (4003 token, 4005 proof...) is a rejection; silence for
+/// [`JOIN_CONFIRM_MAX`] (or half the connect timeout) counts as joined.
+/// Frames that arrive meanwhile are handled as usual.
+async fn confirm_join(inner: &Arc<Inner>, socket: &mut Socket) -> Result<(), Ended> {
+    let deadline = deadline_after(JOIN_CONFIRM_MAX.min(inner.config.connect_timeout / 2));
+    let mut settle: Option<tokio::time::Instant> = None;
+    let mut last_error = String::new();
+    loop {
+        let until = settle.map_or(deadline, |s| s.min(deadline));
+        let incoming = match tokio::time::timeout_at(until, socket.next()).await {
+            Err(_) => return Ok(()),
+            Ok(incoming) => incoming,
+        };
+        match incoming {
+            Some(Ok(WsMessage::Pong(payload))) if payload == JOIN_PING => {
+                settle.get_or_insert_with(|| deadline_after(JOIN_SETTLE));
+            }
+            Some(Ok(WsMessage::Text(text))) => {
+                inner.count(false, &text);
+                let events = inner.commit_step(|mesh| mesh.handle_text(&mut rand::thread_rng(), now(), &text));
+                let relay_error = events.as_deref().and_then(relay_error);
+                if let Some(events) = events {
+                    inner.process(events);
+                }
+                match relay_error {
+                    Some(detail) => last_error = detail,
+                    None => return Ok(()),
+                }
+            }
+            Some(Ok(WsMessage::Close(frame))) => {
+                return Err(match closed(frame, last_error) {
+                    Ended::Rejected(code, reason) => Ended::RejectedBeforeJoin(code, reason),
+                    other => other,
+                })
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                return Err(Ended::Lost {
+                    code: None,
+                    reason: e.to_string(),
+                })
+            }
+            None => {
+                return Err(Ended::Lost {
+                    code: None,
+                    reason: "connection closed".into(),
+                })
+            }
+        }
+    }
+}
+
+/// The first relay `error` frame's detail among `events`.
+fn relay_error(events: &[Event]) -> Option<String> {
+    events.iter().find_map(|e| match e {
+        Event::Error(m) if m.kind == ErrorKind::Relay => Some(m.detail.clone()),
+        _ => None,
+    })
+}
+
+/// Prefix of the WebSocket pings that ask the relay to confirm it read
+/// the frames sent before them (then their outbox rows go).
+const OUTBOX_PING: &[u8] = b"meshwire-outbox:";
+
+/// Outbox frames written to the socket, each with the number of the ping
+/// sent after it.
+type Awaiting = VecDeque<(u64, Outgoing)>;
+
+/// The ping sequence number in a pong's payload, if it is one of ours.
+fn outbox_pong(payload: &[u8]) -> Option<u64> {
+    let rest = payload.strip_prefix(OUTBOX_PING)?;
+    std::str::from_utf8(rest).ok()?.parse().ok()
+}
+
+async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awaiting) -> Ended {
+    let mut ping_seq: u64 = 0;
+    let mut heartbeat = tokio::time::interval(saturating_period(inner.config.heartbeat_interval));
+    heartbeat.reset();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut retransmit = tokio::time::interval(saturating_period(
+        inner.config.retransmit_after.max(Duration::from_millis(100)),
+    ));
+    retransmit.reset();
+    let mut last_error = String::new();
+    let mut verdicts = inner.verdicts_rx.lock().await;
+    let mut paused = false;
+    loop {
+        // A full inbox stops reading: what the relay cannot deliver stays
+        // in its store. Once there is room again, ask for it.
+        let full = inner.inbox_full();
+        if full && !paused {
+            inner.stats.inbox_full_pauses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                target: "meshwire",
+                capacity = inner.config.inbox_capacity,
+                "application inbox full; not reading the relay until messages are taken"
+            );
+        } else if paused && !full {
+            if let Ok(did) = Did::parse(&inner.did) {
+                lock(&inner.outgoing).push_back(Outgoing::frame(frames::to_text(&FetchPendingFrame::for_did(&did))));
+            }
+        }
+        paused = full;
+        if inner.reconnect_now.swap(false, Ordering::SeqCst) {
+            // A commit failed while receiving: what was not acked comes
+            // again on the next connection.
+            return Ended::Lost {
+                code: None,
+                reason: "the durable store failed a commit; reconnecting for redelivery".into(),
+            };
+        }
+        // Flush before waiting: a notification may have come while busy.
+        let mut wrote_outbox = false;
+        loop {
+            let next = lock(&inner.outgoing).pop_front();
+            let Some(frame) = next else { break };
+            if let Err(e) = send_text(inner, socket, frame.text.clone()).await {
+                lock(&inner.outgoing).push_front(frame);
+                return Ended::Lost { code: None, reason: e };
+            }
+            if frame.outbox.is_some() {
+                wrote_outbox = true;
+                awaiting.push_back((ping_seq.wrapping_add(1), frame));
+            }
+        }
+        if wrote_outbox {
+            ping_seq = ping_seq.wrapping_add(1);
+            let mut payload = OUTBOX_PING.to_vec();
+            payload.extend_from_slice(ping_seq.to_string().as_bytes());
+            if let Err(e) = socket.send(WsMessage::Ping(payload)).await {
+                return Ended::Lost {
+                    code: None,
+                    reason: e.to_string(),
+                };
+            }
+        }
+        tokio::select! {
+            incoming = socket.next(), if !paused => match incoming {
+                Some(Ok(WsMessage::Text(text))) => {
+                    inner.count(false, &text);
+                    if let Some(events) = inner.commit_step(|mesh| mesh.handle_text(&mut rand::thread_rng(), now(), &text)) {
+                        if let Some(detail) = relay_error(&events) {
+                            last_error = detail;
+                        }
+                        inner.process(events);
+                    }
+                }
+                Some(Ok(WsMessage::Pong(payload))) => {
+                    if let Some(seq) = outbox_pong(&payload) {
+                        let mut confirmed = Vec::new();
+                        while awaiting.front().is_some_and(|(s, _)| *s <= seq) {
+                            if let Some((_, frame)) = awaiting.pop_front() {
+                                confirmed.extend(frame.outbox);
+                            }
+                        }
+                        inner.relay_has(&confirmed);
+                    }
+                }
+                Some(Ok(WsMessage::Binary(_))) => {
+                    inner.emit(ClientEvent::Error { kind: ErrorKind::Frame, peer: None, detail: "binary frame ignored".into() });
+                }
+                Some(Ok(WsMessage::Close(frame))) => return closed(frame, last_error),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Ended::Lost { code: None, reason: e.to_string() },
+                None => return Ended::Lost { code: None, reason: "connection closed".into() },
+            },
+            _ = inner.outgoing_notify.notified() => {}
+            Some((from, knock_id, accepted)) = verdicts.recv() => {
+                inner.mesh_step(|mesh| mesh.decide_knock(&mut rand::thread_rng(), now(), &from, &knock_id, accepted));
+            }
+            _ = heartbeat.tick() => {
+                let text = lock(&inner.mesh).heartbeat_frame(now());
+                if let Err(e) = send_text(inner, socket, text).await {
+                    return Ended::Lost { code: None, reason: e };
+                }
+            }
+            _ = tick.tick() => {
+                let t = now();
+                inner.mesh_step(|mesh| {
+                    let mut events = Vec::new();
+                    if mesh.next_timeout().is_some_and(|at| at <= t) {
+                        events.extend(mesh.handle_timeout(&mut rand::thread_rng(), t));
+                    }
+                    events.extend(mesh.flush_receipts(&mut rand::thread_rng(), t));
+                    events
+                });
+            }
+            _ = retransmit.tick() => {
+                let older_than_ms = inner.config.retransmit_after.as_millis() as u64;
+                inner.mesh_step(|mesh| mesh.retransmit(&mut rand::thread_rng(), now(), older_than_ms));
+            }
+            _ = inner.shutdown.notified() => {
+                // The core decides what leaving means: frames, then the close.
+                let events = inner.commit_step(|mesh| mesh.disconnect()).unwrap_or_default();
+                for event in events {
+                    match event {
+                        Event::Transmit(text) => {
+                            let _ = send_text(inner, socket, text).await;
+                        }
+                        Event::Close { code, reason } => {
+                            let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+                            let _ = socket.close(Some(frame)).await;
+                        }
+                        other => inner.process(vec![other]),
+                    }
+                }
+                return Ended::Shutdown;
+            }
+        }
+    }
+}
+
+fn closed(frame: Option<CloseFrame<'_>>, last_error: String) -> Ended {
+    let (code, reason) = match frame {
+        Some(f) => (Some(u16::from(f.code)), f.reason.to_string()),
+        None => (None, String::new()),
+    };
+    let reason = if reason.is_empty() { last_error } else { reason };
+    match code {
+        Some(CLOSE_TAKEOVER) => Ended::TakenOver(reason),
+        // The AGT relay closes the replaced connection with 1000 "session_replaced".
+        Some(1000) if reason == "session_replaced" => Ended::TakenOver(reason),
+        Some(c @ (CLOSE_PROOF_REJECTED | CLOSE_AUTH_FAILED)) => Ended::Rejected(c, reason),
+        code => Ended::Lost { code, reason },
+    }
+}
