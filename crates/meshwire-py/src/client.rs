@@ -5,10 +5,8 @@ use crate::crypto::PyIdentity;
 use crate::errors::{new_err, Kind, ResultExt};
 use crate::runtime::{awaitable, awaitable_with_locals, current_locals, running_handle};
 use meshwire::client::{ClientConfig, ClientError, ClientEvent, KnockInfo, KnockPolicy, Message, Payload};
-use meshwire::persist::{open_state_dir, SqliteOptions};
 use meshwire::registry::DiscoverResult;
 use meshwire::Identity;
-use meshwire::Persistence;
 use meshwire_proto::mesh::ErrorKind;
 use pyo3::exceptions::{PyStopAsyncIteration, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -156,19 +154,17 @@ impl Shared {
         }
         let attempt = Attempt(&self);
         let identity = Identity::from_seed(&self.identity.seed());
-        let store = match self.store_dir.clone() {
-            Some(dir) => {
-                let did = identity.did().to_string();
-                let opened = tokio::task::spawn_blocking(move || open_state_dir(&dir, &did, SqliteOptions::new()))
-                    .await
-                    .map_err(|e| new_err(Kind::State, format!("opening the store: {e}")))?;
-                let opened = opened.map_err(|e| new_err(Kind::State, format!("opening the store: {e}")))?;
-                Some(Arc::new(opened) as Arc<dyn Persistence>)
-            }
-            None => None,
-        };
         let policy = knock_policy(Arc::downgrade(&self));
-        let result = meshwire::MeshClient::connect(identity, self.config.clone(), store, Some(policy)).await;
+        let config = self.config.clone();
+        let mut builder =
+            meshwire::MeshClient::builder(identity, config.relay_url.clone(), config.registry_url.clone())
+                .config(|c| *c = config)
+                .knock_policy(policy);
+        if let Some(dir) = self.store_dir.clone() {
+            // The client opens the store, and releases it on close().
+            builder = builder.state_dir(dir);
+        }
+        let result = builder.connect().await;
         let client = result.py()?;
         let closed_meanwhile = {
             let mut state = lock(&self.state);

@@ -112,8 +112,9 @@ pub struct ServerConfig {
     /// reader that lets more pile up is a slow consumer: the message that
     /// does not fit is stored, the connection is closed with
     /// [`SLOW_CONSUMER`](crate::close_code::SLOW_CONSUMER) and its queue
-    /// goes back to the offline store (the agent gets it on reconnecting).
-    /// Default 1024.
+    /// goes back to the offline store (the agent gets it on reconnecting),
+    /// followed by what arrived meanwhile, in order. Default 8192 (a burst
+    /// of thousands of frames to a reader that keeps up is not slow).
     pub outbound_queue: usize,
     /// Bytes of frames queued for one live connection; past it, as past
     /// [`ServerConfig::outbound_queue`]. Default 16 MiB.
@@ -273,7 +274,7 @@ impl Default for ServerConfig {
             max_stored_per_sender: crate::storage::DEFAULT_MAX_PER_SENDER as usize,
             max_stored_total: 100_000,
             max_stored_bytes: 256 * 1024 * 1024,
-            outbound_queue: 1024,
+            outbound_queue: 8192,
             outbound_queue_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
             max_agents: 100_000,

@@ -8,6 +8,7 @@
 mod common;
 
 use common::{fresh_auth, fresh_connect, identity, message, recv_close, recv_text, send, TestServer, NOW};
+use futures_util::{SinkExt, StreamExt};
 use meshwire_proto::auth::ed25519_timestamp_header;
 use meshwire_proto::time::Timestamp;
 use meshwire_server::storage::nats::NatsOptions;
@@ -259,6 +260,91 @@ async fn a_reader_that_never_reads_is_disconnected() {
     let stats = t.server.stats();
     assert!(stats.messages_stored > 0, "{stats:?}");
     assert!(stats.messages_routed < sent as u64, "{stats:?} after {sent}");
+}
+
+/// A slow consumer's mail stays in order: its queue goes to the store
+/// first, then the frames that arrived while it was being closed, then
+/// later ones; on reconnecting it gets one contiguous, increasing run
+/// ending with the last frame sent (a frame stored ahead of older queued
+/// ones used to break ratchets that cannot skip far, as Python's).
+#[tokio::test]
+async fn a_slow_consumers_mail_is_stored_in_order() {
+    let t = TestServer::with_config(ServerConfig {
+        outbound_queue: 64,
+        ..Default::default()
+    })
+    .await;
+    let (alice, bob) = (identity(1), identity(2));
+    let mut a = t.connect(&alice).await;
+    let bob_ws = t.connect(&bob).await;
+    let frame = |n: usize| {
+        format!(
+            r#"{{"v":1,"type":"message","from":"{}","to":"{}","id":"f{n:05}","ciphertext":"{}","timestamp":"{NOW}"}}"#,
+            alice.did(),
+            bob.did(),
+            "B".repeat(4096)
+        )
+    };
+    // Bob reads nothing; alice sends until his buffer overflowed (in
+    // chunks, staying under the per-sender store quota), then a few more
+    // while he is being closed, and more once he is gone.
+    let mut sent = 0;
+    let overflowed = "meshwire_limit_refusals_total{limit=\"outbound_buffer\"}";
+    while sample(&scrape(&t).await, overflowed).is_none_or(|n| n < 1.0) {
+        assert!(sent < 1500, "no overflow after {sent} frames");
+        for _ in 0..50 {
+            send(&mut a, &frame(sent)).await;
+            sent += 1;
+        }
+    }
+    for _ in 0..20 {
+        send(&mut a, &frame(sent)).await;
+        sent += 1;
+    }
+    t.wait_disconnected(&bob).await;
+    for _ in 0..20 {
+        send(&mut a, &frame(sent)).await;
+        sent += 1;
+    }
+    drop(bob_ws);
+    // Alice's frames are all routed once her connection answered a ping.
+    a.send(tungstenite::Message::Ping(b"sync".to_vec())).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), a.next()).await.unwrap() {
+            Some(Ok(tungstenite::Message::Pong(p))) if p == b"sync" => break,
+            Some(Ok(_)) => {}
+            other => panic!("alice's connection: {other:?}"),
+        }
+    }
+    let mut bob_ws = t.connect(&bob).await;
+    let mut got = Vec::new();
+    loop {
+        let Ok(Some(Ok(tungstenite::Message::Text(text)))) =
+            tokio::time::timeout(Duration::from_secs(5), bob_ws.next()).await
+        else {
+            panic!(
+                "after {} frames ({:?}..): stats {:?}, sent {sent}",
+                got.len(),
+                got.first(),
+                t.server.stats()
+            );
+        };
+        let value: Value = serde_json::from_str(&text).unwrap();
+        let id = value["id"].as_str().unwrap().to_owned();
+        let n: usize = id[1..].parse().unwrap();
+        got.push(n);
+        if n == sent - 1 {
+            break;
+        }
+    }
+    let first = got[0];
+    assert_eq!(
+        got,
+        (first..sent).collect::<Vec<_>>(),
+        "in order, none missing, after {sent} sent"
+    );
+    assert!(got.len() >= 40, "{} stored of {sent}", got.len());
+    assert_eq!(t.server.stats().messages_refused, 0);
 }
 
 #[tokio::test]

@@ -331,3 +331,46 @@ async fn sends_made_while_the_server_is_down_survive_a_crash_and_agents_register
     bob.close().await;
     carol.close().await;
 }
+
+/// A client that opened its store itself (`state_dir`) releases it on
+/// `close()`: the next client of this process opens the same folder (it
+/// used to fail with "database is locked") and carries on the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_releases_a_state_dir_for_the_next_client() {
+    let server = meshwire_server::start(Default::default()).await.unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "meshwire-reopen-{}-{}",
+        std::process::id(),
+        rand_core::RngCore::next_u64(&mut OsRng)
+    ));
+    let bob_identity = Identity::generate(&mut OsRng);
+    let bob = || {
+        MeshClient::builder(
+            Identity::from_seed(&bob_identity.seed()),
+            server.relay_url(),
+            server.registry_url(),
+        )
+        .display_name("bob")
+        .state_dir(&dir)
+        .connect()
+    };
+    let alice = MeshClient::connect(
+        Identity::generate(&mut OsRng),
+        config(&server, "alice", false),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    let first = bob().await.unwrap();
+    alice.send(first.did(), &json!({"k": "one"})).await.unwrap();
+    assert_eq!(text(&first.recv_timeout(WAIT).await.unwrap()), "one");
+    first.close().await;
+    let second = bob().await.unwrap();
+    alice.send(second.did(), &json!({"k": "two"})).await.unwrap();
+    assert_eq!(text(&second.recv_timeout(WAIT).await.unwrap()), "two");
+    assert_eq!(alice.counters().sent.get("knock"), Some(&1), "the session carried on");
+    second.close().await;
+    alice.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,7 +13,7 @@ use crate::util::Esc;
 use axum::extract::ws::Message;
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -49,8 +49,31 @@ pub(crate) struct ConnHandle {
     replaced: oneshot::Sender<()>,
     /// Tells the connection that its outbound buffer overflowed.
     slow: Arc<Notify>,
+    /// Frames that could not join the live queue (overflow, or the
+    /// connection closing), kept in order until the connection hands its
+    /// queue back to the store.
+    parked: Arc<Mutex<Parked>>,
     /// Becomes true once the connection handed its queue back.
     done: watch::Receiver<bool>,
+}
+
+/// Frames for a connection that stopped taking live frames. Order per
+/// recipient is kept: once one frame is parked, every later one is too,
+/// and the connection stores its live queue first, then these, and only
+/// then lets new frames go to the store directly (`released`).
+#[derive(Default)]
+pub(crate) struct Parked {
+    frames: Vec<Delivery>,
+    released: bool,
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked")
+            .field("frames", &self.frames.len())
+            .field("released", &self.released)
+            .finish()
+    }
 }
 
 /// How a connection's main loop ended.
@@ -77,6 +100,7 @@ pub(crate) struct Connection {
     queued_bytes: Arc<AtomicUsize>,
     replaced: oneshot::Receiver<()>,
     slow: Arc<Notify>,
+    parked: Arc<Mutex<Parked>>,
     done: watch::Sender<bool>,
     last_active: Arc<AtomicU64>,
     /// Stored frames up to this position were sent on this connection:
@@ -98,6 +122,7 @@ impl Connection {
         let last_active = Arc::new(AtomicU64::new(shared.config.now().0));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let slow = Arc::new(Notify::new());
+        let parked = Arc::new(Mutex::new(Parked::default()));
         let previous = relay.conns().insert(
             did.clone(),
             ConnHandle {
@@ -107,6 +132,7 @@ impl Connection {
                 last_active: Arc::clone(&last_active),
                 replaced: replaced_tx,
                 slow: Arc::clone(&slow),
+                parked: Arc::clone(&parked),
                 done: done_rx,
             },
         );
@@ -124,6 +150,7 @@ impl Connection {
             queued_bytes,
             replaced,
             slow,
+            parked,
             done,
             last_active,
             cursor: 0,
@@ -293,18 +320,38 @@ impl Connection {
     /// Leaves the routing table (unless already replaced) and hands frames
     /// still queued for this connection back to the offline store.
     async fn release(&mut self, shared: &Shared) {
+        // The live queue first, then what was parked behind it, in order;
+        // new frames keep being parked until both are stored, so none
+        // overtakes them.
+        self.rx.close();
+        while let Ok(delivery) = self.rx.try_recv() {
+            store(shared, &self.did, delivery).await;
+        }
+        loop {
+            let frames = {
+                let mut parked = lock_parked(&self.parked);
+                if parked.frames.is_empty() {
+                    parked.released = true;
+                    break;
+                }
+                std::mem::take(&mut parked.frames)
+            };
+            for delivery in frames {
+                store(shared, &self.did, delivery).await;
+            }
+        }
         {
             let mut conns = shared.relay.conns();
             if conns.get(&self.did).is_some_and(|h| h.id == self.id) {
                 conns.remove(&self.did);
             }
         }
-        self.rx.close();
-        while let Ok(delivery) = self.rx.try_recv() {
-            store(shared, &self.did, delivery).await;
-        }
         self.done.send_replace(true);
     }
+}
+
+fn lock_parked(parked: &Mutex<Parked>) -> std::sync::MutexGuard<'_, Parked> {
+    parked.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn store(shared: &Shared, recipient: &str, delivery: Delivery) -> StoreOutcome {
@@ -336,32 +383,48 @@ async fn route(shared: &Shared, to: &str, mut delivery: Delivery) -> Result<(), 
     let stale_ms = duration_ms(shared.config.stale_after);
     let live = shared.relay.conns().get(to).and_then(|h| {
         let last = h.last_active.load(Ordering::Relaxed);
-        (now.0.saturating_sub(last) <= stale_ms)
-            .then(|| (h.tx.clone(), Arc::clone(&h.queued_bytes), Arc::clone(&h.slow)))
+        (now.0.saturating_sub(last) <= stale_ms).then(|| {
+            (
+                h.tx.clone(),
+                Arc::clone(&h.queued_bytes),
+                Arc::clone(&h.slow),
+                Arc::clone(&h.parked),
+            )
+        })
     });
-    if let Some((tx, queued_bytes, slow)) = live {
+    if let Some((tx, queued_bytes, slow, parked)) = live {
         // Bound what a slow reader can make us hold: past the byte budget
         // (one frame always fits an empty queue) or the frame count, the
-        // reader is a slow consumer: it is disconnected and this frame is
-        // stored (with its queue, once it closed).
-        let size = delivery.text.len();
-        let before = queued_bytes.fetch_add(size, Ordering::Relaxed);
-        if before == 0 || before.saturating_add(size) <= shared.config.outbound_queue_bytes {
-            match tx.try_send(delivery) {
-                Ok(()) => {
-                    shared.relay.routed.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(TrySendError::Full(back)) => {
-                    delivery = back;
+        // reader is a slow consumer: it is disconnected, and this frame and
+        // every later one are parked, then stored after its queue (order
+        // per recipient is kept).
+        let mut held = lock_parked(&parked);
+        if !held.released {
+            if held.frames.is_empty() {
+                let size = delivery.text.len();
+                let before = queued_bytes.fetch_add(size, Ordering::Relaxed);
+                if before == 0 || before.saturating_add(size) <= shared.config.outbound_queue_bytes {
+                    match tx.try_send(delivery) {
+                        Ok(()) => {
+                            shared.relay.routed.fetch_add(1, Ordering::Relaxed);
+                            return Ok(());
+                        }
+                        Err(TrySendError::Full(back)) => {
+                            delivery = back;
+                            overflowed(shared, to, &slow);
+                        }
+                        Err(TrySendError::Closed(back)) => delivery = back,
+                    }
+                } else {
                     overflowed(shared, to, &slow);
                 }
-                Err(TrySendError::Closed(back)) => delivery = back,
+                queued_bytes.fetch_sub(size, Ordering::Relaxed);
             }
-        } else {
-            overflowed(shared, to, &slow);
+            // Parked frames are bounded by the sender quotas of the store
+            // they go to next, and by the connection closing now.
+            held.frames.push(delivery);
+            return Ok(());
         }
-        queued_bytes.fetch_sub(size, Ordering::Relaxed);
     }
     match store(shared, to, delivery).await {
         StoreOutcome::Stored | StoreOutcome::Duplicate => Ok(()),

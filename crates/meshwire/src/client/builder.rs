@@ -130,6 +130,7 @@ impl MeshClientBuilder {
 
     /// Opens the store, registers, publishes pre-keys and joins the relay.
     pub async fn connect(self) -> Result<MeshClient, ClientError> {
+        let owned = self.state_dir.is_some();
         let persistence = match self.state_dir {
             Some((dir, options)) => {
                 let did = self.identity.did().to_string();
@@ -140,7 +141,7 @@ impl MeshClientBuilder {
             }
             None => self.persistence,
         };
-        MeshClient::connect(self.identity, self.config, persistence, self.policy).await
+        MeshClient::start(self.identity, self.config, persistence, owned, self.policy).await
     }
 }
 
@@ -212,6 +213,18 @@ impl MeshClient {
         persistence: Option<Arc<dyn Persistence>>,
         policy: Option<KnockPolicy>,
     ) -> Result<Self, ClientError> {
+        Self::start(identity, config, persistence, false, policy).await
+    }
+
+    /// [`MeshClient::connect`]; `owned`: the client opened `persistence`
+    /// and releases it on `close()`.
+    async fn start(
+        identity: Identity,
+        config: ClientConfig,
+        persistence: Option<Arc<dyn Persistence>>,
+        owned: bool,
+        policy: Option<KnockPolicy>,
+    ) -> Result<Self, ClientError> {
         let did = identity.did().to_string();
         crate::relay_connect::RelayEndpoint::parse(&config.relay_url)
             .map_err(crate::relay_connect::ConnectFailure::from)?;
@@ -247,6 +260,7 @@ impl MeshClient {
             registry,
             registration,
             persistence,
+            owns_persistence: owned,
             policy: Mutex::new(policy),
             outgoing: Mutex::new(VecDeque::new()),
             outgoing_notify: Notify::new(),

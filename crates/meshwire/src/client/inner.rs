@@ -79,6 +79,9 @@ pub(crate) struct Inner {
     /// Where every state change is committed before its effects leave the
     /// process (an in-memory store when the application gave none).
     pub(crate) persistence: Arc<dyn Persistence>,
+    /// The client opened the store itself (`state_dir`): `close()`
+    /// releases it.
+    pub(crate) owns_persistence: bool,
     pub(crate) policy: Mutex<Option<KnockPolicy>>,
     pub(crate) outgoing: Mutex<VecDeque<Outgoing>>,
     pub(crate) outgoing_notify: Notify,

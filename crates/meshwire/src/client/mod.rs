@@ -446,7 +446,9 @@ impl MeshClient {
         lock(&self.inner.mesh).export_state()
     }
 
-    /// Sends `disconnect`, closes the socket and stops the background task.
+    /// Sends `disconnect`, closes the socket, stops the background task and
+    /// releases a store the client opened itself
+    /// ([`MeshClientBuilder::state_dir`]), so that a new client can open it.
     pub async fn close(&self) {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return;
@@ -463,6 +465,10 @@ impl MeshClient {
             if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
                 tracing::warn!("relay task did not stop in time");
             }
+        }
+        if self.inner.owns_persistence {
+            // Another client (this process or another) may open it now.
+            self.inner.persistence.close();
         }
     }
 

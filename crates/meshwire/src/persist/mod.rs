@@ -622,6 +622,12 @@ pub trait Persistence: Send + Sync {
 
     /// Where the state lives, for messages.
     fn location(&self) -> String;
+
+    /// Releases what the store holds (files, locks), so that another
+    /// store can open the same state, in this process or another; later
+    /// calls fail. A client calls it on `close()` for a store it opened
+    /// itself ([`crate::MeshClientBuilder::state_dir`]). Default: nothing.
+    fn close(&self) {}
 }
 
 /// The store file of `did` in a state directory:

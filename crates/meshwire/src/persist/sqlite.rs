@@ -201,6 +201,8 @@ pub struct SqliteStore {
     commits: AtomicU64,
     refused_inbox: AtomicU64,
     refused_outbox: AtomicU64,
+    /// Set by [`Persistence::close`]: the file is closed.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -468,6 +470,7 @@ impl SqliteStore {
             commits: AtomicU64::new(0),
             refused_inbox: AtomicU64::new(0),
             refused_outbox: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         };
         if let Some(json) = &options.migrate_from {
             store.migrate_json(json)?;
@@ -894,6 +897,7 @@ fn seal_or_copy<'a>(sealer: Option<&Sealer>, aad: &[u8], plain: &'a [u8]) -> Cow
 
 impl Persistence for SqliteStore {
     fn load(&self) -> Result<Snapshot, PersistError> {
+        self.check_open()?;
         let path = &self.path;
         let e = db(path);
         let mut inner = self.lock();
@@ -1003,6 +1007,7 @@ impl Persistence for SqliteStore {
             return Ok(());
         }
         commit.check_meta()?;
+        self.check_open()?;
         let mut inner = self.lock();
         let Inner { conn, totals } = &mut *inner;
         let tx = conn
@@ -1018,6 +1023,7 @@ impl Persistence for SqliteStore {
     }
 
     fn reset_mesh(&self) -> Result<(), PersistError> {
+        self.check_open()?;
         let mut inner = self.lock();
         let tx = inner
             .conn
@@ -1030,5 +1036,29 @@ impl Persistence for SqliteStore {
 
     fn location(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn close(&self) {
+        let mut inner = self.lock();
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Dropping the connection closes the file and its exclusive lock
+        // (a stand-in keeps the type; it is never used).
+        if let Ok(stand_in) = Connection::open_in_memory() {
+            drop(std::mem::replace(&mut inner.conn, stand_in));
+        }
+    }
+}
+
+impl SqliteStore {
+    fn check_open(&self) -> Result<(), PersistError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(PersistError::Database {
+                path: self.path.clone(),
+                reason: "the store was closed".into(),
+            });
+        }
+        Ok(())
     }
 }
