@@ -281,7 +281,11 @@ fn the_readme_vector_command_succeeds_with_or_without_shared_vectors() {
 #[test]
 fn the_readme_names_every_example_and_only_real_ones() {
     let mut examples = Vec::new();
-    for manifest in ["crates/meshwire/Cargo.toml", "crates/meshwire-proto/Cargo.toml"] {
+    for manifest in [
+        "crates/meshwire/Cargo.toml",
+        "crates/meshwire-proto/Cargo.toml",
+        "crates/meshwire-server/Cargo.toml",
+    ] {
         let text = std::fs::read_to_string(repo().join(manifest)).unwrap();
         for line in text.lines() {
             if let Some(path) = line.strip_prefix("path = \"") {
