@@ -22,6 +22,10 @@ use tokio::time::Instant;
 /// How long a taking-over connection waits for the one it replaces to hand
 /// its undelivered queue back to the offline store.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
+/// Longest a sender waits for a closing slow consumer to hand its queue
+/// back when as much is parked for it as its queue may hold.
+const PARKED_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a slow consumer's close frame may take before its socket is
 /// dropped (its send buffer is full, so the frame may never go out).
 const SLOW_CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -64,6 +68,10 @@ pub(crate) struct ConnHandle {
 #[derive(Default)]
 pub(crate) struct Parked {
     frames: Vec<Delivery>,
+    /// Bytes of `frames`: at most the outbound byte budget (and at most
+    /// `outbound_queue` frames); past it senders wait until the connection
+    /// handed everything back, then store directly.
+    bytes: usize,
     released: bool,
 }
 
@@ -334,6 +342,7 @@ impl Connection {
                     parked.released = true;
                     break;
                 }
+                parked.bytes = 0;
                 std::mem::take(&mut parked.frames)
             };
             for delivery in frames {
@@ -389,41 +398,57 @@ async fn route(shared: &Shared, to: &str, mut delivery: Delivery) -> Result<(), 
                 Arc::clone(&h.queued_bytes),
                 Arc::clone(&h.slow),
                 Arc::clone(&h.parked),
+                h.done.clone(),
             )
         })
     });
-    if let Some((tx, queued_bytes, slow, parked)) = live {
+    if let Some((tx, queued_bytes, slow, parked, mut done)) = live {
         // Bound what a slow reader can make us hold: past the byte budget
         // (one frame always fits an empty queue) or the frame count, the
         // reader is a slow consumer: it is disconnected, and this frame and
         // every later one are parked, then stored after its queue (order
         // per recipient is kept).
-        let mut held = lock_parked(&parked);
-        if !held.released {
-            if held.frames.is_empty() {
-                let size = delivery.text.len();
-                let before = queued_bytes.fetch_add(size, Ordering::Relaxed);
-                if before == 0 || before.saturating_add(size) <= shared.config.outbound_queue_bytes {
-                    match tx.try_send(delivery) {
-                        Ok(()) => {
-                            shared.relay.routed.fetch_add(1, Ordering::Relaxed);
-                            return Ok(());
+        let wait = {
+            let mut held = lock_parked(&parked);
+            if held.released {
+                false
+            } else {
+                if held.frames.is_empty() {
+                    let size = delivery.text.len();
+                    let before = queued_bytes.fetch_add(size, Ordering::Relaxed);
+                    if before == 0 || before.saturating_add(size) <= shared.config.outbound_queue_bytes {
+                        match tx.try_send(delivery) {
+                            Ok(()) => {
+                                shared.relay.routed.fetch_add(1, Ordering::Relaxed);
+                                return Ok(());
+                            }
+                            Err(TrySendError::Full(back)) => {
+                                delivery = back;
+                                overflowed(shared, to, &slow);
+                            }
+                            Err(TrySendError::Closed(back)) => delivery = back,
                         }
-                        Err(TrySendError::Full(back)) => {
-                            delivery = back;
-                            overflowed(shared, to, &slow);
-                        }
-                        Err(TrySendError::Closed(back)) => delivery = back,
+                    } else {
+                        overflowed(shared, to, &slow);
                     }
-                } else {
-                    overflowed(shared, to, &slow);
+                    queued_bytes.fetch_sub(size, Ordering::Relaxed);
                 }
-                queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                let size = delivery.text.len();
+                let full = held.frames.len() >= shared.config.outbound_queue.max(1)
+                    || held.bytes.saturating_add(size) > shared.config.outbound_queue_bytes;
+                if !full {
+                    held.bytes += size;
+                    held.frames.push(delivery);
+                    return Ok(());
+                }
+                true
             }
-            // Parked frames are bounded by the sender quotas of the store
-            // they go to next, and by the connection closing now.
-            held.frames.push(delivery);
-            return Ok(());
+        };
+        if wait {
+            // As much is parked as a queue may hold: this sender waits until
+            // the connection handed it all to the store (it is closing), so
+            // that storing this frame now keeps the order.
+            let _ = tokio::time::timeout(PARKED_WAIT, done.wait_for(|done| *done)).await;
         }
     }
     match store(shared, to, delivery).await {
