@@ -7,43 +7,11 @@ use super::*;
 use rand_core::OsRng;
 use std::collections::VecDeque;
 
-const T0: Timestamp = Timestamp(1_795_262_400_000);
+use super::tests::{bundle, did, kind, Counter, T0};
 
-struct Counter(String, u32);
-
-impl IdSource for Counter {
-    fn next_id(&mut self) -> String {
-        self.1 += 1;
-        format!("{}-{}", self.0, self.1)
-    }
-}
-
+/// An agent with 8 one-time keys.
 fn agent(name: &str) -> Mesh {
-    let identity = Identity::generate(&mut OsRng);
-    let mut prekeys = PreKeys::generate(&mut OsRng, &identity);
-    prekeys.generate_one_time_keys(&mut OsRng, 8).unwrap();
-    Mesh::new(
-        identity,
-        prekeys,
-        MeshConfig::default(),
-        Box::new(Counter(name.into(), 0)),
-    )
-}
-
-fn did(m: &Mesh) -> String {
-    m.identity().did().to_string()
-}
-
-fn bundle(m: &Mesh) -> PreKeyBundle {
-    let otk = m.prekeys().one_time_key_ids().next();
-    m.prekeys().bundle(m.identity(), otk)
-}
-
-fn kind(text: &str) -> String {
-    serde_json::from_str::<Value>(text).unwrap()["type"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    super::tests::agent(name, 8)
 }
 
 fn id_of(text: &str) -> String {

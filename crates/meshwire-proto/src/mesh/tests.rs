@@ -1,9 +1,9 @@
 use super::*;
 use rand_core::OsRng;
 
-const T0: Timestamp = Timestamp(1_795_262_400_000);
+pub(super) const T0: Timestamp = Timestamp(1_795_262_400_000);
 
-struct Counter(String, u32);
+pub(super) struct Counter(pub(super) String, pub(super) u32);
 
 impl IdSource for Counter {
     fn next_id(&mut self) -> String {
@@ -12,7 +12,7 @@ impl IdSource for Counter {
     }
 }
 
-fn agent(name: &str, otks: usize) -> Mesh {
+pub(super) fn agent(name: &str, otks: usize) -> Mesh {
     let identity = Identity::generate(&mut OsRng);
     let mut prekeys = PreKeys::generate(&mut OsRng, &identity);
     prekeys.generate_one_time_keys(&mut OsRng, otks).unwrap();
@@ -24,11 +24,11 @@ fn agent(name: &str, otks: usize) -> Mesh {
     )
 }
 
-fn did(m: &Mesh) -> String {
+pub(super) fn did(m: &Mesh) -> String {
     m.identity().did().to_string()
 }
 
-fn bundle(m: &Mesh) -> PreKeyBundle {
+pub(super) fn bundle(m: &Mesh) -> PreKeyBundle {
     let otk = m.prekeys().one_time_key_ids().next();
     m.prekeys().bundle(m.identity(), otk)
 }
@@ -66,7 +66,7 @@ fn errors(events: &[Event]) -> Vec<ErrorKind> {
         .collect()
 }
 
-fn kind(text: &str) -> String {
+pub(super) fn kind(text: &str) -> String {
     serde_json::from_str::<Value>(text).unwrap()["type"]
         .as_str()
         .unwrap()

@@ -639,7 +639,7 @@ pub fn state_file(dir: &Path, did: &str) -> PathBuf {
 /// The JSON state file an older meshwire ([`crate::store::FileStore`])
 /// kept for `did` in `dir`.
 pub fn legacy_state_file(dir: &Path, did: &str) -> PathBuf {
-    dir.join(format!("{}.session.json", file_stem(did)))
+    crate::store::FileStore::new(dir).path(did)
 }
 
 fn file_stem(did: &str) -> String {
