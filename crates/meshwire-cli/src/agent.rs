@@ -44,22 +44,30 @@ pub struct AgentOpts {
     #[arg(long, env = "MESHWIRE_STATE", value_name = "DIR")]
     pub state: Option<PathBuf>,
     /// Relay URL. A URL with a path is used as given; a bare
-    /// ws(s)://host:port or http(s)://host:port gets /ws.
+    /// ws(s)://host:port or http(s)://host:port gets /ws. Several relays of
+    /// one cluster (`meshwire serve --nats`): repeat the flag or separate
+    /// the URLs with commas, the home relay first; when a relay is down or
+    /// drops the connection, the agent moves to the next one.
     #[arg(
         long,
         env = "MESHWIRE_RELAY",
         default_value = "ws://127.0.0.1:8765/ws",
-        value_name = "URL"
+        value_name = "URL",
+        value_delimiter = ',',
+        num_args = 1
     )]
-    pub relay: String,
-    /// Registry base URL.
+    pub relay: Vec<String>,
+    /// Registry base URL. Several (repeat the flag or separate with
+    /// commas): tried in order when one is unreachable or answers 5xx.
     #[arg(
         long,
         env = "MESHWIRE_REGISTRY",
         default_value = "http://127.0.0.1:8765",
-        value_name = "URL"
+        value_name = "URL",
+        value_delimiter = ',',
+        num_args = 1
     )]
-    pub registry: String,
+    pub registry: Vec<String>,
     /// File holding the relay's shared-secret token (the relay of
     /// `meshwire serve --relay-token`, AGT's AGENTMESH_RELAY_TOKEN).
     #[arg(long, env = "MESHWIRE_RELAY_TOKEN_FILE", value_name = "FILE")]
@@ -223,7 +231,10 @@ impl AgentOpts {
         let store = self.store_dir()?;
         let token = self.relay_token()?;
         let timeout = seconds(self.timeout)?;
-        let mut builder = MeshClient::builder(identity, self.relay.clone(), self.registry.clone())
+        // Both lists hold at least one URL: they replace these.
+        let mut builder = MeshClient::builder(identity, String::new(), String::new())
+            .relay_urls(self.relay_urls()?)
+            .registry_urls(self.registry_urls()?)
             .capabilities([CLI_CAPABILITY])
             .state_dir(store)
             .config(|c| {
@@ -244,8 +255,38 @@ impl AgentOpts {
             timeout: seconds(self.timeout)?,
             ..RegistryOptions::default()
         };
-        RegistryClient::new(&self.registry, options).map_err(|e| e.to_string())
+        RegistryClient::with_fallbacks(&self.registry_urls()?, options).map_err(|e| e.to_string())
     }
+
+    /// The `--relay` URLs (blank entries of a comma list skipped); at
+    /// least one.
+    fn relay_urls(&self) -> CliResult<Vec<String>> {
+        url_list(&self.relay, "--relay")
+    }
+
+    /// The `--registry` URLs; at least one.
+    fn registry_urls(&self) -> CliResult<Vec<String>> {
+        url_list(&self.registry, "--registry")
+    }
+
+    /// The registry URLs as printed in messages.
+    fn registry_text(&self) -> String {
+        self.registry.join(",")
+    }
+}
+
+/// `given` without blank entries; an error naming `flag` when none is left.
+fn url_list(given: &[String], flag: &str) -> CliResult<Vec<String>> {
+    let urls: Vec<String> = given
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        return Err(format!("{flag}: no URL given"));
+    }
+    Ok(urls)
 }
 
 /// Runs `future` on a fresh runtime.
@@ -300,7 +341,7 @@ async fn resolve(opts: &AgentOpts, client: Option<&MeshClient>, name: &str) -> C
         Some(client) => client.find(name).await.map_err(|e| e.to_string())?,
         None => find_in_registry(&opts.registry()?, name, None).await?,
     };
-    found.ok_or_else(|| format!("no agent named {name:?} in the registry at {}", opts.registry))
+    found.ok_or_else(|| format!("no agent named {name:?} in the registry at {}", opts.registry_text()))
 }
 
 /// The most recently seen agent registered as `name` (other than `me`).
@@ -549,6 +590,7 @@ fn report_event(event: &ClientEvent, verbose: bool) -> CliResult<()> {
             eprintln!("relay connection lost ({code:?} {reason}); reconnecting")
         }
         ClientEvent::Connected { reconnect: true } => eprintln!("relay connection back"),
+        ClientEvent::RelayChanged { url, .. } => eprintln!("now on relay {url}"),
         ClientEvent::TakenOver { reason } => {
             return Err(format!(
                 "another instance of this agent took its relay connection ({reason}); stopping"
@@ -572,7 +614,10 @@ pub fn find(opts: AgentOpts, name: String) -> CliResult<()> {
                 println!("{did}");
                 Ok(())
             }
-            None => Err(format!("no agent named {name:?} in the registry at {}", opts.registry)),
+            None => Err(format!(
+                "no agent named {name:?} in the registry at {}",
+                opts.registry_text()
+            )),
         }
     })
 }

@@ -47,6 +47,28 @@ fn field<'a>(request: &'a Value, name: &str) -> Result<&'a str, String> {
         .ok_or_else(|| format!("missing string field {name:?}"))
 }
 
+/// Field `name` as one URL or several (a JSON array of strings, or one
+/// string of comma-separated URLs); at least one.
+fn url_list(request: &Value, name: &str) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = match request.get(name) {
+        Some(Value::String(text)) => text.split(',').map(str::trim).map(str::to_owned).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| {
+                item.as_str()
+                    .map(|u| u.trim().to_owned())
+                    .ok_or_else(|| format!("field {name:?}: not a list of strings"))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(format!("missing string field {name:?}")),
+    };
+    let urls: Vec<String> = urls.into_iter().filter(|u| !u.is_empty()).collect();
+    if urls.is_empty() {
+        return Err(format!("field {name:?}: no URL"));
+    }
+    Ok(urls)
+}
+
 impl Peer {
     fn client(&self) -> Result<&MeshClient, String> {
         self.client.as_ref().ok_or_else(|| "not connected".to_owned())
@@ -82,7 +104,11 @@ impl Peer {
             "connect" => {
                 let mut seed = [0u8; 32];
                 hex::decode_to_slice(field(request, "seed")?, &mut seed).map_err(|e| format!("seed: {e}"))?;
-                let mut config = ClientConfig::new(field(request, "relay")?, field(request, "registry")?);
+                let mut config = ClientConfig::new(String::new(), String::new());
+                // A list (JSON array or comma-separated): the cluster's
+                // instances, home first; the client fails over along it.
+                config.set_relay_urls(url_list(request, "relay")?);
+                config.set_registry_urls(url_list(request, "registry")?);
                 config.display_name = Some(field(request, "name")?.to_owned());
                 config.reconnect_base = Duration::from_millis(200);
                 config.reconnect_max = Duration::from_secs(2);

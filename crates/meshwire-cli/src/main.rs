@@ -83,7 +83,7 @@ enum Command {
         command: state_cmd::StateCommand,
     },
     /// Run the embedded relay (WebSocket /ws) and registry (HTTP /v1) on one port.
-    Serve(serve_cmd::ServeArgs),
+    Serve(Box<serve_cmd::ServeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -127,7 +127,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve(args) => serve_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(*args),
         Command::Vectors {
             command: VectorsCommand::Verify { paths, skip_missing },
         } => verify(&paths, skip_missing),

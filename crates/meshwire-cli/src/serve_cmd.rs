@@ -7,7 +7,7 @@ use crate::serve_addr;
 use clap::Args;
 use meshwire_server::storage::nats::NatsOptions;
 use meshwire_server::storage::Storage;
-use meshwire_server::ServerConfig;
+use meshwire_server::{ChallengeSecret, ServerConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -76,9 +76,46 @@ pub struct ServeArgs {
     /// (environment: comma-separated).
     #[arg(long = "public-origin", env = "MESHWIRE_PUBLIC_ORIGIN", value_delimiter = ',')]
     public_origins: Vec<String>,
+    /// File holding the HMAC key of challenge nonces (32 raw bytes, 64 hex characters or base64 of 32
+    /// bytes; e.g. `openssl rand -hex 32`). Replicas behind one load balancer need the same key (and shared
+    /// storage, --nats) for --require-challenge. The key itself can come from the MESHWIRE_CHALLENGE_SECRET
+    /// environment variable instead; it is never taken from the command line. Default: a random key per process.
+    #[arg(long, value_name = "FILE", env = "MESHWIRE_CHALLENGE_SECRET_FILE")]
+    challenge_secret_file: Option<PathBuf>,
     /// Pre-key bundle fetches per minute per requester (DID, or IP; loopback not limited); 0 disables. Default 30.
     #[arg(long, env = "MESHWIRE_BUNDLE_FETCHES_PER_MINUTE")]
     bundle_fetches_per_minute: Option<u32>,
+    /// Registrations per minute per peer IP (loopback not limited); more get 429 + Retry-After; 0 disables.
+    /// Default 20.
+    #[arg(long, env = "MESHWIRE_REGISTRATIONS_PER_MINUTE")]
+    registrations_per_minute: Option<u32>,
+    /// Discovery requests per minute per requester (DID, or IP; loopback not limited); more get 429 +
+    /// Retry-After; 0 disables. Default 60.
+    #[arg(long, env = "MESHWIRE_DISCOVERIES_PER_MINUTE")]
+    discoveries_per_minute: Option<u32>,
+    /// Apply the per-IP rate limits to loopback peers too (behind a reverse proxy on the same host).
+    #[arg(long, env = "MESHWIRE_RATE_LIMIT_LOOPBACK", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new())]
+    rate_limit_loopback: Option<bool>,
+    /// Requesters each rate limit tracks; past it, new ones share one budget. Default 10000.
+    #[arg(long, env = "MESHWIRE_MAX_RATE_LIMITED_REQUESTERS")]
+    max_rate_limited_requesters: Option<usize>,
+    /// Store offline mail only for registered DIDs (mail for unknown DIDs that are not connected is refused).
+    #[arg(long, env = "MESHWIRE_ROUTE_ONLY_REGISTERED", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new())]
+    route_only_registered: Option<bool>,
+    /// Offline messages queued for one recipient at most. Default 10000.
+    #[arg(long, env = "MESHWIRE_MAX_STORED_PER_RECIPIENT")]
+    max_stored_per_recipient: Option<usize>,
+    /// Offline messages one sender may have queued, all recipients together. Default 2000.
+    #[arg(long, env = "MESHWIRE_MAX_STORED_PER_SENDER")]
+    max_stored_per_sender: Option<usize>,
+    /// Offline messages queued in total. Default 100000.
+    #[arg(long, env = "MESHWIRE_MAX_STORED_TOTAL")]
+    max_stored_total: Option<usize>,
+    /// Bytes of offline messages queued in total. Default 256 MiB.
+    #[arg(long, env = "MESHWIRE_MAX_STORED_BYTES")]
+    max_stored_bytes: Option<usize>,
     /// Log format on stderr: text (default) or json (one object a line).
     #[arg(long, value_enum, env = "MESHWIRE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -91,7 +128,7 @@ pub struct ServeArgs {
     /// Open relay WebSockets at most; more get HTTP 503. Default 10000.
     #[arg(long, env = "MESHWIRE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
-    /// Frames queued for one connection before it counts as a slow consumer and is closed (4008). Default 1024.
+    /// Frames queued for one connection before it counts as a slow consumer and is closed (4008). Default 8192.
     #[arg(long, env = "MESHWIRE_OUTBOUND_QUEUE")]
     outbound_queue: Option<usize>,
     /// Bytes queued for one connection before it counts as a slow consumer and is closed (4008). Default 16 MiB.
@@ -140,7 +177,17 @@ struct FileSettings {
     replay_window_secs: Option<u64>,
     require_challenge: Option<bool>,
     public_origin: Option<Vec<String>>,
+    challenge_secret_file: Option<PathBuf>,
     bundle_fetches_per_minute: Option<u32>,
+    registrations_per_minute: Option<u32>,
+    discoveries_per_minute: Option<u32>,
+    rate_limit_loopback: Option<bool>,
+    max_rate_limited_requesters: Option<usize>,
+    route_only_registered: Option<bool>,
+    max_stored_per_recipient: Option<usize>,
+    max_stored_per_sender: Option<usize>,
+    max_stored_total: Option<usize>,
+    max_stored_bytes: Option<usize>,
     log_format: Option<LogFormat>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -242,8 +289,36 @@ impl ServeArgs {
         Ok(file.relay_token.clone().map(Zeroizing::new))
     }
 
+    /// The challenge secret: `--challenge-secret-file` (or
+    /// `MESHWIRE_CHALLENGE_SECRET_FILE`), else `MESHWIRE_CHALLENGE_SECRET`
+    /// (`env_secret`), else the file's `challenge-secret-file`.
+    fn challenge_secret(
+        &self,
+        file: &FileSettings,
+        env_secret: Option<&[u8]>,
+    ) -> Result<Option<ChallengeSecret>, String> {
+        if let Some(path) = &self.challenge_secret_file {
+            return read_challenge_secret(path).map(Some);
+        }
+        if let Some(secret) = env_secret {
+            return ChallengeSecret::parse(secret)
+                .map(Some)
+                .map_err(|e| format!("MESHWIRE_CHALLENGE_SECRET: {e}"));
+        }
+        match &file.challenge_secret_file {
+            Some(path) => read_challenge_secret(path).map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn settings(&self) -> Result<Settings, String> {
+        let env_secret = std::env::var_os(CHALLENGE_SECRET_ENV).map(|v| Zeroizing::new(v.into_encoded_bytes()));
+        self.settings_with(env_secret.as_deref().map(Vec::as_slice))
+    }
+
+    fn settings_with(&self, env_secret: Option<&[u8]>) -> Result<Settings, String> {
         let file = self.file()?;
+        let challenge_secret = self.challenge_secret(&file, env_secret)?;
         let defaults = ServerConfig::default();
         let backend = self.backend(&file)?;
         let relay_token = self.relay_token(&file)?.map(|t| t.as_str().to_owned());
@@ -302,6 +377,37 @@ impl ServeArgs {
                 None => defaults.message_ttl,
             },
             max_agents: self.max_agents.or(file.max_agents).unwrap_or(defaults.max_agents),
+            challenge_secret,
+            registrations_per_minute: self
+                .registrations_per_minute
+                .or(file.registrations_per_minute)
+                .unwrap_or(defaults.registrations_per_minute),
+            discoveries_per_minute: self
+                .discoveries_per_minute
+                .or(file.discoveries_per_minute)
+                .unwrap_or(defaults.discoveries_per_minute),
+            rate_limit_loopback: flag(self.rate_limit_loopback, file.rate_limit_loopback),
+            max_rate_limited_requesters: self
+                .max_rate_limited_requesters
+                .or(file.max_rate_limited_requesters)
+                .unwrap_or(defaults.max_rate_limited_requesters),
+            route_only_registered: flag(self.route_only_registered, file.route_only_registered),
+            max_stored_per_recipient: self
+                .max_stored_per_recipient
+                .or(file.max_stored_per_recipient)
+                .unwrap_or(defaults.max_stored_per_recipient),
+            max_stored_per_sender: self
+                .max_stored_per_sender
+                .or(file.max_stored_per_sender)
+                .unwrap_or(defaults.max_stored_per_sender),
+            max_stored_total: self
+                .max_stored_total
+                .or(file.max_stored_total)
+                .unwrap_or(defaults.max_stored_total),
+            max_stored_bytes: self
+                .max_stored_bytes
+                .or(file.max_stored_bytes)
+                .unwrap_or(defaults.max_stored_bytes),
             ..defaults
         };
         Ok(Settings {
@@ -334,7 +440,17 @@ impl Settings {
             "replay-window-secs": c.replay_window.as_secs(),
             "require-challenge": c.require_challenge,
             "public-origin": c.public_origins,
+            "challenge-secret": c.challenge_secret.as_ref().map(|_| "<set>"),
             "bundle-fetches-per-minute": c.bundle_fetches_per_minute,
+            "registrations-per-minute": c.registrations_per_minute,
+            "discoveries-per-minute": c.discoveries_per_minute,
+            "rate-limit-loopback": c.rate_limit_loopback,
+            "max-rate-limited-requesters": c.max_rate_limited_requesters,
+            "route-only-registered": c.route_only_registered,
+            "max-stored-per-recipient": c.max_stored_per_recipient,
+            "max-stored-per-sender": c.max_stored_per_sender,
+            "max-stored-total": c.max_stored_total,
+            "max-stored-bytes": c.max_stored_bytes,
             "max-connections": c.max_connections,
             "outbound-queue": c.outbound_queue,
             "outbound-queue-bytes": c.outbound_queue_bytes,
@@ -358,6 +474,18 @@ fn read_token_file(path: &Path) -> Result<Zeroizing<String>, String> {
         return Err(format!("the relay token file {} is empty", path.display()));
     }
     Ok(Zeroizing::new(token.to_owned()))
+}
+
+/// The environment variable holding the challenge secret itself.
+const CHALLENGE_SECRET_ENV: &str = "MESHWIRE_CHALLENGE_SECRET";
+
+/// The challenge secret in `path` (see [`ChallengeSecret::parse`]); the
+/// error names the file and the problem, never the content.
+fn read_challenge_secret(path: &Path) -> Result<ChallengeSecret, String> {
+    let bytes = Zeroizing::new(
+        std::fs::read(path).map_err(|e| format!("cannot read the challenge secret file {}: {e}", path.display()))?,
+    );
+    ChallengeSecret::parse(&bytes).map_err(|e| format!("the challenge secret file {}: {e}", path.display()))
 }
 
 /// Creates `dir` (and its parents) with mode 0700 when missing.
@@ -620,6 +748,113 @@ mod tests {
         assert!(args(&["--memory", "--tls-cert", "/c"])
             .settings()
             .is_err_and(|e| e.contains("--tls-key")));
+    }
+
+    #[test]
+    fn challenge_secret_sources() {
+        let dir = tempdir_for("challenge");
+        let file = dir.join("secret");
+        let key = [5u8; 32];
+        std::fs::write(&file, format!("{}\n", hex::encode(key))).unwrap_or_else(|e| panic!("{e}"));
+        let path = file.display().to_string();
+        let from_file = args(&["--memory", "--challenge-secret-file", &path])
+            .settings_with(None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(from_file.config.challenge_secret.is_some());
+        assert_eq!(from_file.to_json()["challenge-secret"], "<set>");
+        // The environment's key when no file is named.
+        let from_env = args(&["--memory"])
+            .settings_with(Some(hex::encode([6u8; 32]).as_bytes()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(from_env.config.challenge_secret.is_some());
+        assert!(args(&["--memory"])
+            .settings_with(None)
+            .is_ok_and(|s| s.config.challenge_secret.is_none() && s.to_json()["challenge-secret"].is_null()));
+        // Problems are named, the content never shown.
+        std::fs::write(&file, "not-a-key-but-secret-text\n").unwrap_or_else(|e| panic!("{e}"));
+        let error = args(&["--memory", "--challenge-secret-file", &path])
+            .settings_with(None)
+            .err()
+            .unwrap_or_default();
+        assert!(error.contains(&path) && error.contains("32 raw bytes"), "{error}");
+        assert!(!error.contains("secret-text"), "{error}");
+        let error = args(&["--memory"])
+            .settings_with(Some(b"abc"))
+            .err()
+            .unwrap_or_default();
+        assert!(error.starts_with("MESHWIRE_CHALLENGE_SECRET:"), "{error}");
+        assert!(
+            args(&["--memory", "--challenge-secret-file", "/nonexistent/meshwire-secret"])
+                .settings_with(None)
+                .is_err_and(|e| e.contains("cannot read the challenge secret file"))
+        );
+        // Never a value on argv.
+        assert!(parse(&["--challenge-secret", "00"]).is_err());
+        // The configuration file's key.
+        let settings = FileSettings::parse(&format!("challenge-secret-file = {path:?}\n"), "x.toml");
+        assert!(settings.is_ok_and(|f| f.challenge_secret_file == Some(file.clone())));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn limit_flags_reach_the_config() {
+        let s = args(&[
+            "--memory",
+            "--registrations-per-minute",
+            "3",
+            "--discoveries-per-minute",
+            "4",
+            "--rate-limit-loopback",
+            "--route-only-registered",
+            "--max-stored-per-recipient",
+            "50",
+            "--max-stored-per-sender",
+            "10",
+            "--max-stored-total",
+            "500",
+            "--max-stored-bytes",
+            "65536",
+            "--max-rate-limited-requesters",
+            "7",
+        ])
+        .settings_with(None)
+        .unwrap_or_else(|e| panic!("{e}"));
+        let c = &s.config;
+        assert_eq!((c.registrations_per_minute, c.discoveries_per_minute), (3, 4));
+        assert!(c.rate_limit_loopback && c.route_only_registered);
+        assert_eq!(
+            (
+                c.max_stored_per_recipient,
+                c.max_stored_per_sender,
+                c.max_stored_total,
+                c.max_stored_bytes
+            ),
+            (50, 10, 500, 65536)
+        );
+        assert_eq!(c.max_rate_limited_requesters, 7);
+        let limits = c.storage_limits().mailbox;
+        assert_eq!((limits.per_recipient, limits.per_sender, limits.total), (50, 10, 500));
+        let defaults = args(&["--memory"])
+            .settings_with(None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let d = ServerConfig::default();
+        assert_eq!(defaults.config.registrations_per_minute, d.registrations_per_minute);
+        assert_eq!(defaults.config.discoveries_per_minute, d.discoveries_per_minute);
+        assert!(!defaults.config.route_only_registered && !defaults.config.rate_limit_loopback);
+        let file = FileSettings::parse(
+            "registrations-per-minute = 9\nroute-only-registered = true\nmax-stored-total = 11\n",
+            "x.toml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(file.registrations_per_minute, Some(9));
+        assert_eq!(file.route_only_registered, Some(true));
+        assert_eq!(file.max_stored_total, Some(11));
+    }
+
+    fn tempdir_for(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("meshwire-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        dir
     }
 
     #[test]

@@ -340,7 +340,7 @@ fn error_kind_name(kind: ErrorKind) -> &'static str {
 /// `connected`, `reconnected`, `disconnected`, `taken_over`, `rejected`,
 /// `knock`, `knock_accepted`, `knock_rejected`, `session_established`,
 /// `session_replaced`, `delivered`, `reregistered`, `registry_error`,
-/// `store_error`, `error`; the other attributes are set
+/// `store_error`, `relay_changed`, `error`; the other attributes are set
 /// where they apply and `None` elsewhere.
 #[pyclass(frozen, name = "Event", module = "meshwire")]
 pub struct PyEvent {
@@ -368,6 +368,7 @@ impl PyEvent {
             ClientEvent::RegistryError { .. } => "registry_error",
             ClientEvent::StoreError { .. } => "store_error",
             ClientEvent::Error { .. } => "error",
+            ClientEvent::RelayChanged { .. } => "relay_changed",
             _ => "other",
         }
     }
@@ -408,6 +409,15 @@ impl PyEvent {
             | ClientEvent::Rejected { reason, .. } => Some(reason),
             ClientEvent::KnockRejected { reason, .. } => reason.as_deref(),
             ClientEvent::Reregistered { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The relay joined now (`relay_changed`).
+    #[getter]
+    fn url(&self) -> Option<&str> {
+        match &self.event {
+            ClientEvent::RelayChanged { url, .. } => Some(url),
             _ => None,
         }
     }
@@ -543,6 +553,8 @@ impl PyMeshClient {
         connect_timeout = 10.0,
         relay_token = None,
         manual_ack = false,
+        fallback_relay_urls = Vec::new(),
+        fallback_registry_urls = Vec::new(),
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -558,9 +570,13 @@ impl PyMeshClient {
         connect_timeout: f64,
         relay_token: Option<String>,
         manual_ack: bool,
+        fallback_relay_urls: Vec<String>,
+        fallback_registry_urls: Vec<String>,
     ) -> PyResult<Self> {
         check_callable(&knock_policy, py)?;
         let mut config = ClientConfig::new(relay_url, registry_url);
+        config.fallback_relay_urls = fallback_relay_urls;
+        config.fallback_registry_urls = fallback_registry_urls;
         config.display_name = display_name;
         config.capabilities = capabilities;
         config.metadata = metadata.unwrap_or_default();

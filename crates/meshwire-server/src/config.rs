@@ -119,6 +119,10 @@ pub struct ServerConfig {
     /// Bytes of frames queued for one live connection; past it, as past
     /// [`ServerConfig::outbound_queue`]. Default 16 MiB.
     pub outbound_queue_bytes: usize,
+    /// How long the relay waits for another instance to take a frame for
+    /// an agent connected there (NATS storage only: [`Storage::live`])
+    /// before storing the frame in the mailbox instead. Default 500 ms.
+    pub cluster_route_timeout: Duration,
     /// Open relay WebSockets (handshaking ones included). Further upgrades
     /// get HTTP 503 with `Retry-After`. Default 10,000.
     pub max_connections: usize,
@@ -188,15 +192,35 @@ pub struct ServerConfig {
     /// its peer IP) may make per minute; more get 429 with `Retry-After`.
     /// Default 30. `0` disables the limit.
     pub bundle_fetches_per_minute: u32,
-    /// Also limit unauthenticated fetches from loopback addresses. Off by
+    /// Registrations (`POST /v1/agents`) one peer IP may make per minute;
+    /// more get 429 with `Retry-After`, counted as
+    /// `meshwire_rate_limited_total{limit="registration"}`. Default 20.
+    /// `0` disables the limit.
+    pub registrations_per_minute: u32,
+    /// Discovery requests (`GET /v1/discover`) one requester (its
+    /// authenticated DID, else its peer IP) may make per minute; more get
+    /// 429 with `Retry-After`, counted as
+    /// `meshwire_rate_limited_total{limit="discovery"}`. Default 60. `0`
+    /// disables the limit.
+    pub discoveries_per_minute: u32,
+    /// Also apply the per-IP rate limits (registrations, bundle fetches,
+    /// discovery) to loopback addresses. Off by
     /// default: local tests and interop runs put every agent behind
     /// 127.0.0.1, where one shared budget would throttle them all. (Behind
     /// a reverse proxy on the same host every request is loopback: turn
     /// this on there, or limit at the proxy.)
     pub rate_limit_loopback: bool,
-    /// Requesters whose bundle fetch budget is tracked; past it, untracked
+    /// Requesters whose budget each rate limit tracks; past it, untracked
     /// requesters share one budget. Default 10,000.
     pub max_rate_limited_requesters: usize,
+    /// Store offline mail only for DIDs the registry knows: a frame for an
+    /// unregistered recipient that is not connected is refused (error
+    /// frame to the sender, counted as
+    /// `meshwire_limit_refusals_total{limit="unregistered_recipient"}`),
+    /// so mail for made-up DIDs cannot fill the store. Live delivery to a
+    /// connected recipient is unchanged. Off by default (the reference
+    /// relay stores mail for any DID).
+    pub route_only_registered: bool,
     /// How long the registry keeps an agent's previous signed pre-key after
     /// a rotation (AGT spec section 6.2: 14 days).
     pub signed_pre_key_retention: Duration,
@@ -213,6 +237,75 @@ impl ChallengeSecret {
     /// deployment).
     pub fn new(bytes: [u8; 32]) -> Self {
         Self(zeroize::Zeroizing::new(bytes))
+    }
+}
+
+/// A challenge secret could not be read. The Display names the problem,
+/// never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChallengeSecretError {
+    /// Nothing was given (an empty file or variable).
+    #[error("the challenge secret is empty (want 32 raw bytes, 64 hex characters or base64 of 32 bytes)")]
+    Empty,
+    /// 64 characters (the length of a hex key) that are not all hex digits.
+    #[error("the challenge secret looks like hex but is not valid hex (character {position})")]
+    BadHex {
+        /// 0-based index of the first character that is not a hex digit.
+        position: usize,
+    },
+    /// Text that is neither 64 hex characters nor base64 of 32 bytes, nor
+    /// 32 raw bytes.
+    #[error(
+        "the challenge secret must be 32 raw bytes, 64 hex characters or base64 of 32 bytes \
+         (got {len} bytes{decoded})",
+        decoded = match .decoded { Some(n) => format!(", {n} after base64 decoding"), None => String::new() }
+    )]
+    WrongLength {
+        /// Bytes given (after trimming surrounding whitespace).
+        len: usize,
+        /// Bytes the text decoded to as base64, when it is base64.
+        decoded: Option<usize>,
+    },
+}
+
+impl ChallengeSecret {
+    /// Reads a secret as kept in a file or an environment variable:
+    /// exactly 32 raw bytes, or (surrounding whitespace ignored) 64 hex
+    /// characters, or base64 (standard or URL alphabet, padded or not) of
+    /// 32 bytes. Generate one with `openssl rand -hex 32`.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ChallengeSecretError> {
+        if let Ok(raw) = <[u8; 32]>::try_from(bytes) {
+            // Hex and base64 of a 32-byte key are never 32 characters long.
+            return Ok(Self::new(raw));
+        }
+        let text = bytes.trim_ascii();
+        if text.is_empty() {
+            return Err(ChallengeSecretError::Empty);
+        }
+        if text.len() == 64 {
+            // 64 characters: hex (base64 of that length is 48 bytes, not a key).
+            if let Some(position) = text.iter().position(|b| !b.is_ascii_hexdigit()) {
+                return Err(ChallengeSecretError::BadHex { position });
+            }
+            let mut key = zeroize::Zeroizing::new([0u8; 32]);
+            hex::decode_to_slice(text, key.as_mut_slice()).map_err(|_| ChallengeSecretError::BadHex { position: 0 })?;
+            return Ok(Self(key));
+        }
+        let decoded = std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| meshwire_proto::encoding::b64_decode(t).ok())
+            .map(zeroize::Zeroizing::new);
+        match decoded {
+            Some(bytes) if bytes.len() == 32 => {
+                let mut key = zeroize::Zeroizing::new([0u8; 32]);
+                key.copy_from_slice(&bytes);
+                Ok(Self(key))
+            }
+            other => Err(ChallengeSecretError::WrongLength {
+                len: text.len(),
+                decoded: other.map(|b| b.len()),
+            }),
+        }
     }
 }
 
@@ -276,6 +369,7 @@ impl Default for ServerConfig {
             max_stored_bytes: 256 * 1024 * 1024,
             outbound_queue: 8192,
             outbound_queue_bytes: 16 * 1024 * 1024,
+            cluster_route_timeout: Duration::from_millis(500),
             max_connections: 10_000,
             max_agents: 100_000,
             max_one_time_keys: 1000,
@@ -295,8 +389,11 @@ impl Default for ServerConfig {
             challenge_secret: None,
             public_origins: Vec::new(),
             bundle_fetches_per_minute: 30,
+            registrations_per_minute: 20,
+            discoveries_per_minute: 60,
             rate_limit_loopback: false,
             max_rate_limited_requesters: 10_000,
+            route_only_registered: false,
             signed_pre_key_retention: Duration::from_secs(14 * 24 * 3600),
             clock: Arc::new(SystemClock),
         }
@@ -320,6 +417,7 @@ impl fmt::Debug for ServerConfig {
             .field("max_stored_bytes", &self.max_stored_bytes)
             .field("outbound_queue", &self.outbound_queue)
             .field("outbound_queue_bytes", &self.outbound_queue_bytes)
+            .field("cluster_route_timeout", &self.cluster_route_timeout)
             .field("max_connections", &self.max_connections)
             .field("max_agents", &self.max_agents)
             .field("max_one_time_keys", &self.max_one_time_keys)
@@ -339,8 +437,11 @@ impl fmt::Debug for ServerConfig {
             .field("challenge_secret", &self.challenge_secret)
             .field("public_origins", &self.public_origins)
             .field("bundle_fetches_per_minute", &self.bundle_fetches_per_minute)
+            .field("registrations_per_minute", &self.registrations_per_minute)
+            .field("discoveries_per_minute", &self.discoveries_per_minute)
             .field("rate_limit_loopback", &self.rate_limit_loopback)
             .field("max_rate_limited_requesters", &self.max_rate_limited_requesters)
+            .field("route_only_registered", &self.route_only_registered)
             .field("signed_pre_key_retention", &self.signed_pre_key_retention)
             .finish_non_exhaustive()
     }
@@ -348,4 +449,46 @@ impl fmt::Debug for ServerConfig {
 
 pub(crate) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenge_secrets_parse_from_raw_hex_and_base64() {
+        let key: [u8; 32] = std::array::from_fn(|i| u8::try_from(i * 7 % 256).unwrap_or(0));
+        let same = |s: Result<ChallengeSecret, ChallengeSecretError>| s.map(|s| *s.0);
+        assert_eq!(same(ChallengeSecret::parse(&key)), Ok(key));
+        let hex_text = format!("{}\n", hex::encode(key));
+        assert_eq!(same(ChallengeSecret::parse(hex_text.as_bytes())), Ok(key));
+        let upper = hex::encode_upper(key);
+        assert_eq!(same(ChallengeSecret::parse(upper.as_bytes())), Ok(key));
+        let b64 = meshwire_proto::encoding::b64_url(&key);
+        assert_eq!(same(ChallengeSecret::parse(format!("  {b64}\r\n").as_bytes())), Ok(key));
+        assert_eq!(ChallengeSecret::parse(b" \n").err(), Some(ChallengeSecretError::Empty));
+        let mut bad_hex = hex::encode(key);
+        bad_hex.replace_range(10..11, "g");
+        assert_eq!(
+            ChallengeSecret::parse(bad_hex.as_bytes()).err(),
+            Some(ChallengeSecretError::BadHex { position: 10 })
+        );
+        let short = ChallengeSecret::parse(b"deadbeef").err();
+        assert_eq!(
+            short,
+            Some(ChallengeSecretError::WrongLength {
+                len: 8,
+                decoded: Some(6)
+            })
+        );
+        let message = short.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("32 raw bytes") && message.contains("got 8 bytes"),
+            "{message}"
+        );
+        assert!(!message.contains("deadbeef"), "{message}");
+        // Never printed.
+        let secret = ChallengeSecret::parse(hex_text.as_bytes()).map(|s| format!("{s:?}"));
+        assert_eq!(secret.as_deref(), Ok("ChallengeSecret(<redacted>)"));
+    }
 }

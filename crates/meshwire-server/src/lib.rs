@@ -41,7 +41,7 @@ pub mod storage;
 mod tls;
 mod util;
 
-pub use config::{ChallengeSecret, Clock, ManualClock, ServerConfig, SystemClock};
+pub use config::{ChallengeSecret, ChallengeSecretError, Clock, ManualClock, ServerConfig, SystemClock};
 pub use relay::close_code;
 pub use replay::{ClaimError, MemoryLedger, ProofLedger, DEFAULT_MAX_LIVE_PROOFS, DEFAULT_MAX_LIVE_PROOFS_PER_DID};
 pub use server::{serve, serve_with_shutdown, start, start_split, RunningServer, Server, ServerError, Stats};

@@ -15,6 +15,9 @@
 //! | `meshwire_mailbox_messages` | gauge | (queued offline messages) |
 //! | `meshwire_mailbox_bytes` | gauge | |
 //! | `meshwire_messages_stored_total` / `_delivered_total` / `_routed_total` | counter | |
+//! | `meshwire_cluster_routed_out_total` / `_routed_in_total` | counter | (frames handed to / taken from another instance over NATS) |
+//! | `meshwire_cluster_fallbacks_total` | counter | `reason` (frames for an agent not connected here that went to the mailbox after asking the cluster) |
+//! | `meshwire_cluster_takeovers_total` | counter | (connections closed with 4006 for a newer one on another instance) |
 //! | `meshwire_registered_agents` | gauge | |
 //! | `meshwire_live_proofs` | gauge | |
 //! | `meshwire_auth_failures_total` | counter | `reason` |
@@ -61,6 +64,10 @@ pub(crate) struct Metrics {
     pub(crate) stored: Counter,
     pub(crate) delivered: Counter,
     pub(crate) routed: Counter,
+    pub(crate) cluster_out: Counter,
+    pub(crate) cluster_in: Counter,
+    cluster_fallbacks: Counters,
+    pub(crate) cluster_takeovers: Counter,
     pub(crate) agents: Gauge,
     pub(crate) live_proofs: Gauge,
     auth_failures: Counters,
@@ -91,6 +98,10 @@ impl Metrics {
             stored: Counter::default(),
             delivered: Counter::default(),
             routed: Counter::default(),
+            cluster_out: Counter::default(),
+            cluster_in: Counter::default(),
+            cluster_fallbacks: Counters::default(),
+            cluster_takeovers: Counter::default(),
             agents: Gauge::default(),
             live_proofs: Gauge::default(),
             auth_failures: Counters::default(),
@@ -137,6 +148,26 @@ impl Metrics {
             this.delivered.clone(),
         );
         registry.register("messages_routed", "Frames forwarded live", this.routed.clone());
+        registry.register(
+            "cluster_routed_out",
+            "Frames handed live to an agent connected to another instance (NATS)",
+            this.cluster_out.clone(),
+        );
+        registry.register(
+            "cluster_routed_in",
+            "Frames taken from another instance for an agent connected here (NATS)",
+            this.cluster_in.clone(),
+        );
+        registry.register(
+            "cluster_fallbacks",
+            "Frames for an agent not connected here stored in the mailbox after asking the cluster, by reason",
+            this.cluster_fallbacks.clone(),
+        );
+        registry.register(
+            "cluster_takeovers",
+            "Connections closed (4006) because the same DID connected to another instance",
+            this.cluster_takeovers.clone(),
+        );
         registry.register("registered_agents", "Agents in the registry", this.agents.clone());
         registry.register(
             "live_proofs",
@@ -181,6 +212,20 @@ impl Metrics {
         self.frames_out.get_or_create(&[("type", kind)]).inc();
     }
 
+    /// Counts a frame stored after asking the cluster (`reason`:
+    /// [`CLUSTER_FALLBACK_REASONS`]).
+    pub(crate) fn cluster_fallback(&self, reason: &'static str) {
+        self.cluster_fallbacks.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Frames stored after asking the cluster, all reasons.
+    pub(crate) fn cluster_fallbacks_total(&self) -> u64 {
+        CLUSTER_FALLBACK_REASONS
+            .iter()
+            .map(|reason| self.cluster_fallbacks.get_or_create(&[("reason", reason)]).get())
+            .sum()
+    }
+
     /// Counts a refused authentication.
     pub(crate) fn auth_failure(&self, reason: &'static str) {
         self.auth_failures.get_or_create(&[("reason", reason)]).inc();
@@ -215,6 +260,11 @@ impl Metrics {
         out
     }
 }
+
+/// Labels of `meshwire_cluster_fallbacks_total`: nobody subscribed to the
+/// agent, no answer in time, the holder did not take it (stale or
+/// closing), the holder stayed busy, a NATS error.
+pub(crate) const CLUSTER_FALLBACK_REASONS: [&str; 5] = ["no_responders", "timeout", "refused", "busy", "error"];
 
 /// Clamps a count into a gauge value.
 pub(crate) fn gauge_value(n: u64) -> i64 {

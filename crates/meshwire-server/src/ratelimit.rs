@@ -1,6 +1,12 @@
-//! Per-requester token buckets (pre-key bundle fetches).
+//! Per-requester token buckets (registrations, pre-key bundle fetches,
+//! discovery), and the 429 answer of a refused request.
 
+use crate::http::ApiError;
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use meshwire_proto::time::Timestamp;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -24,15 +30,19 @@ pub(crate) struct RateLimiter {
     max_tracked: usize,
     buckets: Mutex<HashMap<String, Bucket>>,
     pub(crate) refused: AtomicU64,
+    /// `meshwire_rate_limited_total{limit=...}` of this limiter.
+    counter: Counter,
 }
 
 impl RateLimiter {
-    pub(crate) fn new(per_minute: u32, max_tracked: usize) -> Self {
+    /// A limiter whose refusals also count on `counter` (its metric).
+    pub(crate) fn new(per_minute: u32, max_tracked: usize, counter: Counter) -> Self {
         Self {
             per_minute: u64::from(per_minute),
             max_tracked: max_tracked.max(1),
             buckets: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
+            counter,
         }
     }
 
@@ -78,6 +88,9 @@ impl RateLimiter {
         // Time until the bucket holds one token, rounded up to seconds.
         let missing_ms = MINUTE_MS.saturating_sub(bucket.scaled).div_ceil(self.per_minute);
         drop(buckets);
+        // The metric first: `/metrics` raises it to `refused` when behind,
+        // so it must never be behind.
+        self.counter.inc();
         self.refused.fetch_add(1, Ordering::Relaxed);
         Err(missing_ms.div_ceil(1000).max(1))
     }
@@ -89,13 +102,28 @@ impl RateLimiter {
     }
 }
 
+/// The answer to a rate-limited request: 429 with `Retry-After` (seconds)
+/// and a detail naming what was limited (`what`: "registrations").
+pub(crate) fn too_many(what: &str, retry_after: u64) -> Response {
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("Too many {what}; retry after {retry_after} s"),
+    )
+    .into_response();
+    if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
+        response.headers_mut().insert(RETRY_AFTER, value);
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn budget_refills_and_reports_retry_after() {
-        let limiter = RateLimiter::new(3, 10);
+        let counter = Counter::default();
+        let limiter = RateLimiter::new(3, 10, counter.clone());
         let t = Timestamp(1_000);
         for _ in 0..3 {
             assert_eq!(limiter.take("a", t), Ok(()));
@@ -106,11 +134,12 @@ mod tests {
         assert_eq!(limiter.take("a", t.plus_ms(19_999)), Err(1));
         assert_eq!(limiter.take("a", t.plus_ms(20_000)), Ok(()));
         assert_eq!(limiter.refused.load(Ordering::Relaxed), 2);
+        assert_eq!(counter.get(), 2);
     }
 
     #[test]
     fn tracking_is_bounded() {
-        let limiter = RateLimiter::new(1, 2);
+        let limiter = RateLimiter::new(1, 2, Counter::default());
         let t = Timestamp(0);
         assert_eq!(limiter.take("a", t), Ok(()));
         assert_eq!(limiter.take("b", t), Ok(()));

@@ -5,6 +5,7 @@ use crate::config::ServerConfig;
 use crate::http::{method_not_allowed_fallback, not_found_fallback};
 use crate::metrics::{Metrics, Timed};
 use crate::ratelimit::RateLimiter;
+use crate::registry::recipients::RegisteredOnly;
 use crate::registry::store::RegistryStore;
 use crate::relay::mailbox::RelayMail;
 use crate::relay::Relay;
@@ -69,6 +70,18 @@ pub struct Stats {
     pub proofs_refused_full: u64,
     /// Pre-key bundle fetches refused by the per-requester rate limit.
     pub bundle_fetches_limited: u64,
+    /// Frames handed live to an agent connected to another instance
+    /// (NATS storage).
+    pub cluster_routed_out: u64,
+    /// Frames taken from another instance for an agent connected here.
+    pub cluster_routed_in: u64,
+    /// Frames for an agent not connected here stored in the mailbox after
+    /// asking the cluster (nobody held it, no answer in time, refused).
+    pub cluster_fallbacks: u64,
+    /// Registrations refused by the per-requester rate limit.
+    pub registrations_limited: u64,
+    /// Discovery requests refused by the per-requester rate limit.
+    pub discoveries_limited: u64,
 }
 
 /// State shared by every handler and connection.
@@ -82,6 +95,8 @@ pub(crate) struct Shared {
     pub(crate) ledger: Ledger,
     pub(crate) challenges: Challenges,
     pub(crate) bundle_limiter: RateLimiter,
+    pub(crate) registration_limiter: RateLimiter,
+    pub(crate) discovery_limiter: RateLimiter,
     pub(crate) metrics: Arc<Metrics>,
     /// Open relay WebSockets (handshaking included), for
     /// [`ServerConfig::max_connections`].
@@ -180,20 +195,43 @@ impl Server {
             None => Arc::clone(&storage.proofs),
         };
         let metrics = Arc::new(Metrics::new());
-        let mailboxes: Arc<dyn Mailboxes> = Arc::new(Timed::new(Arc::clone(&storage.mailboxes), Arc::clone(&metrics)));
+        let mut mailboxes: Arc<dyn Mailboxes> =
+            Arc::new(Timed::new(Arc::clone(&storage.mailboxes), Arc::clone(&metrics)));
         let registry: Arc<dyn Registry> = Arc::new(Timed::new(Arc::clone(&storage.registry), Arc::clone(&metrics)));
+        if config.route_only_registered {
+            mailboxes = Arc::new(RegisteredOnly::new(
+                mailboxes,
+                Arc::clone(&registry),
+                Arc::clone(&metrics),
+            ));
+        }
         let mail = RelayMail::new(mailboxes, config.message_ttl);
+        let cluster = storage
+            .live
+            .clone()
+            .map(|router| relay::cluster::Cluster::new(router, config.cluster_route_timeout));
         let challenges = Challenges::new(&config);
-        let bundle_limiter = RateLimiter::new(config.bundle_fetches_per_minute, config.max_rate_limited_requesters);
+        let limiter = |per_minute: u32, label: &'static str| {
+            RateLimiter::new(
+                per_minute,
+                config.max_rate_limited_requesters,
+                metrics.rate_limited_counter(label),
+            )
+        };
+        let bundle_limiter = limiter(config.bundle_fetches_per_minute, "bundle_fetch");
+        let registration_limiter = limiter(config.registrations_per_minute, "registration");
+        let discovery_limiter = limiter(config.discoveries_per_minute, "discovery");
         Self {
             shared: Arc::new(Shared {
                 config,
                 registry: RegistryStore::new(registry),
-                relay: Relay::new(mail),
+                relay: Relay::new(mail, cluster),
                 storage,
                 ledger: Ledger::new(ledger),
                 challenges,
                 bundle_limiter,
+                registration_limiter,
+                discovery_limiter,
                 metrics,
                 sockets: AtomicUsize::new(0),
                 last_agent_sweep: AtomicU64::new(0),
@@ -274,6 +312,11 @@ impl Server {
             replayed_proofs_refused: self.shared.ledger.replays_refused.load(Ordering::Relaxed),
             proofs_refused_full: self.shared.ledger.full_refused.load(Ordering::Relaxed),
             bundle_fetches_limited: self.shared.bundle_limiter.refused.load(Ordering::Relaxed),
+            cluster_routed_out: self.shared.metrics.cluster_out.get(),
+            cluster_routed_in: self.shared.metrics.cluster_in.get(),
+            cluster_fallbacks: self.shared.metrics.cluster_fallbacks_total(),
+            registrations_limited: self.shared.registration_limiter.refused.load(Ordering::Relaxed),
+            discoveries_limited: self.shared.discovery_limiter.refused.load(Ordering::Relaxed),
         }
     }
 

@@ -13,6 +13,14 @@
 //! on network errors or timeouts, never on 4xx. Note that a retried
 //! `fetch_bundle` may consume a second one-time key on the registry if the
 //! first attempt reached it.
+//!
+//! **Failover.** A client made with [`RegistryClient::with_fallbacks`]
+//! knows several base URLs of one registry cluster (instances sharing a
+//! store, as `meshwire serve --nats`). A retry moves to the next URL, at
+//! once while some URL has not been tried for the call, with the backoff
+//! after that; the client then stays on the URL that answered. A call
+//! fails only after every URL was tried (and at least
+//! [`RegistryOptions::max_retries`] retries were made).
 
 use meshwire_proto::auth::{
     challenge_header, ed25519_timestamp_header, normalize_origin, ChallengeRequest, CHALLENGE_HEADER, CHALLENGE_PATH,
@@ -26,7 +34,7 @@ use reqwest::Method;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -526,11 +534,28 @@ fn classify(err: &reqwest::Error) -> AttemptError {
     }
 }
 
-/// Async client of one AgentMesh registry. Cheap to clone.
+/// Checks a registry base URL (`http(s)://host[:port][/prefix]`, no
+/// query); the error names it.
+pub fn validate_base_url(base_url: &str) -> Result<(), RegistryError> {
+    let url = reqwest::Url::parse(base_url)
+        .map_err(|e| RegistryError::InvalidRequest(format!("base URL {base_url:?}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.query().is_some() {
+        return Err(RegistryError::InvalidRequest(format!(
+            "base URL {base_url:?} must be http(s) without a query"
+        )));
+    }
+    Ok(())
+}
+
+/// Async client of one AgentMesh registry (possibly reached through
+/// several base URLs: see the module docs). Cheap to clone.
 #[derive(Clone)]
 pub struct RegistryClient {
     http: reqwest::Client,
-    base: Arc<str>,
+    /// The base URLs, in the order they are tried (never empty).
+    bases: Arc<[Arc<str>]>,
+    /// Index into `bases` of the URL in use, shared by clones.
+    current: Arc<AtomicUsize>,
     options: RegistryOptions,
     /// The last proof timestamp used (ms), shared by clones: proofs get
     /// strictly increasing timestamps, so no two carry the same signature
@@ -555,7 +580,7 @@ struct ChallengeState {
 impl fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegistryClient")
-            .field("base", &self.base)
+            .field("bases", &self.bases)
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
@@ -564,13 +589,34 @@ impl fmt::Debug for RegistryClient {
 impl RegistryClient {
     /// A client of the registry at `base_url` (`http(s)://host[:port][/prefix]`).
     pub fn new(base_url: &str, options: RegistryOptions) -> Result<Self, RegistryError> {
+        Self::with_fallbacks(&[base_url], options)
+    }
+
+    /// A client of the registry reached at any of `base_urls`, tried in
+    /// this order (module docs, "Failover"). Every URL is checked; the
+    /// error names the first bad one, and an empty list is an error.
+    ///
+    /// ```
+    /// use meshwire::{RegistryClient, RegistryOptions};
+    /// let registry = RegistryClient::with_fallbacks(
+    ///     &["http://10.0.0.1:8765", "http://10.0.0.2:8765"],
+    ///     RegistryOptions::default(),
+    /// )
+    /// .unwrap();
+    /// assert_eq!(registry.base_url(), "http://10.0.0.1:8765");
+    /// assert!(RegistryClient::with_fallbacks(&["http://a", "ftp://b"], RegistryOptions::default())
+    ///     .unwrap_err()
+    ///     .to_string()
+    ///     .contains("ftp://b"));
+    /// ```
+    pub fn with_fallbacks(base_urls: &[impl AsRef<str>], options: RegistryOptions) -> Result<Self, RegistryError> {
         let http = reqwest::Client::builder()
             .timeout(options.timeout)
             .connect_timeout(options.timeout)
             .user_agent(concat!("meshwire/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| RegistryError::InvalidRequest(error_chain(&e)))?;
-        Self::with_http_client(base_url, options, http)
+        Self::build(base_urls, options, http)
     }
 
     /// Like [`RegistryClient::new`] with a caller-configured HTTP client
@@ -580,16 +626,27 @@ impl RegistryClient {
         options: RegistryOptions,
         http: reqwest::Client,
     ) -> Result<Self, RegistryError> {
-        let url = reqwest::Url::parse(base_url)
-            .map_err(|e| RegistryError::InvalidRequest(format!("base URL {base_url:?}: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") || url.query().is_some() {
-            return Err(RegistryError::InvalidRequest(format!(
-                "base URL {base_url:?} must be http(s) without a query"
-            )));
+        Self::build(&[base_url], options, http)
+    }
+
+    fn build(
+        base_urls: &[impl AsRef<str>],
+        options: RegistryOptions,
+        http: reqwest::Client,
+    ) -> Result<Self, RegistryError> {
+        if base_urls.is_empty() {
+            return Err(RegistryError::InvalidRequest("no registry base URL given".into()));
+        }
+        let mut bases = Vec::with_capacity(base_urls.len());
+        for base_url in base_urls {
+            let base_url = base_url.as_ref();
+            validate_base_url(base_url)?;
+            bases.push(Arc::from(base_url.trim_end_matches('/')));
         }
         Ok(Self {
             http,
-            base: Arc::from(base_url.trim_end_matches('/')),
+            bases: bases.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             options,
             last_proof_ms: Arc::new(AtomicU64::new(0)),
             challenge: Arc::new(Mutex::new(ChallengeState::default())),
@@ -617,6 +674,34 @@ impl RegistryClient {
         }
     }
 
+    /// The index into `bases` in use and its URL.
+    fn current_base(&self) -> (usize, Arc<str>) {
+        let index = self.current.load(Ordering::SeqCst) % self.bases.len();
+        (index, self.bases[index].clone())
+    }
+
+    /// Moves on from base `from` (which just failed) to the next one,
+    /// unless another call did already. A nonce the old URL issued is
+    /// dropped (the next answer brings one).
+    fn fail_over(&self, from: usize) {
+        if self.bases.len() < 2 {
+            return;
+        }
+        let next = (from + 1) % self.bases.len();
+        if self
+            .current
+            .compare_exchange(from, next, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            self.challenge_state().next = None;
+            tracing::info!(
+                from = %self.bases[from],
+                to = %self.bases[next],
+                "registry unreachable or failing; trying the next registry URL"
+            );
+        }
+    }
+
     /// Whether the registry offers challenge-bound proofs: `true` once one
     /// of its answers carried a nonce.
     pub fn challenge_offered(&self) -> bool {
@@ -640,7 +725,7 @@ impl RegistryClient {
     /// fresh one from `GET /v1/auth/challenge`. `None` when the registry
     /// does not offer challenges (or the nonce request failed: the
     /// timestamp form is used then).
-    async fn challenge_nonce(&self) -> Option<String> {
+    async fn challenge_nonce(&self, base: &str) -> Option<String> {
         {
             let mut state = self.challenge_state();
             if !state.offered {
@@ -656,7 +741,7 @@ impl RegistryClient {
             headers: Vec::new(),
             body: None,
         };
-        let answer = match self.send_once(&spec).await {
+        let answer = match self.send_once(base, &spec).await {
             Ok(answer) => answer,
             Err(AttemptError::Transient(e) | AttemptError::Fatal(e)) => {
                 tracing::debug!(error = %e, "challenge nonce request failed; signing a timestamp");
@@ -675,7 +760,12 @@ impl RegistryClient {
     /// `Meshwire-Challenge` one when the registry offers challenges (the
     /// registration request, which no registry authenticates by header,
     /// then carries none). Whether it did.
-    async fn bind_to_challenge(&self, identity: &Identity, spec: &mut RequestSpec) -> Result<bool, RegistryError> {
+    async fn bind_to_challenge(
+        &self,
+        base: &str,
+        identity: &Identity,
+        spec: &mut RequestSpec,
+    ) -> Result<bool, RegistryError> {
         if spec.header("authorization").is_none() {
             return Ok(false);
         }
@@ -685,17 +775,17 @@ impl RegistryClient {
             }
             return Ok(false);
         }
-        let Some(nonce) = self.challenge_nonce().await else {
+        let Some(nonce) = self.challenge_nonce(base).await else {
             return Ok(false);
         };
-        let url = reqwest::Url::parse(&spec.url(&self.base))
+        let url = reqwest::Url::parse(&spec.url(base))
             .map_err(|e| RegistryError::InvalidRequest(format!("request URL: {e}")))?;
         let target = match url.query() {
             Some(query) => format!("{}?{query}", url.path()),
             None => url.path().to_owned(),
         };
         let audience =
-            normalize_origin(&self.base).map_err(|e| RegistryError::InvalidRequest(format!("registry origin: {e}")))?;
+            normalize_origin(base).map_err(|e| RegistryError::InvalidRequest(format!("registry origin: {e}")))?;
         let did = identity.did().to_string();
         let header = challenge_header(
             identity,
@@ -717,9 +807,15 @@ impl RegistryClient {
         Ok(true)
     }
 
-    /// The registry's base URL.
+    /// The registry's base URL in use (the first one given until a call
+    /// failed over to another).
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.bases[self.current.load(Ordering::SeqCst) % self.bases.len()]
+    }
+
+    /// Every base URL, in the order they are tried.
+    pub fn base_urls(&self) -> impl Iterator<Item = &str> {
+        self.bases.iter().map(|b| &**b)
     }
 
     /// The options this client was made with.
@@ -871,13 +967,17 @@ impl RegistryClient {
         F: FnMut(&str) -> Result<RequestSpec, RegistryError>,
     {
         let mut attempt: u32 = 0;
+        // With several URLs, each is tried at least once.
+        let others = u32::try_from(self.bases.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        let max_retries = self.options.max_retries.max(others);
         loop {
+            let (index, base) = self.current_base();
             let timestamp = self.next_proof_timestamp().to_iso();
             let mut spec = build(&timestamp)?;
             if let Some(identity) = identity {
-                self.bind_to_challenge(identity, &mut spec).await?;
+                self.bind_to_challenge(&base, identity, &mut spec).await?;
             }
-            let mut outcome = self.send_once(&spec).await;
+            let mut outcome = self.send_once(&base, &spec).await;
             if let Ok(response) = &outcome {
                 self.learn(response);
             }
@@ -889,8 +989,8 @@ impl RegistryClient {
                 && matches!(&outcome, Ok(r) if r.status == 401 && r.challenge.is_some());
             if let (true, Some(identity)) = (refused_proof, identity) {
                 let mut again = build(&self.next_proof_timestamp().to_iso())?;
-                if self.bind_to_challenge(identity, &mut again).await? {
-                    outcome = self.send_once(&again).await;
+                if self.bind_to_challenge(&base, identity, &mut again).await? {
+                    outcome = self.send_once(&base, &again).await;
                     if let Ok(response) = &outcome {
                         self.learn(response);
                     }
@@ -901,15 +1001,24 @@ impl RegistryClient {
                 Err(AttemptError::Transient(_)) => true,
                 Err(AttemptError::Fatal(_)) => false,
             };
-            if !retry || attempt >= self.options.max_retries {
+            if retry {
+                self.fail_over(index);
+            }
+            if !retry || attempt >= max_retries {
                 return outcome.map_err(|e| match e {
                     AttemptError::Transient(e) | AttemptError::Fatal(e) => e,
                 });
             }
-            let delay = self.backoff(attempt);
+            // A URL not tried yet for this call goes at once; past that,
+            // the backoff as with one URL.
+            let delay = match attempt.checked_sub(others) {
+                Some(n) => self.backoff(n),
+                None => Duration::ZERO,
+            };
             tracing::debug!(
                 method = %spec.method,
                 path = %spec.path,
+                base = %base,
                 attempt,
                 ?delay,
                 "registry request failed, retrying"
@@ -940,8 +1049,8 @@ impl RegistryClient {
         Duration::from_nanos(half.saturating_add(jitter))
     }
 
-    async fn send_once(&self, spec: &RequestSpec) -> Result<RawResponse, AttemptError> {
-        let mut request = self.http.request(spec.method.clone(), spec.url(&self.base));
+    async fn send_once(&self, base: &str, spec: &RequestSpec) -> Result<RawResponse, AttemptError> {
+        let mut request = self.http.request(spec.method.clone(), spec.url(base));
         for (name, value) in &spec.headers {
             request = request.header(*name, value.as_str());
         }

@@ -338,7 +338,8 @@ class Event:
         """``connected``, ``reconnected``, ``disconnected``, ``displaced``
         (taken over; taking the DID back), ``taken_over`` (terminal),
         ``rejected``, ``knock``, ``knock_accepted``, ``knock_rejected``,
-        ``session_established``, ``session_replaced``, ``delivered`` or
+        ``session_established``, ``session_replaced``, ``delivered``,
+        ``relay_changed`` (failed over to another relay of the list) or
         ``error``."""
     @property
     def peer(self) -> Optional[str]: ...
@@ -347,6 +348,9 @@ class Event:
         """WebSocket close code (``disconnected``, ``rejected``)."""
     @property
     def reason(self) -> Optional[str]: ...
+    @property
+    def url(self) -> Optional[str]:
+        """The relay joined now (``relay_changed``)."""
     @property
     def accepted(self) -> Optional[bool]:
         """The KNOCK policy's verdict (``knock``)."""
@@ -385,7 +389,10 @@ class MeshClient:
     secret (``meshwire serve --relay-token``, AGT's
     ``AGENTMESH_RELAY_TOKEN``), never printed. Joining fails at once with a
     ``RelayError`` naming the cause (refused, DNS, HTTP status, TLS, a 4003/4005
-    rejection with its reason).
+    rejection with its reason). ``fallback_relay_urls`` and
+    ``fallback_registry_urls``: more instances of the same cluster
+    (``meshwire serve --nats``), tried in order when the one in use is down
+    or drops the connection; ``connect()`` checks every URL first.
     """
 
     def __new__(
@@ -402,6 +409,8 @@ class MeshClient:
         connect_timeout: float = 10.0,
         relay_token: Optional[str] = None,
         manual_ack: bool = False,
+        fallback_relay_urls: Sequence[str] = ...,
+        fallback_registry_urls: Sequence[str] = ...,
     ) -> "MeshClient": ...
     @property
     def did(self) -> str: ...

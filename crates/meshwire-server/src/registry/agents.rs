@@ -3,7 +3,7 @@
 
 use super::auth::{authenticate, authorization, claim_error};
 use super::store::{forget_expired_signed_pre_key, unavailable};
-use super::{missing_header, path_did, Ctx, RequestCtx};
+use super::{missing_header, path_did, rate_limited, requester, Ctx, RequestCtx};
 use crate::config::duration_ms;
 use crate::http::{clip, json_object, ApiError, Fields, RawObject};
 use crate::server::Shared;
@@ -11,7 +11,7 @@ use crate::storage::{AgentRecord, Created};
 use crate::util::{parse_iso, python_isoformat, Esc};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{OriginalUri, Path, State};
+use axum::extract::{ConnectInfo, OriginalUri, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -21,6 +21,7 @@ use meshwire_proto::encoding::b64_decode;
 use meshwire_proto::Did;
 use serde::Serialize;
 use serde_json::Number;
+use std::net::SocketAddr;
 
 #[derive(Serialize)]
 struct Registered {
@@ -126,8 +127,19 @@ fn check_registration(
     }
 }
 
-/// `POST /v1/agents`.
-pub(crate) async fn register(State(shared): Ctx, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+/// `POST /v1/agents`. Rate-limited per peer IP
+/// ([`ServerConfig::registrations_per_minute`](crate::ServerConfig::registrations_per_minute)),
+/// before anything else is done with the request.
+pub(crate) async fn register(
+    State(shared): Ctx,
+    peer: Option<ConnectInfo<SocketAddr>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    // A registrant has no identity yet: registrations count against the IP.
+    let who = requester(&shared, None, peer.map(|ConnectInfo(addr)| addr)).await;
+    if let Some(refused) = rate_limited(&shared, &shared.registration_limiter, who.as_deref(), "registrations") {
+        return Ok(refused);
+    }
     let object = json_object(body)?;
     if shared.config.legacy_registration && object.contains_key("did") && !object.contains_key("proof") {
         return legacy_register(&shared, &object).await;

@@ -1,17 +1,22 @@
 //! `GET /v1/discover?capability=C&limit=N`: agents with a capability, in
-//! registration order, through the store's capability index.
+//! registration order, through the store's capability index (a walk of at
+//! most `limit` ≤ 200 entries of one capability, never a scan of the
+//! registry), rate-limited per requester.
 
 use super::store::unavailable;
-use super::Ctx;
+use super::{rate_limited, requester, Ctx, RequestCtx};
 use crate::http::{ApiError, Issue};
 use crate::util::python_isoformat;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, OriginalUri, Query, State};
+use axum::http::{HeaderMap, Method};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use indexmap::IndexMap;
 use meshwire_proto::time::Timestamp;
 use serde::Serialize;
 use serde_json::Value;
+use std::net::SocketAddr;
 
 const DISCOVER_DEFAULT_LIMIT: i64 = 50;
 const DISCOVER_MAX_LIMIT: i64 = 200;
@@ -73,11 +78,21 @@ fn parse_limit(text: Option<&str>, issues: &mut Vec<Issue>) -> i64 {
     }
 }
 
-/// `GET /v1/discover`.
+/// `GET /v1/discover`. Rate-limited per requester (authenticated DID, else
+/// peer IP): [`ServerConfig::discoveries_per_minute`](crate::ServerConfig::discoveries_per_minute).
 pub(crate) async fn discover(
     State(shared): Ctx,
+    method: Method,
+    uri: OriginalUri,
+    peer: Option<ConnectInfo<SocketAddr>>,
+    headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Json<DiscoverView>, ApiError> {
+) -> Result<Response, ApiError> {
+    let ctx = RequestCtx::new(&method, &uri, &headers, b"");
+    let who = requester(&shared, Some((&headers, &ctx)), peer.map(|ConnectInfo(addr)| addr)).await;
+    if let Some(refused) = rate_limited(&shared, &shared.discovery_limiter, who.as_deref(), "discovery requests") {
+        return Ok(refused);
+    }
     let Query(pairs) = query.map_err(|rejection| {
         ApiError::unprocessable(vec![Issue::new(
             "query_invalid",
@@ -115,5 +130,5 @@ pub(crate) async fn discover(
         })
         .collect();
     let total = results.len();
-    Ok(Json(DiscoverView { results, total }))
+    Ok(Json(DiscoverView { results, total }).into_response())
 }

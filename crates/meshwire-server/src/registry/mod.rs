@@ -8,21 +8,26 @@ mod auth;
 mod discover;
 mod prekeys;
 mod presence;
+pub(crate) mod recipients;
 mod reputation;
 pub(crate) mod store;
 mod verify;
 
 use crate::http::{ApiError, Issue};
+use crate::ratelimit::{too_many, RateLimiter};
 use crate::server::Shared;
+use crate::util::Esc;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{OriginalUri, Path, State};
 use axum::http::header::HOST;
 use axum::http::{HeaderMap, Method};
+use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use meshwire_proto::auth::CHALLENGE_PATH;
 use serde::Serialize;
 use serde_json::Value;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub(crate) use auth::advertise_challenge;
@@ -92,4 +97,36 @@ impl<'a> RequestCtx<'a> {
             body,
         }
     }
+}
+
+/// Who a rate-limited request counts against: the DID of a valid
+/// `Authorization` header when `headers` is given and carries one (its
+/// proof is then used up), else the peer IP. `None` when neither is known
+/// (a router served without connect info) or the peer is loopback and
+/// [`ServerConfig::rate_limit_loopback`](crate::ServerConfig::rate_limit_loopback)
+/// is off: such requests are not limited.
+pub(crate) async fn requester(
+    shared: &Shared,
+    authenticated: Option<(&HeaderMap, &RequestCtx<'_>)>,
+    peer: Option<SocketAddr>,
+) -> Option<String> {
+    if let Some((headers, ctx)) = authenticated {
+        if let Some(header) = auth::authorization(headers) {
+            if let Ok(did) = auth::authenticate(shared, Some(&header), ctx).await {
+                return Some(format!("did {did}"));
+            }
+        }
+    }
+    peer.filter(|addr| shared.config.rate_limit_loopback || !addr.ip().is_loopback())
+        .map(|addr| format!("ip {}", addr.ip()))
+}
+
+/// Takes a token of `limiter` for `who`; when there is none, the 429
+/// answer (with `Retry-After`) naming `what` was limited. The refusal is
+/// counted by the limiter (`meshwire_rate_limited_total{limit}`).
+pub(crate) fn rate_limited(shared: &Shared, limiter: &RateLimiter, who: Option<&str>, what: &str) -> Option<Response> {
+    let who = who?;
+    let retry_after = limiter.take(who, shared.config.now()).err()?;
+    tracing::info!(requester = %Esc(who), retry_after, "{what} rate-limited");
+    Some(too_many(what, retry_after))
 }

@@ -4,7 +4,7 @@
 
 use super::auth::{authenticate, authorization};
 use super::store::{install_signed_pre_key, unavailable};
-use super::{missing_header, path_did, Ctx, RequestCtx};
+use super::{missing_header, path_did, rate_limited, requester, Ctx, RequestCtx};
 use crate::config::duration_ms;
 use crate::http::{as_integer, json_object, ApiError, Fields};
 use crate::server::Shared;
@@ -13,8 +13,7 @@ use crate::util::Esc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, OriginalUri, Path, State};
-use axum::http::header::RETRY_AFTER;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use indexmap::IndexMap;
@@ -320,38 +319,6 @@ struct BundleView {
     one_time_pre_key: Option<OneTimeKeyView>,
 }
 
-/// Who a bundle fetch counts against: the DID of a valid `Authorization`
-/// header (whose proof is then used up), else the peer IP; `None` when
-/// neither is known (a router served without connect info) or the peer is
-/// loopback and [`ServerConfig::rate_limit_loopback`](crate::ServerConfig::rate_limit_loopback)
-/// is off, which is not limited.
-async fn requester(
-    shared: &Shared,
-    headers: &HeaderMap,
-    ctx: &RequestCtx<'_>,
-    peer: Option<SocketAddr>,
-) -> Option<String> {
-    if let Some(header) = authorization(headers) {
-        if let Ok(did) = authenticate(shared, Some(&header), ctx).await {
-            return Some(format!("did {did}"));
-        }
-    }
-    peer.filter(|addr| shared.config.rate_limit_loopback || !addr.ip().is_loopback())
-        .map(|addr| format!("ip {}", addr.ip()))
-}
-
-fn rate_limited(retry_after: u64) -> Response {
-    let mut response = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        format!("Too many pre-key bundle fetches; retry after {retry_after} s"),
-    )
-    .into_response();
-    if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
-        response.headers_mut().insert(RETRY_AFTER, value);
-    }
-    response
-}
-
 /// `GET /v1/agents/{did}/prekeys`: serves the bundle and consumes one
 /// one-time key, atomically in the store: each uploaded one-time key goes
 /// to exactly one caller, whichever instance serves it. Rate-limited per
@@ -366,15 +333,14 @@ pub(crate) async fn fetch_prekeys(
 ) -> Result<Response, ApiError> {
     let did = path_did(path)?;
     let ctx = RequestCtx::new(&method, &uri, &headers, b"");
-    let who = requester(&shared, &headers, &ctx, peer.map(|ConnectInfo(addr)| addr)).await;
-    let now = shared.config.now();
-    if let Err(retry_after) = who
-        .as_deref()
-        .map_or(Ok(()), |who| shared.bundle_limiter.take(who, now))
-    {
-        // Counted by the limiter (`meshwire_rate_limited_total{limit="bundle_fetch"}`).
-        tracing::info!(requester = %Esc(who.as_deref().unwrap_or("")), "bundle fetch rate-limited");
-        return Ok(rate_limited(retry_after));
+    let who = requester(&shared, Some((&headers, &ctx)), peer.map(|ConnectInfo(addr)| addr)).await;
+    if let Some(refused) = rate_limited(
+        &shared,
+        &shared.bundle_limiter,
+        who.as_deref(),
+        "pre-key bundle fetches",
+    ) {
+        return Ok(refused);
     }
     let not_found = || ApiError::not_found("Pre-key bundle not found");
     let agent = shared.registry.get(&did).await?.ok_or_else(not_found)?;

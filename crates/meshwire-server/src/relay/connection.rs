@@ -1,8 +1,10 @@
-//! One authenticated relay connection: its place in the routing table, its
-//! main loop (frames in, deliveries out), routing of the frames it sends,
-//! and handing undelivered frames back to the offline store when it ends.
+//! One authenticated relay connection: its place in the routing table
+//! (and, on a cluster, its DID's live subject), its main loop (frames in,
+//! deliveries out), routing of the frames it sends, and handing
+//! undelivered frames back to the offline store when it ends.
 
 use super::close_code;
+use super::cluster::{Forwarded, Holder};
 use super::frames::{classify, label, Incoming};
 use super::mailbox::{StoreOutcome, DELIVERY_BATCH};
 use super::socket::{linger, send_close, send_close_within, send_error, send_text, shutting_down, Gone, Sink, Stream};
@@ -12,11 +14,13 @@ use crate::storage::Quota;
 use crate::util::Esc;
 use axum::extract::ws::Message;
 use futures_util::StreamExt;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// How long a taking-over connection waits for the one it replaces to hand
@@ -30,14 +34,59 @@ const PARKED_WAIT: Duration = Duration::from_secs(10);
 /// dropped (its send buffer is full, so the frame may never go out).
 const SLOW_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+/// Recipients one connection remembers as "stored to since its last live
+/// delivery" ([`Sticky`]); past it every live frame of the connection asks
+/// for the recipient's stored frames first.
+const MAX_STICKY: usize = 1024;
+/// How long a connection's end waits for its live-subject task.
+const HOLDER_WAIT: Duration = Duration::from_secs(5);
+
 /// A frame queued for a live connection.
 #[derive(Debug)]
 pub(crate) struct Delivery {
     /// The frame's type (metrics label).
-    kind: &'static str,
-    id: String,
-    sender: String,
-    text: Arc<str>,
+    pub(crate) kind: &'static str,
+    pub(crate) id: String,
+    pub(crate) sender: String,
+    pub(crate) text: Arc<str>,
+    /// The recipient's connection sends its stored frames (from its
+    /// cursor) before this one: the sender stored an earlier frame for it,
+    /// which must not be overtaken.
+    pub(crate) fetch_first: bool,
+}
+
+/// Recipients this connection stored a frame for since its last live
+/// delivery to them. Their next live frame carries
+/// [`Delivery::fetch_first`], so that it cannot overtake the stored one
+/// (which the recipient might otherwise only get on its next connect or
+/// `fetch_pending`).
+#[derive(Debug, Default)]
+struct Sticky {
+    recipients: HashSet<String>,
+    /// More than [`MAX_STICKY`] recipients: every frame fetches first.
+    all: bool,
+}
+
+impl Sticky {
+    fn get(&self, to: &str) -> bool {
+        self.all || self.recipients.contains(to)
+    }
+
+    fn stored(&mut self, to: &str) {
+        if self.all || self.recipients.contains(to) {
+            return;
+        }
+        if self.recipients.len() >= MAX_STICKY {
+            self.all = true;
+            self.recipients.clear();
+        } else {
+            self.recipients.insert(to.to_owned());
+        }
+    }
+
+    fn live(&mut self, to: &str) {
+        self.recipients.remove(to);
+    }
 }
 
 /// A live connection, as the router sees it.
@@ -111,6 +160,12 @@ pub(crate) struct Connection {
     parked: Arc<Mutex<Parked>>,
     done: watch::Sender<bool>,
     last_active: Arc<AtomicU64>,
+    /// Tells the connection that a newer one for its DID took over on
+    /// another instance (or won a race for it).
+    displaced: Arc<Notify>,
+    /// Answers the DID's live subject for other instances (cluster only).
+    holder: Option<JoinHandle<()>>,
+    sticky: Sticky,
     /// Stored frames up to this position were sent on this connection:
     /// `fetch_pending` (which TypeScript clients send right after
     /// `connect`) must not send them again, or clients whose ratchet is not
@@ -120,10 +175,18 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// Registers the connection for `did`, replacing (closing with 4006)
-    /// any previous one and waiting for it to hand its queue back.
-    pub(crate) async fn open(shared: &Shared, did: String) -> Self {
+    /// any previous one, on this instance or (cluster) any other, and
+    /// waiting for it to hand its queue back.
+    pub(crate) async fn open(shared: &Arc<Shared>, did: String) -> Self {
         let relay = &shared.relay;
         let id = relay.next_id.fetch_add(1, Ordering::Relaxed);
+        // Cluster: the previous holder elsewhere closes and hands its queue
+        // back first; then this connection subscribes (before it enters the
+        // table: until then a previous local connection answers for it).
+        let claimed = match &relay.cluster {
+            Some(cluster) => Some(cluster.claim(&did, id).await),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel(shared.config.outbound_queue.max(1));
         let (replaced_tx, replaced) = oneshot::channel();
         let (done, done_rx) = watch::channel(false);
@@ -150,6 +213,23 @@ impl Connection {
             let mut previous_done = previous.done;
             let _ = tokio::time::timeout(TAKEOVER_WAIT, previous_done.wait_for(|done| *done)).await;
         }
+        let displaced = Arc::new(Notify::new());
+        let mut holder = None;
+        if let (Some(cluster), Some((subscription, key))) = (&relay.cluster, claimed) {
+            if let Some(subscription) = subscription {
+                let task = Holder {
+                    shared: Arc::clone(shared),
+                    cluster: cluster.clone(),
+                    did: did.clone(),
+                    conn: id,
+                    key,
+                    replaced: Arc::clone(&displaced),
+                    done: done.subscribe(),
+                };
+                holder = Some(tokio::spawn(task.serve(subscription)));
+            }
+            cluster.announce(&did, key).await;
+        }
         tracing::info!(did = %Esc(&did), "agent connected");
         Self {
             did,
@@ -161,6 +241,9 @@ impl Connection {
             parked,
             done,
             last_active,
+            displaced,
+            holder,
+            sticky: Sticky::default(),
             cursor: 0,
         }
     }
@@ -199,6 +282,9 @@ impl Connection {
                 _ = &mut self.replaced => {
                     return End::Close(close_code::SESSION_REPLACED, "session_replaced");
                 }
+                () = self.displaced.notified() => {
+                    return End::Close(close_code::SESSION_REPLACED, "session_replaced");
+                }
                 () = self.slow.notified() => return End::Slow,
                 incoming = stream.next() => {
                     let Some(Ok(message)) = incoming else {
@@ -230,6 +316,10 @@ impl Connection {
                         return End::Close(close_code::SESSION_REPLACED, "session_replaced");
                     };
                     self.queued_bytes.fetch_sub(delivery.text.len(), Ordering::Relaxed);
+                    if delivery.fetch_first && self.deliver_pending(shared, sink).await.is_err() {
+                        store(shared, &self.did, delivery).await;
+                        return End::Gone;
+                    }
                     // A peer that stops reading blocks this write: the
                     // overflow signal must still end the connection.
                     let sent = tokio::select! {
@@ -274,8 +364,9 @@ impl Connection {
                     id,
                     sender: self.did.clone(),
                     text: Arc::from(stamped.unwrap_or(text)),
+                    fetch_first: false,
                 };
-                if let Err(detail) = route(shared, &to, delivery).await {
+                if let Err(detail) = route(shared, &mut self.sticky, &to, delivery).await {
                     shared.metrics.frame_out("error");
                     send_error(sink, detail).await?;
                 }
@@ -356,6 +447,13 @@ impl Connection {
             }
         }
         self.done.send_replace(true);
+        // The live subject is answered until here (frames taken meanwhile
+        // were parked, then stored above, or refused), then dropped.
+        if let Some(holder) = self.holder.take() {
+            if tokio::time::timeout(HOLDER_WAIT, holder).await.is_err() {
+                tracing::warn!(did = %Esc(&self.did), "the live-subject task did not end in time");
+            }
+        }
     }
 }
 
@@ -385,12 +483,38 @@ fn overflowed(shared: &Shared, to: &str, slow: &Notify) {
     slow.notify_one();
 }
 
-/// Routes a checked frame to `to`, live or into the offline store. The
-/// error is the detail of the error frame for the sender.
-async fn route(shared: &Shared, to: &str, mut delivery: Delivery) -> Result<(), &'static str> {
+/// What [`offer_local`] did with a frame.
+pub(crate) enum Offer {
+    /// Queued for the recipient's live connection here.
+    Queued,
+    /// Parked behind the queue of the recipient's closing connection here
+    /// (stored after it, in order).
+    Parked,
+    /// As much is parked as a queue may hold: store it once the closing
+    /// connection handed its queue back (`done`), not before.
+    Full(Delivery, watch::Receiver<bool>),
+    /// The recipient is connected here but stale or closed: store it.
+    NotLive(Delivery),
+    /// The recipient is not connected to this instance.
+    Absent(Delivery),
+    /// Another connection than the one asked for holds the DID here.
+    NotMine(Delivery),
+}
+
+/// Offers a frame to `to`'s live connection on this instance (to
+/// connection `only` when given), without waiting: the one path of local
+/// and cross-instance live deliveries, with the slow-consumer rules.
+pub(crate) fn offer_local(shared: &Shared, to: &str, mut delivery: Delivery, only: Option<u64>) -> Offer {
     let now = shared.config.now();
     let stale_ms = duration_ms(shared.config.stale_after);
-    let live = shared.relay.conns().get(to).and_then(|h| {
+    let live = {
+        let conns = shared.relay.conns();
+        let Some(h) = conns.get(to) else {
+            return Offer::Absent(delivery);
+        };
+        if only.is_some_and(|id| id != h.id) {
+            return Offer::NotMine(delivery);
+        }
         let last = h.last_active.load(Ordering::Relaxed);
         (now.0.saturating_sub(last) <= stale_ms).then(|| {
             (
@@ -401,57 +525,88 @@ async fn route(shared: &Shared, to: &str, mut delivery: Delivery) -> Result<(), 
                 h.done.clone(),
             )
         })
-    });
-    if let Some((tx, queued_bytes, slow, parked, mut done)) = live {
-        // Bound what a slow reader can make us hold: past the byte budget
-        // (one frame always fits an empty queue) or the frame count, the
-        // reader is a slow consumer: it is disconnected, and this frame and
-        // every later one are parked, then stored after its queue (order
-        // per recipient is kept).
-        let wait = {
-            let mut held = lock_parked(&parked);
-            if held.released {
-                false
-            } else {
-                if held.frames.is_empty() {
-                    let size = delivery.text.len();
-                    let before = queued_bytes.fetch_add(size, Ordering::Relaxed);
-                    if before == 0 || before.saturating_add(size) <= shared.config.outbound_queue_bytes {
-                        match tx.try_send(delivery) {
-                            Ok(()) => {
-                                shared.relay.routed.fetch_add(1, Ordering::Relaxed);
-                                return Ok(());
-                            }
-                            Err(TrySendError::Full(back)) => {
-                                delivery = back;
-                                overflowed(shared, to, &slow);
-                            }
-                            Err(TrySendError::Closed(back)) => delivery = back,
-                        }
-                    } else {
-                        overflowed(shared, to, &slow);
-                    }
-                    queued_bytes.fetch_sub(size, Ordering::Relaxed);
+    };
+    let Some((tx, queued_bytes, slow, parked, done)) = live else {
+        return Offer::NotLive(delivery);
+    };
+    // Bound what a slow reader can make us hold: past the byte budget (one
+    // frame always fits an empty queue) or the frame count, the reader is
+    // a slow consumer: it is disconnected, and this frame and every later
+    // one are parked, then stored after its queue (order per recipient is
+    // kept).
+    let mut held = lock_parked(&parked);
+    if held.released {
+        return Offer::NotLive(delivery);
+    }
+    if held.frames.is_empty() {
+        let size = delivery.text.len();
+        let before = queued_bytes.fetch_add(size, Ordering::Relaxed);
+        if before == 0 || before.saturating_add(size) <= shared.config.outbound_queue_bytes {
+            match tx.try_send(delivery) {
+                Ok(()) => {
+                    shared.relay.routed.fetch_add(1, Ordering::Relaxed);
+                    return Offer::Queued;
                 }
-                let size = delivery.text.len();
-                let full = held.frames.len() >= shared.config.outbound_queue.max(1)
-                    || held.bytes.saturating_add(size) > shared.config.outbound_queue_bytes;
-                if !full {
-                    held.bytes += size;
-                    held.frames.push(delivery);
+                Err(TrySendError::Full(back)) => {
+                    delivery = back;
+                    overflowed(shared, to, &slow);
+                }
+                Err(TrySendError::Closed(back)) => delivery = back,
+            }
+        } else {
+            overflowed(shared, to, &slow);
+        }
+        queued_bytes.fetch_sub(size, Ordering::Relaxed);
+    }
+    let size = delivery.text.len();
+    let full = held.frames.len() >= shared.config.outbound_queue.max(1)
+        || held.bytes.saturating_add(size) > shared.config.outbound_queue_bytes;
+    if full {
+        return Offer::Full(delivery, done);
+    }
+    held.bytes += size;
+    held.frames.push(delivery);
+    Offer::Parked
+}
+
+/// Routes a checked frame to `to`: live on this instance, live on the
+/// instance that holds `to` (cluster), or into the offline store. The
+/// error is the detail of the error frame for the sender.
+async fn route(shared: &Shared, sticky: &mut Sticky, to: &str, mut delivery: Delivery) -> Result<(), &'static str> {
+    delivery.fetch_first = sticky.get(to);
+    let delivery = match offer_local(shared, to, delivery, None) {
+        Offer::Queued => {
+            sticky.live(to);
+            return Ok(());
+        }
+        Offer::Parked => {
+            sticky.stored(to);
+            return Ok(());
+        }
+        Offer::Full(delivery, mut done) => {
+            // As much is parked as a queue may hold: this sender waits
+            // until the connection handed it all to the store (it is
+            // closing), so that storing this frame now keeps the order.
+            let _ = tokio::time::timeout(PARKED_WAIT, done.wait_for(|done| *done)).await;
+            delivery
+        }
+        Offer::NotLive(delivery) | Offer::NotMine(delivery) => delivery,
+        Offer::Absent(delivery) => match &shared.relay.cluster {
+            Some(cluster) => match cluster.forward(shared, to, &delivery).await {
+                Forwarded::Taken => {
+                    sticky.live(to);
                     return Ok(());
                 }
-                true
-            }
-        };
-        if wait {
-            // As much is parked as a queue may hold: this sender waits until
-            // the connection handed it all to the store (it is closing), so
-            // that storing this frame now keeps the order.
-            let _ = tokio::time::timeout(PARKED_WAIT, done.wait_for(|done| *done)).await;
-        }
+                Forwarded::NotTaken => delivery,
+            },
+            None => delivery,
+        },
+    };
+    let outcome = store(shared, to, delivery).await;
+    if outcome == StoreOutcome::Stored {
+        sticky.stored(to);
     }
-    match store(shared, to, delivery).await {
+    match outcome {
         StoreOutcome::Stored | StoreOutcome::Duplicate => Ok(()),
         StoreOutcome::Full(Quota::Sender) => Err("Too many of your messages are queued; message dropped"),
         StoreOutcome::Full(_) => Err("Recipient inbox is full; message dropped"),

@@ -15,8 +15,44 @@
 //! are delivered at least once (on every connect and `fetch_pending` until
 //! acknowledged). Message ids are deduplicated per recipient while stored.
 //!
+//! **Cluster** (NATS storage, [`Storage::live`]). Each connection's
+//! instance subscribes to the DID's live subject for as long as the
+//! connection lives; a frame whose recipient is not connected to this
+//! instance is offered to the cluster (request/reply, at most
+//! [`ServerConfig::cluster_route_timeout`]); the instance holding the
+//! recipient puts it on the same outbound queue as a local frame (same
+//! slow-consumer rules) and answers whether it took it. No answer (nobody
+//! subscribed, timeout, the holder refused: stale or closing, a NATS
+//! error) means the frame is stored in the shared mailbox, as for an agent
+//! connected nowhere. A connection for a DID held on another instance
+//! displaces it there (4006) and waits until it handed its queue back, as
+//! on one instance; two connections racing on two instances settle on the
+//! newest (see `cluster`).
+//!
+//! The delivery contract is the same cluster-wide: a frame taken live is
+//! not stored (at most once: lost if its connection dies before the socket
+//! took it); a stored frame is delivered at least once. A frame may be
+//! both taken live and stored only when the holder's answer is lost or
+//! late (timeout, NATS error) or when two connections of one DID briefly
+//! coexist during a race: then the recipient may get it twice (clients
+//! deduplicate by message id).
+//!
+//! **Order.** Frames from one connection to one recipient arrive in the
+//! order sent: the connection routes them one after the other (a frame's
+//! fate, live or stored, is settled before the next is routed); frames for
+//! a closing slow consumer are parked and stored after its queue; and once
+//! a frame of the connection was stored for a recipient, its next live
+//! frame to that recipient makes the recipient's connection send its
+//! stored frames first (`fetch_first`), so a live frame never overtakes a
+//! stored one (a duplicate of a late-answered frame may arrive twice, in
+//! both places). No order holds between different senders, nor across a
+//! sender's reconnection.
+//!
 //! [`ServerConfig::allow_unauthenticated_did`]: crate::ServerConfig::allow_unauthenticated_did
+//! [`ServerConfig::cluster_route_timeout`]: crate::ServerConfig::cluster_route_timeout
+//! [`Storage::live`]: crate::storage::Storage::live
 
+pub(crate) mod cluster;
 mod connection;
 pub(crate) mod frames;
 mod handshake;
@@ -79,13 +115,16 @@ pub(crate) struct Relay {
     pub(crate) mail: RelayMail,
     next_id: AtomicU64,
     pub(crate) routed: AtomicU64,
+    /// Live routing between instances (NATS storage only).
+    pub(crate) cluster: Option<cluster::Cluster>,
 }
 
 impl Relay {
-    pub(crate) fn new(mail: RelayMail) -> Self {
+    pub(crate) fn new(mail: RelayMail, cluster: Option<cluster::Cluster>) -> Self {
         Self {
             conns: Mutex::new(HashMap::new()),
             mail,
+            cluster,
             next_id: AtomicU64::new(1),
             routed: AtomicU64::new(0),
         }

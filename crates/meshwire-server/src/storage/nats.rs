@@ -927,10 +927,11 @@ impl ReadyCheck for NatsStorage {
 
 /// Core NATS subjects for reaching an agent connected to another instance:
 /// `NS.live.<sha256(did)>` (the instance holding the agent's connection
-/// subscribes) and `NS.inst.<sha256(instance)>` (control messages to one
-/// instance, such as a cluster-wide takeover). Delivery is at most once:
-/// the relay stores a frame in the mailbox when no instance is subscribed
-/// (a publish has no responders) or the publish fails.
+/// subscribes; the relay sends frames and takeovers there, see
+/// `relay::cluster`) and `NS.inst.<sha256(instance)>` (control messages to
+/// one instance). Delivery is at most once: the relay stores a frame in
+/// the mailbox when no instance takes it (no responders, timeout,
+/// refusal) or the request fails.
 #[derive(Clone)]
 pub struct LiveRouter {
     client: async_nats::Client,
@@ -943,6 +944,20 @@ impl fmt::Debug for LiveRouter {
             .field("namespace", &self.namespace)
             .finish()
     }
+}
+
+/// Why [`LiveRouter::request_did_within`] got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LiveRequestError {
+    /// No instance is subscribed to the agent's subject.
+    #[error("nats: live request: no responders")]
+    NoResponders,
+    /// Nobody answered within the timeout.
+    #[error("nats: live request: timed out")]
+    TimedOut,
+    /// The request could not be sent or its answer read.
+    #[error("nats: live request: {0}")]
+    Failed(String),
 }
 
 /// Messages on a [`LiveRouter`] subject.
@@ -977,6 +992,19 @@ impl LiveSubscription {
     pub async fn unsubscribe(mut self) -> StorageResult<()> {
         self.subscriber.unsubscribe().await.map_err(nats_err("unsubscribing"))
     }
+
+    /// Stops the subscription but keeps what was already received:
+    /// [`LiveSubscription::next`] yields those messages, then `None`.
+    pub async fn close(&mut self) -> StorageResult<()> {
+        self.subscriber.unsubscribe().await.map_err(nats_err("unsubscribing"))
+    }
+}
+
+impl LiveMessage {
+    /// Whether the sender waits for an answer ([`LiveRouter::reply`]).
+    pub fn wants_reply(&self) -> bool {
+        self.reply.is_some()
+    }
 }
 
 impl LiveRouter {
@@ -1008,6 +1036,26 @@ impl LiveRouter {
             .await
             .map(|m| m.payload)
             .map_err(nats_err("live request"))
+    }
+
+    /// Like [`LiveRouter::request_did`], waiting at most `timeout` and
+    /// telling "nobody holds `did`" ([`LiveRequestError::NoResponders`],
+    /// answered at once by the server) from a timeout.
+    pub async fn request_did_within(
+        &self,
+        did: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, LiveRequestError> {
+        let request = async_nats::Request::new().payload(payload).timeout(Some(timeout));
+        match self.client.send_request(self.did_subject(did), request).await {
+            Ok(message) => Ok(message.payload),
+            Err(e) => Err(match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => LiveRequestError::NoResponders,
+                async_nats::RequestErrorKind::TimedOut => LiveRequestError::TimedOut,
+                async_nats::RequestErrorKind::Other => LiveRequestError::Failed(e.to_string()),
+            }),
+        }
     }
 
     /// Answers a message sent with [`LiveRouter::request_did`]; `false` if

@@ -116,6 +116,44 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Every relay of the cluster, the "home" relay first: the client
+    /// joins the first that takes it and, when that connection ends or an
+    /// attempt fails, tries the next in the list (wrapping around) with
+    /// the usual backoff ([`ClientConfig::fallback_relay_urls`]). Replaces
+    /// the URL given to [`MeshClient::builder`]; an empty list changes
+    /// nothing. Each URL is checked by [`Self::connect`].
+    ///
+    /// ```no_run
+    /// use meshwire::{Identity, MeshClient};
+    ///
+    /// # async fn run() -> Result<(), meshwire::ClientError> {
+    /// let identity = Identity::generate(&mut rand::thread_rng());
+    /// // Three `meshwire serve --nats ...` instances sharing one NATS.
+    /// let client = MeshClient::builder(identity, "ws://10.0.0.1:8765", "http://10.0.0.1:8765")
+    ///     .relay_urls(["ws://10.0.0.1:8765", "ws://10.0.0.2:8765", "ws://10.0.0.3:8765"])
+    ///     .registry_urls(["http://10.0.0.1:8765", "http://10.0.0.2:8765", "http://10.0.0.3:8765"])
+    ///     .state_dir("/var/lib/my-agent/state")
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = client;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn relay_urls(mut self, urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.config.set_relay_urls(urls);
+        self
+    }
+
+    /// Every registry of the cluster, in the order they are tried: a call
+    /// that meets a network error, a timeout or a 5xx answer moves to the
+    /// next ([`ClientConfig::fallback_registry_urls`]; see
+    /// [`Self::relay_urls`] for an example). Replaces the URL given to
+    /// [`MeshClient::builder`]; an empty list changes nothing.
+    pub fn registry_urls(mut self, urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.config.set_registry_urls(urls);
+        self
+    }
+
     /// The relay's shared-secret token ([`ClientConfig::relay_token`]).
     pub fn relay_token(mut self, token: impl Into<String>) -> Self {
         self.config.relay_token = Some(zeroize::Zeroizing::new(token.into()));
@@ -128,8 +166,11 @@ impl MeshClientBuilder {
         self
     }
 
-    /// Opens the store, registers, publishes pre-keys and joins the relay.
+    /// Checks every relay and registry URL
+    /// ([`ClientConfig::validate_urls`]), opens the store, registers,
+    /// publishes pre-keys and joins the relay.
     pub async fn connect(self) -> Result<MeshClient, ClientError> {
+        self.config.validate_urls()?;
         let owned = self.state_dir.is_some();
         let persistence = match self.state_dir {
             Some((dir, options)) => {
@@ -226,9 +267,8 @@ impl MeshClient {
         policy: Option<KnockPolicy>,
     ) -> Result<Self, ClientError> {
         let did = identity.did().to_string();
-        crate::relay_connect::RelayEndpoint::parse(&config.relay_url)
-            .map_err(crate::relay_connect::ConnectFailure::from)?;
-        let registry = RegistryClient::new(&config.registry_url, config.registry.clone())?;
+        config.validate_urls()?;
+        let registry = RegistryClient::with_fallbacks(&config.registry_urls(), config.registry.clone())?;
         let persistence = persistence.unwrap_or_else(|| Arc::new(MemoryPersistence::new()));
         let (snapshot, saved) = load_mesh(persistence.as_ref(), &identity, &config)?;
         let restored = saved.is_some();

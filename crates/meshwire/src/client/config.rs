@@ -47,6 +47,15 @@ pub struct ClientConfig {
     pub relay_url: String,
     /// Base URL of the registry (`http://host:port`).
     pub registry_url: String,
+    /// More relays of the same cluster (instances sharing one store, as
+    /// `meshwire serve --nats`), tried in this order after
+    /// [`Self::relay_url`] when a connection attempt fails or a joined
+    /// connection ends (see [`crate::client`], "Failover"). Default: none.
+    pub fallback_relay_urls: Vec<String>,
+    /// More registries of the same cluster, tried in this order after
+    /// [`Self::registry_url`] when a registry call meets a network error,
+    /// a timeout or a 5xx answer. Default: none.
+    pub fallback_registry_urls: Vec<String>,
     /// The display name published in the registry (also a capability, as
     /// the TypeScript client does, so that `find` works).
     pub display_name: Option<String>,
@@ -138,6 +147,8 @@ impl ClientConfig {
         Self {
             relay_url: relay_url.into(),
             registry_url: registry_url.into(),
+            fallback_relay_urls: Vec::new(),
+            fallback_registry_urls: Vec::new(),
             display_name: None,
             capabilities: Vec::new(),
             metadata: BTreeMap::new(),
@@ -164,6 +175,67 @@ impl ClientConfig {
             relay_token: None,
             manual_ack: false,
         }
+    }
+
+    /// Every relay URL in the order they are tried: [`Self::relay_url`],
+    /// then [`Self::fallback_relay_urls`].
+    pub fn relay_urls(&self) -> Vec<&str> {
+        std::iter::once(self.relay_url.as_str())
+            .chain(self.fallback_relay_urls.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// Every registry URL in the order they are tried:
+    /// [`Self::registry_url`], then [`Self::fallback_registry_urls`].
+    pub fn registry_urls(&self) -> Vec<&str> {
+        std::iter::once(self.registry_url.as_str())
+            .chain(self.fallback_registry_urls.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// Replaces the relay list: the first URL becomes [`Self::relay_url`]
+    /// (the "home" relay, tried first), the others
+    /// [`Self::fallback_relay_urls`]. An empty list changes nothing.
+    pub fn set_relay_urls(&mut self, urls: impl IntoIterator<Item = impl Into<String>>) {
+        let mut urls = urls.into_iter().map(Into::into);
+        if let Some(first) = urls.next() {
+            self.relay_url = first;
+            self.fallback_relay_urls = urls.collect();
+        }
+    }
+
+    /// Replaces the registry list as [`Self::set_relay_urls`] does the
+    /// relay list. An empty list changes nothing.
+    pub fn set_registry_urls(&mut self, urls: impl IntoIterator<Item = impl Into<String>>) {
+        let mut urls = urls.into_iter().map(Into::into);
+        if let Some(first) = urls.next() {
+            self.registry_url = first;
+            self.fallback_registry_urls = urls.collect();
+        }
+    }
+
+    /// Checks every relay and registry URL, in list order; the error
+    /// names the first unusable one
+    /// ([`crate::relay_connect::RelayUrlError`] inside
+    /// [`crate::ClientError::RelayConnect`] for a relay,
+    /// [`crate::registry::RegistryError::InvalidRequest`] for a registry).
+    /// [`crate::MeshClientBuilder::connect`] runs it before anything else.
+    ///
+    /// ```
+    /// use meshwire::ClientConfig;
+    /// let mut config = ClientConfig::new("ws://127.0.0.1:8765", "http://127.0.0.1:8765");
+    /// config.fallback_relay_urls = vec!["ws://127.0.0.1:8766".into(), "ftp://127.0.0.1:8767".into()];
+    /// let error = config.validate_urls().unwrap_err();
+    /// assert!(error.to_string().contains("ftp://127.0.0.1:8767"), "{error}");
+    /// ```
+    pub fn validate_urls(&self) -> Result<(), crate::ClientError> {
+        for url in self.relay_urls() {
+            crate::relay_connect::RelayEndpoint::parse(url).map_err(crate::relay_connect::ConnectFailure::from)?;
+        }
+        for url in self.registry_urls() {
+            crate::registry::validate_base_url(url)?;
+        }
+        Ok(())
     }
 
     /// Largest WebSocket message (and frame) the relay socket accepts:
@@ -218,6 +290,8 @@ impl std::fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("relay_url", &self.relay_url)
             .field("registry_url", &self.registry_url)
+            .field("fallback_relay_urls", &self.fallback_relay_urls)
+            .field("fallback_registry_urls", &self.fallback_registry_urls)
             .field("display_name", &self.display_name)
             .finish_non_exhaustive()
     }

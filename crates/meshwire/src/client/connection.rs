@@ -101,15 +101,102 @@ impl Takeovers {
     }
 }
 
+/// Which relay of [`ClientConfig::relay_urls`] the connection task dials:
+/// the next one after a failed attempt or an ended connection, the same
+/// one after a takeover.
+struct RelayCursor {
+    urls: Vec<String>,
+    index: usize,
+    /// Attempts since the last join (or the start) that did not join.
+    misses: usize,
+    /// The relay joined last.
+    joined: Option<String>,
+    /// Why the first relay of the list failed, while no join happened yet
+    /// (reported by `connect()` once every relay was tried).
+    first_failure: Option<crate::relay_connect::ConnectFailure>,
+}
+
+impl RelayCursor {
+    fn new(config: &ClientConfig) -> Self {
+        Self {
+            urls: config.relay_urls().into_iter().map(str::to_owned).collect(),
+            index: 0,
+            misses: 0,
+            joined: None,
+            first_failure: None,
+        }
+    }
+
+    fn url(&self) -> &str {
+        self.urls.get(self.index).map_or("", String::as_str)
+    }
+
+    /// Moves to the next relay.
+    fn advance(&mut self) {
+        self.index = (self.index + 1) % self.urls.len().max(1);
+    }
+
+    /// An attempt did not join: moves on; whether every relay was tried
+    /// since the last join (then the backoff applies before the next).
+    fn missed(&mut self) -> bool {
+        self.misses = self.misses.saturating_add(1);
+        self.advance();
+        self.misses % self.urls.len().max(1) == 0
+    }
+
+    /// The [`ClientEvent::RelayChanged`] that joining the current relay
+    /// makes: it is another than the one joined last (or, on the first
+    /// join, not the first of the list).
+    fn change(&self) -> Option<ClientEvent> {
+        let url = self.url();
+        let changed = match &self.joined {
+            Some(previous) => previous != url,
+            None => self.index != 0,
+        };
+        changed.then(|| ClientEvent::RelayChanged {
+            url: url.to_owned(),
+            previous: self.joined.clone(),
+        })
+    }
+
+    /// The current relay took us.
+    fn joined_now(&mut self) {
+        self.misses = 0;
+        self.first_failure = None;
+        self.joined = Some(self.url().to_owned());
+    }
+
+    /// The failure `connect()` reports for a failed attempt before any
+    /// join: once every relay was tried, the first relay's (the others are
+    /// logged).
+    fn first_round_failure(
+        &mut self,
+        failure: crate::relay_connect::ConnectFailure,
+    ) -> Option<crate::relay_connect::ConnectFailure> {
+        if self.urls.len() < 2 {
+            return Some(failure);
+        }
+        tracing::debug!(target: "meshwire", error = %escape_log(&failure.to_string()), "relay unavailable; trying the next");
+        if self.index == 0 {
+            self.first_failure = Some(failure.clone());
+        }
+        if self.index + 1 == self.urls.len() {
+            return Some(self.first_failure.take().unwrap_or(failure));
+        }
+        None
+    }
+}
+
 pub(crate) async fn run_connection(inner: Arc<Inner>) {
     let mut attempt: u32 = 0;
     let mut ever_connected = false;
     let mut takeovers = Takeovers::default();
+    let mut relays = RelayCursor::new(&inner.config);
     loop {
         if inner.closed.load(Ordering::SeqCst) {
             return;
         }
-        let endpoint = match crate::relay_connect::RelayEndpoint::parse(&inner.config.relay_url) {
+        let endpoint = match crate::relay_connect::RelayEndpoint::parse(relays.url()) {
             Ok(endpoint) => endpoint,
             Err(e) => {
                 inner.join_failure.send_replace(Some(e.into()));
@@ -127,7 +214,10 @@ pub(crate) async fn run_connection(inner: Arc<Inner>) {
             r = tokio::time::timeout(attempt_timeout, connecting) => r,
             _ = inner.shutdown.notified() => return,
         };
-        match result {
+        // Whether the wait before the next attempt applies: after a joined
+        // connection ended, and once every relay failed since the last join;
+        // a relay of the list not tried yet is dialled at once.
+        let back_off = match result {
             Ok(Ok((socket, response))) => {
                 attempt = 0;
                 // A meshwire relay offers a challenge nonce in the upgrade
@@ -137,34 +227,42 @@ pub(crate) async fn run_connection(inner: Arc<Inner>) {
                     .get(meshwire_proto::auth::CHALLENGE_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .map(|nonce| (url.clone(), nonce.to_owned()));
-                let ended = drive(&inner, socket, ever_connected, challenge).await;
+                let ended = drive(&inner, socket, ever_connected, challenge, relays.change()).await;
                 let joined = inner.connected.send_replace(false);
+                if joined {
+                    relays.joined_now();
+                }
                 if !ever_connected && !joined {
                     // The first attempt ended before the relay took us:
-                    // `connect()` reports why.
+                    // `connect()` reports why (once every relay was tried).
                     let failure = match &ended {
                         Ended::Rejected(code, reason) | Ended::RejectedBeforeJoin(code, reason) => {
-                            crate::relay_connect::ConnectFailure::rejected(&url, *code, reason)
+                            Some(crate::relay_connect::ConnectFailure::rejected(&url, *code, reason))
                         }
-                        Ended::Lost { code, reason } => crate::relay_connect::ConnectFailure::Closed {
-                            url: url.clone(),
-                            detail: match code {
-                                Some(code) => format!("close code {code}, {reason:?}"),
-                                None => reason.clone(),
-                            },
-                        },
-                        Ended::TakenOver(reason) => crate::relay_connect::ConnectFailure::Closed {
+                        Ended::Lost { code, reason } => {
+                            relays.first_round_failure(crate::relay_connect::ConnectFailure::Closed {
+                                url: url.clone(),
+                                detail: match code {
+                                    Some(code) => format!("close code {code}, {reason:?}"),
+                                    None => reason.clone(),
+                                },
+                            })
+                        }
+                        Ended::TakenOver(reason) => Some(crate::relay_connect::ConnectFailure::Closed {
                             url: url.clone(),
                             detail: format!("taken over: {reason:?}"),
-                        },
+                        }),
                         Ended::Shutdown => return,
                     };
-                    inner.join_failure.send_replace(Some(failure));
+                    if let Some(failure) = failure {
+                        inner.join_failure.send_replace(Some(failure));
+                    }
                 }
                 ever_connected |= joined;
                 match ended {
                     Ended::Shutdown => return,
                     Ended::TakenOver(reason) => {
+                        // Same relay: the DID is taken back where it was.
                         let Some(wait) = takeovers.displaced(&inner, reason) else {
                             return;
                         };
@@ -178,27 +276,45 @@ pub(crate) async fn run_connection(inner: Arc<Inner>) {
                         inner.emit(ClientEvent::Rejected { code, reason });
                         return;
                     }
-                    Ended::Lost { code, reason } => inner.emit(ClientEvent::Disconnected { code, reason }),
+                    Ended::Lost { code, reason } => {
+                        inner.emit(ClientEvent::Disconnected { code, reason });
+                        // Going away (1001), slow consumer (4008), network
+                        // loss: the next relay of the list, after the wait.
+                        if joined {
+                            relays.advance();
+                            true
+                        } else {
+                            relays.missed()
+                        }
+                    }
                 }
             }
             Ok(Err(e)) => {
-                tracing::debug!(target: "meshwire", error = %escape_log(&e.to_string()), "relay connection failed");
+                tracing::debug!(target: "meshwire", url = %escape_log(&url), error = %escape_log(&e.to_string()), "relay connection failed");
                 if !ever_connected {
                     let failure = crate::relay_connect::ConnectFailure::from_handshake(&endpoint, &e).await;
-                    inner.join_failure.send_replace(Some(failure));
+                    if let Some(failure) = relays.first_round_failure(failure) {
+                        inner.join_failure.send_replace(Some(failure));
+                    }
                 }
+                relays.missed()
             }
             Err(_) => {
-                tracing::debug!(target: "meshwire", "relay connection timed out");
+                tracing::debug!(target: "meshwire", url = %escape_log(&url), "relay connection timed out");
                 if !ever_connected {
-                    inner
-                        .join_failure
-                        .send_replace(Some(crate::relay_connect::ConnectFailure::Timeout {
-                            url: url.clone(),
-                            after: attempt_timeout,
-                        }));
+                    let failure = crate::relay_connect::ConnectFailure::Timeout {
+                        url: url.clone(),
+                        after: attempt_timeout,
+                    };
+                    if let Some(failure) = relays.first_round_failure(failure) {
+                        inner.join_failure.send_replace(Some(failure));
+                    }
                 }
+                relays.missed()
             }
+        };
+        if !back_off {
+            continue;
         }
         let exp = inner
             .config
@@ -219,7 +335,13 @@ async fn send_text(inner: &Inner, socket: &mut Socket, text: String) -> Result<(
     socket.send(WsMessage::Text(text)).await.map_err(|e| e.to_string())
 }
 
-async fn drive(inner: &Arc<Inner>, mut socket: Socket, reconnect: bool, challenge: Option<(String, String)>) -> Ended {
+async fn drive(
+    inner: &Arc<Inner>,
+    mut socket: Socket,
+    reconnect: bool,
+    challenge: Option<(String, String)>,
+    moved: Option<ClientEvent>,
+) -> Ended {
     let identity_did = inner.did.clone();
     let connect = if inner.config.legacy_connect {
         match Did::parse(&identity_did) {
@@ -267,6 +389,9 @@ async fn drive(inner: &Arc<Inner>, mut socket: Socket, reconnect: bool, challeng
     }
     let _ = inner.connected.send_replace(true);
     inner.emit(ClientEvent::Connected { reconnect });
+    if let Some(moved) = moved {
+        inner.emit(moved);
+    }
     if reconnect {
         // The relay may have lost what it held (AGT keeps it in memory):
         // resend what receipt-capable peers have not confirmed.

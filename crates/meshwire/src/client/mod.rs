@@ -35,6 +35,26 @@
 //! with [`ClientError::Persist`], and a frame being received is not acked
 //! (the client reconnects and the relay delivers it again);
 //! [`ClientEvent::StoreError`] reports it.
+//!
+//! # Failover
+//!
+//! A client may know several relays and registries of one cluster
+//! (instances sharing their store, as `meshwire serve --nats`):
+//! [`MeshClientBuilder::relay_urls`] and [`MeshClientBuilder::registry_urls`]
+//! (or [`ClientConfig::fallback_relay_urls`] and
+//! [`ClientConfig::fallback_registry_urls`]), the "home" one first. Every
+//! URL is checked when the client is built. When an attempt to join a relay
+//! fails, the next of the list is dialled at once; when a joined
+//! connection ends (close 1001 going away, 4008 slow consumer, network
+//! loss), the next one is dialled after the usual reconnection backoff,
+//! which grows only once every relay failed in a row. The client stays
+//! where it joined ([`ClientEvent::RelayChanged`] says where that is) and
+//! never gives up on the list because some of it is down. The outbox
+//! rules above hold across relays: what the old relay did not confirm goes
+//! out again on the new one, and peers drop duplicates. Registry calls
+//! (registration, heartbeats, pre-key uploads, bundle fetches) move to the
+//! next registry on network errors, timeouts and 5xx answers (see
+//! [`crate::registry`]).
 
 mod builder;
 mod config;

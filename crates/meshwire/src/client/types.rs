@@ -193,6 +193,17 @@ pub enum ClientEvent {
         /// The close reason or the transport error.
         reason: String,
     },
+    /// Joined a relay other than the one joined before (failover to the
+    /// next of [`crate::ClientConfig::fallback_relay_urls`]), or, on the
+    /// first connection, other than [`crate::ClientConfig::relay_url`].
+    /// Comes right after the `Connected` of that connection; the client
+    /// stays on this relay until its connection ends.
+    RelayChanged {
+        /// The relay joined now (the URL as configured).
+        url: String,
+        /// The relay joined before, if any.
+        previous: Option<String>,
+    },
     /// Another connection took this DID over (close 4006, or AGT's 1000
     /// `session_replaced`). The client does not go dark: it reconnects
     /// with a fresh proof after a randomized backoff
