@@ -3,13 +3,18 @@
 //! AGT 5.0.0 relay and registry when `--agt PYTHON` names the Python of a
 //! venv that has `agent-governance-toolkit-core` (see interop/python/setup_venv.sh).
 //!
-//! `cargo run --release --example relay_bench -- [--agt PYTHON] [--messages N] [--paced N] [--durable]`
+//! `cargo run --release --example relay_bench -- [--agt PYTHON] [--messages N] [--paced N] [--durable] [--batch N]`
 //!
 //! `--durable`: both agents keep their state in an SQLite store (every
 //! message committed before it is sent, acked or handed over).
 //!
+//! `--batch N`: Alice sends with `send_batch` (N messages per durable
+//! commit) and Bob takes what is waiting with `drain` (one acknowledgement
+//! commit per batch); without it, one `send` and one `recv` per message.
+//!
 //! Throughput: Alice sends N messages back to back, rate = N / time until
-//! Bob has all of them. Latency: one-way, Alice paced at 50 msg/s, measured
+//! Bob has all of them; `cpu_us_per_message` is the CPU time of the whole
+//! process (both agents and the embedded relay) per message. Latency: one-way, Alice paced at 50 msg/s, measured
 //! in one process with one clock; p50 and p99.
 
 use meshwire::{Identity, MeshClient};
@@ -27,6 +32,20 @@ impl Drop for Agt {
             let _ = c.wait();
         }
     }
+}
+
+/// CPU time (user + system) of this process so far, in seconds (Linux;
+/// 0 elsewhere): the whole mesh (both agents and the embedded relay).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses): utime and
+    // stime are the 12th and 13th, in clock ticks of 1/100 s.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn free_port() -> Result<u16, Box<dyn Error>> {
@@ -94,6 +113,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     };
     let messages: usize = arg("--messages").map(|v| v.parse()).transpose()?.unwrap_or(2000);
     let paced: usize = arg("--paced").map(|v| v.parse()).transpose()?.unwrap_or(500);
+    let batch: usize = arg("--batch").map(|v| v.parse()).transpose()?.unwrap_or(1).max(1);
 
     let mut _agt = None;
     let mut _server = None;
@@ -140,14 +160,43 @@ async fn main() -> Result<(), Box<dyn Error>> {
     alice.send(bob.did(), &payload(0, 0)).await?;
     bob.recv_timeout(Duration::from_secs(10)).await?;
 
+    let cpu_before = process_cpu_seconds();
     let start = Instant::now();
-    for seq in 0..messages {
-        alice.send(bob.did(), &payload(seq, 0)).await?;
+    let receiving = {
+        let bob = bob.clone();
+        tokio::spawn(async move {
+            let mut got = 0;
+            while got < messages {
+                if bob.recv_timeout(Duration::from_secs(60)).await.is_err() {
+                    break;
+                }
+                got += 1;
+                if batch > 1 {
+                    got += bob.drain().len();
+                }
+            }
+            got
+        })
+    };
+    if batch > 1 {
+        let mut seq = 0;
+        while seq < messages {
+            let end = messages.min(seq + batch);
+            let payloads: Vec<_> = (seq..end).map(|s| payload(s, 0)).collect();
+            alice.send_batch(bob.did(), &payloads).await?;
+            seq = end;
+        }
+    } else {
+        for seq in 0..messages {
+            alice.send(bob.did(), &payload(seq, 0)).await?;
+        }
     }
-    for _ in 0..messages {
-        bob.recv_timeout(Duration::from_secs(60)).await?;
-    }
+    let received = receiving.await?;
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu_us = (process_cpu_seconds() - cpu_before) * 1e6 / messages as f64;
+    if received < messages {
+        return Err(format!("Bob received {received} of {messages}").into());
+    }
     let rate = messages as f64 / elapsed;
 
     let origin = Instant::now();
@@ -181,7 +230,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "durable": durable,
         "payload_bytes": 256,
         "messages": messages,
+        "send_batch": batch,
         "messages_per_s": (rate * 10.0).round() / 10.0,
+        "cpu_us_per_message": cpu_us.round(),
         "paced_messages": latencies.len(),
         "latency_ms_p50": (percentile(&latencies, 50.0) * 1000.0).round() / 1000.0,
         "latency_ms_p99": (percentile(&latencies, 99.0) * 1000.0).round() / 1000.0,

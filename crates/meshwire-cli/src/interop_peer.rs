@@ -33,6 +33,10 @@ fn message_json(m: &Message) -> Value {
 }
 
 /// `{"seq", "t_us", "pad"}` padded so its JSON text is `size` bytes.
+/// Back-to-back sends go out in batches of this many (one durable commit
+/// each: [`MeshClient::send_batch`]).
+const SEND_BATCH: u64 = 64;
+
 fn padded(seq: u64, size: usize) -> Value {
     let mut value = json!({"seq": seq, "t_us": now_us(), "pad": ""});
     let len = value.to_string().len();
@@ -84,9 +88,13 @@ impl Peer {
         let did = client.did().to_owned();
         let (collector, inbox, arrived) = (client.clone(), self.inbox.clone(), self.arrived.clone());
         self.collector = Some(tokio::spawn(async move {
+            // Everything waiting is taken at once, so the next receive
+            // acknowledges it in one commit.
             while let Some(m) = collector.recv().await {
+                let rest = collector.drain();
                 if let Ok(mut inbox) = inbox.lock() {
                     inbox.push(message_json(&m));
+                    inbox.extend(rest.iter().map(message_json));
                 }
                 arrived.notify_one();
             }
@@ -135,11 +143,20 @@ impl Peer {
                 let size = request.get("payload_bytes").and_then(Value::as_u64).unwrap_or(256) as usize;
                 let interval = Duration::from_millis(request.get("interval_ms").and_then(Value::as_u64).unwrap_or(0));
                 let client = self.client()?.clone();
+                if interval.is_zero() {
+                    // Back to back: in batches, one durable commit each.
+                    let mut seq = 0;
+                    while seq < count {
+                        let end = count.min(seq + SEND_BATCH);
+                        let batch: Vec<Value> = (seq..end).map(|s| padded(s, size)).collect();
+                        client.send_batch(&to, &batch).await.map_err(|e| e.to_string())?;
+                        seq = end;
+                    }
+                    return Ok(json!({"sent": count}));
+                }
                 let mut tick = tokio::time::interval(meshwire::client::saturating_period(interval));
                 for seq in 0..count {
-                    if !interval.is_zero() {
-                        tick.tick().await;
-                    }
+                    tick.tick().await;
                     client.send(&to, &padded(seq, size)).await.map_err(|e| e.to_string())?;
                 }
                 Ok(json!({"sent": count}))

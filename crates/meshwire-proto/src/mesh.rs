@@ -401,6 +401,11 @@ fn peer_entry<'a>(peers: &'a mut HashMap<String, Peer>, info: &HashMap<String, P
 /// Peers without a session whose registry information is kept.
 pub const PEER_INFO_KEPT: usize = 1024;
 
+/// Receipts owed to one peer that make [`Mesh::flush_receipts_due`] send
+/// them at once (an eighth of the default
+/// [`MeshConfig::max_unconfirmed_per_peer`]).
+pub const EAGER_RECEIPTS: usize = 125;
+
 /// At most one resync per peer this often.
 pub const RESYNC_INTERVAL_MS: u64 = 30_000;
 
@@ -1722,6 +1727,16 @@ impl Mesh {
             .filter(|(_, p)| !p.receipts_due.is_empty())
             .map(|(d, p)| (d.clone(), std::mem::take(&mut p.receipts_due)))
             .collect();
+        self.encrypt_receipts(rng, now, due)
+    }
+
+    /// One encrypted receipt control message per `(peer, ids)`.
+    fn encrypt_receipts(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+        now: Timestamp,
+        due: Vec<(String, Vec<String>)>,
+    ) -> Vec<Event> {
         let mut events = Vec::new();
         for (peer, ids) in due {
             let payload = serde_json::json!({ CONTROL_KEY: "receipt", "ids": ids }).to_string();
@@ -1732,6 +1747,24 @@ impl Mesh {
             }
         }
         events
+    }
+
+    /// [`Mesh::flush_receipts`] for the peers that are owed at least
+    /// [`EAGER_RECEIPTS`] receipts: called after a burst is handled, so a
+    /// fast sender's window of messages awaiting receipts reopens before
+    /// the periodic flush (the rest wait for it: one receipt message covers
+    /// many messages).
+    pub fn flush_receipts_due(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp) -> Vec<Event> {
+        if !self.peers.values().any(|p| p.receipts_due.len() >= EAGER_RECEIPTS) {
+            return Vec::new();
+        }
+        let due: Vec<(String, Vec<String>)> = self
+            .peers
+            .iter_mut()
+            .filter(|(_, p)| p.receipts_due.len() >= EAGER_RECEIPTS)
+            .map(|(d, p)| (d.clone(), std::mem::take(&mut p.receipts_due)))
+            .collect();
+        self.encrypt_receipts(rng, now, due)
     }
 
     /// Re-encrypts messages to receipt-capable peers not confirmed within

@@ -304,6 +304,7 @@ impl MeshClient {
             policy: Mutex::new(policy),
             outgoing: Mutex::new(VecDeque::new()),
             outgoing_notify: Notify::new(),
+            receipts_notify: Notify::new(),
             inbox: Mutex::new(InboxState::default()),
             inbox_notify: Notify::new(),
             events: EventQueue::new(event_capacity),

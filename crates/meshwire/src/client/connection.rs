@@ -8,7 +8,7 @@ use super::durable::Outgoing;
 use super::inner::Inner;
 use super::types::ClientEvent;
 use super::util::{deadline_after, escape_log, lock, now, saturating_period};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use meshwire_proto::frames::{self, ConnectFrame, FetchPendingFrame};
 use meshwire_proto::mesh::{ErrorKind, Event};
 use meshwire_proto::Did;
@@ -552,14 +552,22 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
             };
         }
         // Flush before waiting: a notification may have come while busy.
+        // Frames are written without a flush each; one flush (a single
+        // write to the socket, in the common case) ends the batch.
+        let mut wrote = false;
         let mut wrote_outbox = false;
         loop {
             let next = lock(&inner.outgoing).pop_front();
             let Some(frame) = next else { break };
-            if let Err(e) = send_text(inner, socket, frame.text.clone()).await {
+            inner.count(true, &frame.text);
+            if let Err(e) = socket.feed(WsMessage::Text(frame.text.clone())).await {
                 lock(&inner.outgoing).push_front(frame);
-                return Ended::Lost { code: None, reason: e };
+                return Ended::Lost {
+                    code: None,
+                    reason: e.to_string(),
+                };
             }
+            wrote = true;
             if frame.outbox.is_some() {
                 wrote_outbox = true;
                 awaiting.push_back((ping_seq.wrapping_add(1), frame));
@@ -569,7 +577,15 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
             ping_seq = ping_seq.wrapping_add(1);
             let mut payload = OUTBOX_PING.to_vec();
             payload.extend_from_slice(ping_seq.to_string().as_bytes());
-            if let Err(e) = socket.send(WsMessage::Ping(payload)).await {
+            if let Err(e) = socket.feed(WsMessage::Ping(payload)).await {
+                return Ended::Lost {
+                    code: None,
+                    reason: e.to_string(),
+                };
+            }
+        }
+        if wrote {
+            if let Err(e) = socket.flush().await {
                 return Ended::Lost {
                     code: None,
                     reason: e.to_string(),
@@ -577,35 +593,11 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
             }
         }
         tokio::select! {
-            incoming = socket.next(), if !paused => match incoming {
-                Some(Ok(WsMessage::Text(text))) => {
-                    inner.count(false, &text);
-                    if let Some(events) = inner.commit_step(|mesh| mesh.handle_text(&mut rand::thread_rng(), now(), &text)) {
-                        if let Some(detail) = relay_error(&events) {
-                            last_error = detail;
-                        }
-                        inner.process(events);
-                    }
+            incoming = socket.next(), if !paused => {
+                if let Some(ended) = receive(inner, socket, awaiting, &mut last_error, incoming) {
+                    return ended;
                 }
-                Some(Ok(WsMessage::Pong(payload))) => {
-                    if let Some(seq) = outbox_pong(&payload) {
-                        let mut confirmed = Vec::new();
-                        while awaiting.front().is_some_and(|(s, _)| *s <= seq) {
-                            if let Some((_, frame)) = awaiting.pop_front() {
-                                confirmed.extend(frame.outbox);
-                            }
-                        }
-                        inner.relay_has(&confirmed);
-                    }
-                }
-                Some(Ok(WsMessage::Binary(_))) => {
-                    inner.emit(ClientEvent::Error { kind: ErrorKind::Frame, peer: None, detail: "binary frame ignored".into() });
-                }
-                Some(Ok(WsMessage::Close(frame))) => return closed(frame, last_error),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Ended::Lost { code: None, reason: e.to_string() },
-                None => return Ended::Lost { code: None, reason: "connection closed".into() },
-            },
+            }
             _ = inner.outgoing_notify.notified() => {}
             Some((from, knock_id, accepted)) = verdicts.recv() => {
                 inner.mesh_step(|mesh| mesh.decide_knock(&mut rand::thread_rng(), now(), &from, &knock_id, accepted));
@@ -649,6 +641,97 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
                 return Ended::Shutdown;
             }
         }
+    }
+}
+
+/// At most this many text frames already read from the socket are handled
+/// in one state step, that is one durable commit (group commit: a burst of
+/// messages costs one transaction, not one each).
+const READ_BATCH: usize = 64;
+
+type Incoming = Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>;
+
+/// Handles what the socket gave, together with the text frames that are
+/// already waiting behind it (up to [`READ_BATCH`], and no more than the
+/// inbox has room for): they go through the state machine in one commit,
+/// in order, then the first other frame is handled. `Some` when the
+/// connection ended.
+fn receive(
+    inner: &Arc<Inner>,
+    socket: &mut Socket,
+    awaiting: &mut Awaiting,
+    last_error: &mut String,
+    first: Incoming,
+) -> Option<Ended> {
+    let mut texts = Vec::new();
+    let mut other = None;
+    match first {
+        Some(Ok(WsMessage::Text(text))) => texts.push(text),
+        incoming => other = Some(incoming),
+    }
+    if !texts.is_empty() {
+        let room = inner.inbox_room().clamp(1, READ_BATCH);
+        while texts.len() < room {
+            match socket.next().now_or_never() {
+                Some(Some(Ok(WsMessage::Text(text)))) => texts.push(text),
+                Some(incoming) => {
+                    other = Some(incoming);
+                    break;
+                }
+                None => break,
+            }
+        }
+        for text in &texts {
+            inner.count(false, text);
+        }
+        let stepped = inner.commit_step(|mesh| {
+            let mut rng = rand::thread_rng();
+            let mut events = Vec::new();
+            for text in &texts {
+                events.extend(mesh.handle_text(&mut rng, now(), text));
+            }
+            events.extend(mesh.flush_receipts_due(&mut rng, now()));
+            events
+        });
+        if let Some(events) = stepped {
+            if let Some(detail) = relay_error(&events) {
+                *last_error = detail;
+            }
+            inner.process(events);
+        }
+    }
+    match other? {
+        Some(Ok(WsMessage::Text(_))) => None,
+        Some(Ok(WsMessage::Pong(payload))) => {
+            if let Some(seq) = outbox_pong(&payload) {
+                let mut confirmed = Vec::new();
+                while awaiting.front().is_some_and(|(s, _)| *s <= seq) {
+                    if let Some((_, frame)) = awaiting.pop_front() {
+                        confirmed.extend(frame.outbox);
+                    }
+                }
+                inner.relay_has(&confirmed);
+            }
+            None
+        }
+        Some(Ok(WsMessage::Binary(_))) => {
+            inner.emit(ClientEvent::Error {
+                kind: ErrorKind::Frame,
+                peer: None,
+                detail: "binary frame ignored".into(),
+            });
+            None
+        }
+        Some(Ok(WsMessage::Close(frame))) => Some(closed(frame, std::mem::take(last_error))),
+        Some(Ok(_)) => None,
+        Some(Err(e)) => Some(Ended::Lost {
+            code: None,
+            reason: e.to_string(),
+        }),
+        None => Some(Ended::Lost {
+            code: None,
+            reason: "connection closed".into(),
+        }),
     }
 }
 

@@ -222,6 +222,12 @@ impl Inner {
         inbox.store_full || inbox.len() >= self.config.inbox_capacity.max(1)
     }
 
+    /// How many more messages the inbox takes before it is full.
+    pub(crate) fn inbox_room(&self) -> usize {
+        let inbox = lock(&self.inbox);
+        self.config.inbox_capacity.max(1).saturating_sub(inbox.len())
+    }
+
     /// Takes the next message for the application (the first one `pick`
     /// selects), recording it as handed over; without `manual_ack`, first
     /// acknowledges what earlier calls handed over.

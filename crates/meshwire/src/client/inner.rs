@@ -85,6 +85,8 @@ pub(crate) struct Inner {
     pub(crate) policy: Mutex<Option<KnockPolicy>>,
     pub(crate) outgoing: Mutex<VecDeque<Outgoing>>,
     pub(crate) outgoing_notify: Notify,
+    /// Woken when receipts confirm messages (room in the send window).
+    pub(crate) receipts_notify: Notify,
     pub(crate) inbox: Mutex<InboxState>,
     pub(crate) inbox_notify: Notify,
     pub(crate) events: EventQueue,
@@ -173,7 +175,10 @@ impl Inner {
                     self.consumed_since_upload.fetch_add(1, Ordering::SeqCst);
                     self.maybe_replenish();
                 }
-                Event::Delivered { peer, ids } => self.emit(ClientEvent::Delivered { peer, ids }),
+                Event::Delivered { peer, ids } => {
+                    self.receipts_notify.notify_waiters();
+                    self.emit(ClientEvent::Delivered { peer, ids });
+                }
                 Event::Error(e) => {
                     tracing::debug!(
                         target: "meshwire",

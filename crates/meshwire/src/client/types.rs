@@ -76,6 +76,18 @@ pub enum ClientError {
     /// The payload could not be serialized to JSON.
     #[error("payload is not serializable: {0}")]
     Payload(String),
+    /// [`crate::MeshClient::send_batch`] stopped at payload `failed`: the
+    /// ones before it were sent (their ids are `sent`), it and the ones
+    /// after it were not.
+    #[error("batch stopped at payload {failed} ({} sent before it): {source}", sent.len())]
+    Batch {
+        /// Ids of the payloads sent, in order.
+        sent: Vec<String>,
+        /// Index of the payload that was refused.
+        failed: usize,
+        /// Why it was refused.
+        source: Box<ClientError>,
+    },
     /// The client was closed.
     #[error("the client is closed")]
     Closed,
