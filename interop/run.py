@@ -304,7 +304,7 @@ async def run_cell(cell: Cell, kinds: dict[str, PeerKind], relay: Relay, seq: in
     return cell
 
 
-async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, paced: int) -> dict:
+async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, paced: int, durable: bool = True) -> dict:
     s_kind, r_kind = kinds[pair[0]], kinds[pair[1]]
     sender, receiver = Peer(s_kind, f"fig-{pair[0]}-send"), Peer(r_kind, f"fig-{pair[1]}-recv")
     try:
@@ -314,9 +314,11 @@ async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, pa
             seed = hashlib.sha256(f"figures/{role}/{time.time_ns()}".encode()).hexdigest()
             # Durable: meshwire peers commit every message to their SQLite
             # store (the reference agents keep state in memory only).
-            state_dir = tempfile.mkdtemp(prefix=f"meshwire-figures-{role}-")
+            # `durable=False`: the same meshwire peers with state in memory,
+            # for the cost of durability in the same run.
+            store = {"state_dir": tempfile.mkdtemp(prefix=f"meshwire-figures-{role}-")} if durable else {}
             peer.did = (await peer.call(cmd="connect", relay=relay.relay_url, registry=relay.registry_url,
-                                        name=f"fig-{role}", seed=seed, state_dir=state_dir))["did"]
+                                        name=f"fig-{role}", seed=seed, **store))["did"]
         await sender.call(cmd="send", to=receiver.did, payload={"warmup": True})
         await receiver.call(cmd="recv", count=1, timeout_ms=10000)
         await sender.call(cmd="send_many", to=receiver.did, count=count, payload_bytes=256, interval_ms=0, timeout=300)
@@ -330,7 +332,7 @@ async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, pa
         got_paced = (await receiver.call(cmd="recv", count=paced, timeout_ms=60000, timeout=300))["messages"]
         lat = sorted((m["t_us"] - m["payload"]["t_us"]) / 1000.0 for m in got_paced)
         pct = lambda p: round(lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))], 3) if lat else None
-        return {"relay": relay.name, "sender": pair[0], "receiver": pair[1], "messages": len(got), "of": count,
+        return {"relay": relay.name, "sender": pair[0], "receiver": pair[1], "durable": durable, "messages": len(got), "of": count,
                 "messages_per_s": throughput, "latency_ms_p50": pct(50), "latency_ms_p99": pct(99),
                 "paced": len(got_paced)}
     except Exception as e:  # noqa: BLE001
@@ -356,6 +358,8 @@ async def main() -> int:
     ap.add_argument("--skip-matrix", action="store_true", help="with --figures: measure only")
     ap.add_argument("--figure-messages", type=int, default=2000)
     ap.add_argument("--figure-paced", type=int, default=200)
+    ap.add_argument("--figure-memory", action="store_true",
+                    help="with --figures: also measure the meshwire pairs with state in memory (the cost of durability)")
     args = ap.parse_args()
 
     wanted = [p for p in args.peers.split(",") if p]
@@ -446,6 +450,10 @@ async def main() -> int:
                             continue
                         log(f"figures: {sender} -> {receiver} on {relay.name}")
                         figures.append(await run_figures(kinds, relay, (sender, receiver), args.figure_messages, args.figure_paced))
+                        if args.figure_memory and "rust" in (sender, receiver):
+                            log(f"figures: {sender} -> {receiver} on {relay.name}, state in memory")
+                            figures.append(await run_figures(kinds, relay, (sender, receiver), args.figure_messages,
+                                                             args.figure_paced, durable=False))
     finally:
         for s in services:
             s.stop()
@@ -477,13 +485,24 @@ async def main() -> int:
             print(f"  - {n}")
     if figures:
         print("\nfigures (256-byte payloads; throughput back to back, latency paced at 50 msg/s):")
-        print(f"{'relay':18}{'pair':26}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+        print(f"{'relay':18}{'pair':36}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
         for f in figures:
+            pair = f['sender'] + ' -> ' + f['receiver'] + ('' if f.get('durable', True) else ' (memory)')
             if "error" in f:
-                print(f"{f['relay']:18}{f['sender'] + ' -> ' + f['receiver']:26}  error: {f['error']}")
+                print(f"{f['relay']:18}{pair:36}  error: {f['error']}")
             else:
-                print(f"{f['relay']:18}{f['sender'] + ' -> ' + f['receiver']:26}{str(f['messages_per_s']):>10}"
+                print(f"{f['relay']:18}{pair:36}{str(f['messages_per_s']):>10}"
                       f"{str(f['latency_ms_p50']):>10}{str(f['latency_ms_p99']):>10}")
+        # Ratios against the reference agents on the reference relay, this run.
+        base = next((f for f in figures if f["relay"] == "agt" and f["sender"] == f["receiver"] == "agt-python"
+                     and f.get("messages_per_s")), None)
+        if base:
+            print(f"\nagainst agt-python -> agt-python on the AGT relay ({base['messages_per_s']} msg/s, p99 {base['latency_ms_p99']} ms):")
+            for f in figures:
+                if f["sender"] == f["receiver"] == "rust" and f.get("messages_per_s"):
+                    kind = "durable" if f.get("durable", True) else "memory"
+                    print(f"  rust -> rust on {f['relay']:10} {kind:8} {f['messages_per_s'] / base['messages_per_s']:.2f}x msg/s,"
+                          f" p99 {f['latency_ms_p99']} ms ({'at or below' if f['latency_ms_p99'] <= base['latency_ms_p99'] else 'above'})")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"columns": columns, "cells": [c.__dict__ for c in cells], "figures": figures}, indent=2))

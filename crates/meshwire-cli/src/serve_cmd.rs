@@ -134,6 +134,9 @@ pub struct ServeArgs {
     /// Bytes queued for one connection before it counts as a slow consumer and is closed (4008). Default 16 MiB.
     #[arg(long, env = "MESHWIRE_OUTBOUND_QUEUE_BYTES")]
     outbound_queue_bytes: Option<usize>,
+    /// With --nats: how long a frame for an agent connected to another instance waits for that instance's answer before it is stored instead (milliseconds). Default 500.
+    #[arg(long, env = "MESHWIRE_CLUSTER_ROUTE_TIMEOUT_MS")]
+    cluster_route_timeout_ms: Option<u64>,
     /// Days an agent that stops heartbeating stays registered; 0 keeps agents forever. Default 30.
     #[arg(long, env = "MESHWIRE_AGENT_EXPIRY_DAYS")]
     agent_expiry_days: Option<u64>,
@@ -194,6 +197,7 @@ struct FileSettings {
     max_connections: Option<usize>,
     outbound_queue: Option<usize>,
     outbound_queue_bytes: Option<usize>,
+    cluster_route_timeout_ms: Option<u64>,
     agent_expiry_days: Option<u64>,
     max_frame_bytes: Option<usize>,
     max_body_bytes: Option<usize>,
@@ -360,6 +364,10 @@ impl ServeArgs {
                 .outbound_queue_bytes
                 .or(file.outbound_queue_bytes)
                 .unwrap_or(defaults.outbound_queue_bytes),
+            cluster_route_timeout: self
+                .cluster_route_timeout_ms
+                .or(file.cluster_route_timeout_ms)
+                .map_or(defaults.cluster_route_timeout, Duration::from_millis),
             agent_expiry: match self.agent_expiry_days.or(file.agent_expiry_days) {
                 Some(days) => Duration::from_secs(days.saturating_mul(24 * 3600)),
                 None => defaults.agent_expiry,
@@ -454,6 +462,7 @@ impl Settings {
             "max-connections": c.max_connections,
             "outbound-queue": c.outbound_queue,
             "outbound-queue-bytes": c.outbound_queue_bytes,
+            "cluster-route-timeout-ms": c.cluster_route_timeout.as_millis(),
             "agent-expiry-days": c.agent_expiry.as_secs() / (24 * 3600),
             "max-frame-bytes": c.max_frame_bytes,
             "max-body-bytes": c.max_body_bytes,
@@ -816,10 +825,13 @@ mod tests {
             "65536",
             "--max-rate-limited-requesters",
             "7",
+            "--cluster-route-timeout-ms",
+            "120",
         ])
         .settings_with(None)
         .unwrap_or_else(|e| panic!("{e}"));
         let c = &s.config;
+        assert_eq!(c.cluster_route_timeout, Duration::from_millis(120));
         assert_eq!((c.registrations_per_minute, c.discoveries_per_minute), (3, 4));
         assert!(c.rate_limit_loopback && c.route_only_registered);
         assert_eq!(

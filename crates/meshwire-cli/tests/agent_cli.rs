@@ -4,13 +4,14 @@
 //! new KNOCK is sent or received. Also `id`, `find`, `discover`, `ping`
 //! and the errors a person sees. Everything on 127.0.0.1, bounded in time.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use support::{spawn_piped, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshwire");
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A process whose stdout and stderr lines arrive on channels.
@@ -21,29 +22,9 @@ struct Running {
     err_lines: Vec<String>,
 }
 
-fn lines(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(reader).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 impl Running {
     fn spawn(command: &mut Command) -> Self {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = lines(child.stdout.take().unwrap());
-        let stderr = lines(child.stderr.take().unwrap());
+        let (child, stdout, stderr) = spawn_piped(command);
         Self {
             child,
             stdout,

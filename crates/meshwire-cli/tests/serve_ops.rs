@@ -13,208 +13,23 @@
 //! - a reader that never reads is disconnected while messages flood to it,
 //!   and the server's resident memory stays bounded.
 
-use futures_util::{SinkExt, StreamExt};
-use meshwire_proto::frames::{self, ConnectFrame};
-use meshwire_proto::time::Timestamp;
-use meshwire_proto::Identity;
+mod support;
+
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use support::{
+    command, connect, connect_frame, identity, message, message_to, next, recv_text, sample, send, Serve, WAIT,
+};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshwire");
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A `meshwire serve` process, killed when dropped.
-struct Serve {
-    child: Child,
-    port: u16,
-    relay_url: String,
-    stderr: std::sync::mpsc::Receiver<String>,
-}
-
-fn command(args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command.arg("serve").args(args).env("RUST_LOG", "info");
-    for (key, _) in std::env::vars() {
-        if key.starts_with("MESHWIRE_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
-fn lines(stream: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-impl Serve {
-    fn start(args: &[&str]) -> Self {
-        Self::start_with(command(args))
-    }
-
-    fn start_with(mut command: Command) -> Self {
-        let mut child = command
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = lines(child.stdout.take().unwrap());
-        let stderr = lines(child.stderr.take().unwrap());
-        let line = stdout.recv_timeout(WAIT).expect("meshwire serve printed its relay URL");
-        // "meshwire relay    ws://127.0.0.1:PORT/ws"
-        let relay_url = line.split_whitespace().last().unwrap().to_owned();
-        let port = relay_url
-            .rsplit(':')
-            .next()
-            .and_then(|tail| tail.trim_end_matches("/ws").parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        Self {
-            child,
-            port,
-            relay_url,
-            stderr,
-        }
-    }
-
-    fn http(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    async fn ws(&self) -> Ws {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", self.port))
-            .await
-            .unwrap();
-        ws
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then the exit status within `bound`.
-    fn terminate(&mut self, bound: Duration) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "still running {bound:?} after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Resident memory (kB) of the process.
-    fn rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-type Ws = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-fn identity(n: u8) -> Identity {
-    Identity::from_seed(&[n; 32])
-}
-
-fn fresh_ts() -> String {
-    static OFFSET: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-    Timestamp(now + OFFSET.fetch_add(1, Ordering::Relaxed)).to_iso()
-}
-
-fn connect_frame(id: &Identity) -> String {
-    frames::to_text(&ConnectFrame::new(id, &fresh_ts()))
-}
-
-fn message(from: &Identity, to: &Identity, id: &str, body: &str) -> String {
-    format!(
-        r#"{{"v":1,"type":"message","from":"{}","to":"{}","id":"{id}","ciphertext":"{body}","timestamp":"{}"}}"#,
-        from.did(),
-        to.did(),
-        fresh_ts()
-    )
-}
-
-async fn next<S>(ws: &mut WebSocketStream<S>) -> Message
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    loop {
-        let message = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("timed out waiting for a frame");
-        match message {
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(message)) => return message,
-            other => panic!("connection ended: {other:?}"),
-        }
-    }
-}
-
-async fn recv_text<S>(ws: &mut WebSocketStream<S>) -> String
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    match next(ws).await {
-        Message::Text(text) => text,
-        other => panic!("expected a text frame, got {other:?}"),
-    }
-}
-
-/// Connects `id` and proves the connection live with a message to itself.
-async fn connect<S>(ws: &mut WebSocketStream<S>, id: &Identity)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    ws.send(Message::Text(connect_frame(id))).await.unwrap();
-    let probe = message(id, id, &format!("probe-{}", fresh_ts()), "AA");
-    ws.send(Message::Text(probe.clone())).await.unwrap();
-    assert_eq!(recv_text(ws).await, probe);
-}
-
-fn sample(text: &str, key: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(key)?
-            .strip_prefix(' ')?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
+/// `meshwire serve ARGS` logging at `info` (the shutdown and start-up
+/// lines are asserted).
+fn serve(args: &[&str]) -> Serve {
+    Serve::start_with(command(args).env("RUST_LOG", "info"))
 }
 
 #[tokio::test]
@@ -223,13 +38,13 @@ async fn sigterm_closes_with_1001_exits_0_and_keeps_the_mail() {
     let data = dir.path().join("data");
     let args = ["--data-dir", data.to_str().unwrap()];
     let (alice, bob) = (identity(1), identity(2));
-    let mut first = Serve::start(&args);
+    let mut first = serve(&args);
     let mut a = first.ws().await;
     connect(&mut a, &alice).await;
-    let queued = message(&alice, &bob, "queued-before-sigterm", "AAEC");
-    a.send(Message::Text(queued.clone())).await.unwrap();
-    let flush = message(&alice, &alice, "flush", "AA");
-    a.send(Message::Text(flush.clone())).await.unwrap();
+    let queued = message(&alice, &bob, "queued-before-sigterm");
+    send(&mut a, &queued).await;
+    let flush = message(&alice, &alice, "flush");
+    send(&mut a, &flush).await;
     assert_eq!(recv_text(&mut a).await, flush);
 
     let started = Instant::now();
@@ -240,12 +55,12 @@ async fn sigterm_closes_with_1001_exits_0_and_keeps_the_mail() {
     }
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
     println!("SIGTERM to exit: {:?}", started.elapsed());
-    let logs: Vec<String> = first.stderr.try_iter().collect();
+    let logs = first.stderr_lines();
     assert!(logs.iter().any(|l| l.contains("stopping")), "{logs:?}");
 
-    let second = Serve::start(&args);
+    let second = serve(&args);
     let mut b = second.ws().await;
-    b.send(Message::Text(connect_frame(&bob))).await.unwrap();
+    send(&mut b, &connect_frame(&bob)).await;
     assert_eq!(
         recv_text(&mut b).await,
         queued,
@@ -302,8 +117,8 @@ fn settings_come_from_flags_then_environment_then_file() {
 
 #[tokio::test]
 async fn json_logs_on_stderr() {
-    let serve = Serve::start(&["--memory", "--log-format", "json"]);
-    let line = serve.stderr.recv_timeout(WAIT).expect("a log line");
+    let serve = serve(&["--memory", "--log-format", "json"]);
+    let line = serve.next_stderr(WAIT).expect("a log line");
     let record: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
     assert!(record["level"].is_string(), "{record}");
     assert!(record["message"].is_string(), "{record}");
@@ -328,8 +143,12 @@ fn self_signed(dir: &Path) -> (String, String, Vec<u8>) {
 async fn tls_serves_wss_and_https() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, der) = self_signed(dir.path());
-    let serve = Serve::start(&["--memory", "--tls-cert", &cert, "--tls-key", &key]);
-    assert!(serve.relay_url.starts_with("wss://127.0.0.1:"), "{}", serve.relay_url);
+    let serve = serve(&["--memory", "--tls-cert", &cert, "--tls-key", &key]);
+    assert!(
+        serve.relay_url().starts_with("wss://127.0.0.1:"),
+        "{}",
+        serve.relay_url()
+    );
 
     // wss:// through a client that trusts only this certificate.
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
@@ -391,7 +210,7 @@ async fn a_reader_that_never_reads_is_disconnected_and_memory_stays_bounded() {
     const BOUND_KB: u64 = 32 * 1024; // growth allowed: 32 MiB
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let serve = Serve::start(&[
+    let serve = serve(&[
         "--data-dir",
         data.to_str().unwrap(),
         "--outbound-queue-bytes",
@@ -414,20 +233,15 @@ async fn a_reader_that_never_reads_is_disconnected_and_memory_stays_bounded() {
         if sent >= MAX_FRAMES {
             break false;
         }
-        a.send(Message::Text(message(&alice, &bob, &format!("f{sent}"), &body)))
-            .await
-            .unwrap();
+        send(
+            &mut a,
+            &message_to(&alice, bob.did().as_str(), &format!("f{sent}"), &body),
+        )
+        .await;
         sent += 1;
         if sent % 100 == 0 {
             peak = peak.max(serve.rss_kb());
-            let metrics = http
-                .get(serve.http("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = serve.metrics(&http).await;
             if sample(&metrics, "meshwire_connections") == Some(1.0) {
                 break true;
             }
@@ -439,22 +253,13 @@ async fn a_reader_that_never_reads_is_disconnected_and_memory_stays_bounded() {
     );
     // Keep flooding the (now offline) reader: stored on disk, not in memory.
     for i in 0..300 {
-        a.send(Message::Text(message(&alice, &bob, &format!("g{i}"), &body)))
-            .await
-            .unwrap();
+        send(&mut a, &message_to(&alice, bob.did().as_str(), &format!("g{i}"), &body)).await;
     }
-    let probe = message(&alice, &alice, "probe-end", "AA");
-    a.send(Message::Text(probe.clone())).await.unwrap();
+    let probe = message(&alice, &alice, "probe-end");
+    send(&mut a, &probe).await;
     assert_eq!(recv_text(&mut a).await, probe);
     peak = peak.max(serve.rss_kb());
-    let metrics = http
-        .get(serve.http("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = serve.metrics(&http).await;
     assert!(
         sample(&metrics, "meshwire_limit_refusals_total{limit=\"outbound_buffer\"}").is_some_and(|n| n >= 1.0),
         "{metrics}"
@@ -470,7 +275,7 @@ async fn a_reader_that_never_reads_is_disconnected_and_memory_stays_bounded() {
     // The reader, reconnecting, finds its mail.
     drop(b);
     let mut b = serve.ws().await;
-    b.send(Message::Text(connect_frame(&bob))).await.unwrap();
+    send(&mut b, &connect_frame(&bob)).await;
     let first: Value = serde_json::from_str(&recv_text(&mut b).await).unwrap();
     assert_eq!(first["type"], "message");
 }

@@ -51,7 +51,7 @@ async fn sqlite_survives_sigkill() {
     let second = Serve::start(&args);
     // The proof used before the kill is still remembered.
     expect_replay_refused(&second, &alice_connect).await;
-    let view = agent(&http, &second, &bob).await;
+    let view = agent_record(&http, &second, &bob).await;
     assert_eq!(view["capabilities"], json!(["storage-test"]));
     assert_eq!(view["otk_count"], 4, "{view}");
     let mut b = second.ws().await;

@@ -172,19 +172,7 @@ fn origin(t: &TestServer) -> String {
 
 async fn registry_header(t: &TestServer, id: &Identity, method: &str, path: &str, body: &str) -> String {
     let nonce = nonce(t).await;
-    let did = id.did().to_string();
-    challenge_header(
-        id,
-        &ChallengeRequest {
-            audience: &origin(t),
-            method,
-            path,
-            nonce: &nonce,
-            did: &did,
-            body: body.as_bytes(),
-        },
-    )
-    .unwrap()
+    t.challenge_auth(id, method, path, &nonce, body.as_bytes())
 }
 
 async fn put(t: &TestServer, path: &str, header: &str, body: &str) -> (u16, Value) {
@@ -298,27 +286,9 @@ async fn every_registry_answer_advertises_a_fresh_nonce() {
     let response = t.register(&alice, &[]).await;
     let nonce_text = response.headers()[CHALLENGE_HEADER].to_str().unwrap().to_owned();
     let path = format!("/v1/agents/{}/heartbeat", alice.did());
-    let did = alice.did().to_string();
-    let header = challenge_header(
-        &alice,
-        &ChallengeRequest {
-            audience: &origin(&t),
-            method: "POST",
-            path: &path,
-            nonce: &nonce_text,
-            did: &did,
-            body: b"",
-        },
-    )
-    .unwrap();
-    let response = t
-        .http
-        .post(t.url(&path))
-        .header("Authorization", header)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let header = t.challenge_auth(&alice, "POST", &path, &nonce_text, b"");
+    let response = t.http.post(t.url(&path)).header("Authorization", header).send().await;
+    assert_eq!(response.unwrap().status(), 200);
 }
 
 #[tokio::test]

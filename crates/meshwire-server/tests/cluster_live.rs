@@ -56,6 +56,29 @@ impl Cluster {
     async fn instance(&self) -> TestServer {
         self.instance_with(self.config()).await
     }
+
+    /// `N` instances with the default test configuration.
+    async fn instances<const N: usize>(&self) -> [TestServer; N] {
+        let mut started = Vec::with_capacity(N);
+        for _ in 0..N {
+            started.push(self.instance().await);
+        }
+        match started.try_into() {
+            Ok(instances) => instances,
+            Err(_) => unreachable!("N instances were started"),
+        }
+    }
+}
+
+/// Polls `done` every 10 ms for at most 3 s (the caller asserts the state
+/// it waited for).
+async fn wait_until(done: impl Fn() -> bool) {
+    for _ in 0..300 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Receives `n` `message` frames and returns their ids, in arrival order.
@@ -99,6 +122,14 @@ async fn send_all(ws: &mut Ws, from: &Identity, to: &Identity, ids: &[String]) {
     }
 }
 
+/// `from` sends the frames `ids(prefix, 0..n)` to `to`, and they arrive
+/// on `to_ws`, in order.
+async fn relay_in_order(from_ws: &mut Ws, from: &Identity, to: &Identity, to_ws: &mut Ws, prefix: &str, n: usize) {
+    let sent = ids(prefix, 0..n);
+    send_all(from_ws, from, to, &sent).await;
+    assert_eq!(recv_ids(to_ws, n).await, sent, "{prefix}");
+}
+
 /// Nothing more arrives on `ws` within a short while.
 async fn assert_quiet(ws: &mut Ws) {
     use futures_util::StreamExt;
@@ -115,8 +146,7 @@ async fn frames_cross_instances_live_in_order_both_ways() {
     let Some(cluster) = start_nats() else {
         return;
     };
-    let a = cluster.instance().await;
-    let b = cluster.instance().await;
+    let [a, b] = cluster.instances().await;
     let (alice, bob) = (identity(1), identity(2));
     let mut on_a = a.connect(&alice).await;
     let mut on_b = b.connect(&bob).await;
@@ -158,19 +188,13 @@ async fn frames_for_an_agent_connected_nowhere_wait_in_the_shared_mailbox() {
     let Some(cluster) = start_nats() else {
         return;
     };
-    let a = cluster.instance().await;
-    let b = cluster.instance().await;
+    let [a, b] = cluster.instances().await;
     let (bob, carol) = (identity(2), identity(3));
     let mut on_b = b.connect(&bob).await;
     let sent = ids("m", 0..20);
     send_all(&mut on_b, &bob, &carol, &sent).await;
     // Stored once each: the fallbacks count them as the sender routes them.
-    for _ in 0..200 {
-        if b.server.stats().messages_stored == 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(|| b.server.stats().messages_stored == 20).await;
     let stats = b.server.stats();
     assert_eq!(stats.messages_stored, 20, "{stats:?}");
     assert_eq!(stats.cluster_fallbacks, 20, "{stats:?}");
@@ -179,9 +203,7 @@ async fn frames_for_an_agent_connected_nowhere_wait_in_the_shared_mailbox() {
     assert_eq!(recv_ids(&mut carol_ws, 20).await, sent);
     assert_quiet(&mut carol_ws).await;
     // Now live: the next frames cross without the store.
-    let more = ids("n", 0..5);
-    send_all(&mut on_b, &bob, &carol, &more).await;
-    assert_eq!(recv_ids(&mut carol_ws, 5).await, more);
+    relay_in_order(&mut on_b, &bob, &carol, &mut carol_ws, "n", 5).await;
     assert_eq!(b.server.stats().messages_stored, 20);
     assert_eq!(b.server.stats().cluster_routed_out, 5);
 }
@@ -194,26 +216,21 @@ async fn takeover_across_instances_closes_the_old_socket_with_4006() {
     let Some(cluster) = start_nats() else {
         return;
     };
-    let a = cluster.instance().await;
-    let b = cluster.instance().await;
-    let c = cluster.instance().await;
+    let [a, b, c] = cluster.instances().await;
     let (alice, bob) = (identity(1), identity(2));
     let mut bob_ws = c.connect(&bob).await;
     let mut old = a.connect(&alice).await;
-    send_all(&mut bob_ws, &bob, &alice, &ids("before", 0..3)).await;
-    assert_eq!(recv_ids(&mut old, 3).await, ids("before", 0..3));
+    relay_in_order(&mut bob_ws, &bob, &alice, &mut old, "before", 3).await;
     let mut new = b.connect(&alice).await;
     assert_eq!(recv_close(&mut old).await.0, close_code::SESSION_REPLACED);
     a.wait_disconnected(&alice).await;
-    send_all(&mut bob_ws, &bob, &alice, &ids("after", 0..10)).await;
-    assert_eq!(recv_ids(&mut new, 10).await, ids("after", 0..10));
+    relay_in_order(&mut bob_ws, &bob, &alice, &mut new, "after", 10).await;
     assert_quiet(&mut new).await;
     // And back to the first instance: the second connection is displaced.
     let mut third = a.connect(&alice).await;
     assert_eq!(recv_close(&mut new).await.0, close_code::SESSION_REPLACED);
     b.wait_disconnected(&alice).await;
-    send_all(&mut bob_ws, &bob, &alice, &ids("third", 0..10)).await;
-    assert_eq!(recv_ids(&mut third, 10).await, ids("third", 0..10));
+    relay_in_order(&mut bob_ws, &bob, &alice, &mut third, "third", 10).await;
     assert_eq!(c.server.stats().messages_stored, 0);
     assert_eq!(c.server.stats().cluster_routed_out, 23);
 }
@@ -226,9 +243,7 @@ async fn racing_connections_on_two_instances_leave_one() {
     let Some(cluster) = start_nats() else {
         return;
     };
-    let a = cluster.instance().await;
-    let b = cluster.instance().await;
-    let c = cluster.instance().await;
+    let [a, b, c] = cluster.instances().await;
     let (alice, bob) = (identity(1), identity(2));
     let mut bob_ws = c.connect(&bob).await;
     for round in 0..5 {
@@ -257,10 +272,7 @@ async fn racing_connections_on_two_instances_leave_one() {
             close_code::SESSION_REPLACED,
             "round {round}"
         );
-        let sent = ids(&format!("r{round}"), 0..5);
-        send_all(&mut bob_ws, &bob, &alice, &sent).await;
-        let got = recv_ids(&mut winner, 5).await;
-        assert_eq!(got, sent, "round {round}");
+        relay_in_order(&mut bob_ws, &bob, &alice, &mut winner, &format!("r{round}"), 5).await;
         send(&mut winner, r#"{"type":"disconnect"}"#).await;
         a.wait_disconnected(&alice).await;
         b.wait_disconnected(&alice).await;
@@ -276,14 +288,11 @@ async fn a_vanished_or_hung_instance_loses_nothing() {
     let Some(cluster) = start_nats() else {
         return;
     };
-    let a = cluster.instance().await;
-    let b = cluster.instance().await;
-    let c = cluster.instance().await;
+    let [a, b, c] = cluster.instances().await;
     let (alice, bob) = (identity(1), identity(2));
     let mut bob_ws = b.connect(&bob).await;
     let mut on_a = a.connect(&alice).await;
-    send_all(&mut bob_ws, &bob, &alice, &ids("live", 0..5)).await;
-    assert_eq!(recv_ids(&mut on_a, 5).await, ids("live", 0..5));
+    relay_in_order(&mut bob_ws, &bob, &alice, &mut on_a, "live", 5).await;
     // Instance A vanishes; its socket ends.
     a.server.shutdown().await;
     drop(on_a);
@@ -296,8 +305,7 @@ async fn a_vanished_or_hung_instance_loses_nothing() {
         send(&mut on_c, &format!(r#"{{"type":"ack","id":"{id}"}}"#)).await;
     }
     // Live again, through C.
-    send_all(&mut bob_ws, &bob, &alice, &ids("back", 0..5)).await;
-    assert_eq!(recv_ids(&mut on_c, 5).await, ids("back", 0..5));
+    relay_in_order(&mut bob_ws, &bob, &alice, &mut on_c, "back", 5).await;
     send(&mut on_c, r#"{"type":"disconnect"}"#).await;
     c.wait_disconnected(&alice).await;
 
@@ -308,12 +316,7 @@ async fn a_vanished_or_hung_instance_loses_nothing() {
     let fallbacks = b.server.stats().cluster_fallbacks;
     let hung_ids = ids("hung", 0..3);
     send_all(&mut bob_ws, &bob, &alice, &hung_ids).await;
-    for _ in 0..300 {
-        if b.server.stats().cluster_fallbacks == fallbacks + 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(|| b.server.stats().cluster_fallbacks == fallbacks + 3).await;
     assert_eq!(b.server.stats().cluster_fallbacks, fallbacks + 3);
     drop(hung);
     let mut on_b = b.connect(&alice).await;
@@ -329,8 +332,7 @@ async fn a_live_frame_never_overtakes_a_stored_one() {
     let Some(cluster) = start_nats() else {
         return;
     };
-    let a = cluster.instance().await;
-    let b = cluster.instance().await;
+    let [a, b] = cluster.instances().await;
     let (alice, bob) = (identity(1), identity(2));
     let mut on_a = a.connect(&alice).await;
     let mut bob_ws = b.connect(&bob).await;
@@ -338,12 +340,7 @@ async fn a_live_frame_never_overtakes_a_stored_one() {
     a.clock.advance(Duration::from_secs(120));
     let first = ids("m", 0..5);
     send_all(&mut bob_ws, &bob, &alice, &first).await;
-    for _ in 0..300 {
-        if b.server.stats().messages_stored == 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(|| b.server.stats().messages_stored == 5).await;
     assert_eq!(b.server.stats().messages_stored, 5);
     assert_quiet(&mut on_a).await;
     // Alice is active again; bob's next frames go live, after the stored.

@@ -8,7 +8,6 @@
 mod common;
 
 use common::{expect_error, fresh_auth, identity, message, recv_text, send, TestServer, NOW};
-use meshwire_proto::auth::{challenge_header, ChallengeRequest};
 use meshwire_proto::Identity;
 use meshwire_server::storage::Storage;
 use meshwire_server::{ChallengeSecret, ServerConfig};
@@ -61,20 +60,31 @@ async fn wait_for(done: impl Fn() -> bool) {
     panic!("condition not reached in 2 s");
 }
 
-fn limited(config: ServerConfig) -> ServerConfig {
-    ServerConfig {
-        rate_limit_loopback: true,
-        ..config
-    }
+/// A test server with the default configuration changed by `set`.
+async fn server_with(set: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    let mut config = ServerConfig::default();
+    set(&mut config);
+    TestServer::with_config(config).await
+}
+
+/// Like [`server_with`], with requesters on loopback rate-limited too.
+async fn limited(set: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    server_with(|config| {
+        config.rate_limit_loopback = true;
+        set(config);
+    })
+    .await
+}
+
+/// `GET path` authenticated as `id` (a fresh timestamp header).
+async fn get_as(t: &TestServer, path: &str, id: &Identity) -> reqwest::Response {
+    let request = t.http.get(t.url(path)).header("Authorization", fresh_auth(id));
+    request.send().await.unwrap()
 }
 
 #[tokio::test]
 async fn registrations_are_rate_limited_per_ip() {
-    let t = TestServer::with_config(limited(ServerConfig {
-        registrations_per_minute: 2,
-        ..Default::default()
-    }))
-    .await;
+    let t = limited(|c| c.registrations_per_minute = 2).await;
     assert_eq!(t.register(&identity(1), &[]).await.status(), 201);
     assert_eq!(t.register(&identity(2), &[]).await.status(), 201);
     // Another key from the same IP: refused before anything is checked
@@ -104,10 +114,9 @@ async fn registrations_are_rate_limited_per_ip() {
 
 #[tokio::test]
 async fn loopback_is_not_limited_unless_configured() {
-    let t = TestServer::with_config(ServerConfig {
-        registrations_per_minute: 1,
-        discoveries_per_minute: 1,
-        ..Default::default()
+    let t = server_with(|c| {
+        c.registrations_per_minute = 1;
+        c.discoveries_per_minute = 1;
     })
     .await;
     for n in 1..=3 {
@@ -120,11 +129,7 @@ async fn loopback_is_not_limited_unless_configured() {
 
 #[tokio::test]
 async fn discovery_is_rate_limited_per_requester() {
-    let t = TestServer::with_config(limited(ServerConfig {
-        discoveries_per_minute: 3,
-        ..Default::default()
-    }))
-    .await;
+    let t = limited(|c| c.discoveries_per_minute = 3).await;
     let alice = identity(1);
     assert_eq!(t.register(&alice, &["search"]).await.status(), 201);
     let path = "/v1/discover?capability=search";
@@ -138,23 +143,9 @@ async fn discovery_is_rate_limited_per_requester() {
     // An authenticated requester has its own budget (its DID), even from
     // the same IP.
     for _ in 0..3 {
-        let response = t
-            .http
-            .get(t.url(path))
-            .header("Authorization", fresh_auth(&alice))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        assert_eq!(get_as(&t, path, &alice).await.status(), 200);
     }
-    let response = t
-        .http
-        .get(t.url(path))
-        .header("Authorization", fresh_auth(&alice))
-        .send()
-        .await
-        .unwrap();
-    assert_429(response, 20, "discovery requests").await;
+    assert_429(get_as(&t, path, &alice).await, 20, "discovery requests").await;
     // Another IP is unaffected.
     let other = client_from(OTHER_IP);
     assert_eq!(other.get(t.url(path)).send().await.unwrap().status(), 200);
@@ -166,11 +157,7 @@ async fn discovery_is_rate_limited_per_requester() {
 
 #[tokio::test]
 async fn bundle_fetches_of_another_ip_are_unaffected() {
-    let t = TestServer::with_config(limited(ServerConfig {
-        bundle_fetches_per_minute: 2,
-        ..Default::default()
-    }))
-    .await;
+    let t = limited(|c| c.bundle_fetches_per_minute = 2).await;
     let bob = identity(2);
     assert_eq!(t.register(&bob, &[]).await.status(), 201);
     assert_eq!(t.upload_prekeys(&bob, 10).await.0.status(), 200);
@@ -186,11 +173,7 @@ async fn bundle_fetches_of_another_ip_are_unaffected() {
 
 #[tokio::test]
 async fn route_only_registered_refuses_mail_for_unknown_dids() {
-    let t = TestServer::with_config(ServerConfig {
-        route_only_registered: true,
-        ..Default::default()
-    })
-    .await;
+    let t = server_with(|c| c.route_only_registered = true).await;
     let (alice, bob, ghost) = (identity(1), identity(2), identity(9));
     assert_eq!(t.register(&bob, &[]).await.status(), 201);
     let mut a = t.connect(&alice).await;
@@ -198,7 +181,7 @@ async fn route_only_registered_refuses_mail_for_unknown_dids() {
     send(&mut a, &message(&alice, &bob, "to-bob")).await;
     // Nobody registered the ghost: refused, with an error frame.
     send(&mut a, &message(&alice, &ghost, "to-ghost")).await;
-    expect_error(&mut a, "Recipient inbox is full; message dropped").await;
+    expect_error(&mut a, "Recipient is not registered; message dropped").await;
     let stats = t.server.stats();
     assert_eq!((stats.messages_stored, stats.messages_refused), (1, 1));
     let text = scrape(&t).await;
@@ -223,10 +206,9 @@ async fn route_only_registered_refuses_mail_for_unknown_dids() {
 
 #[tokio::test]
 async fn one_sender_cannot_fill_another_agents_mailbox() {
-    let t = TestServer::with_config(ServerConfig {
-        max_stored_per_sender: 3,
-        max_stored_per_recipient: 10,
-        ..Default::default()
+    let t = server_with(|c| {
+        c.max_stored_per_sender = 3;
+        c.max_stored_per_recipient = 10;
     })
     .await;
     let (mallory, carol, bob) = (identity(1), identity(3), identity(2));
@@ -264,26 +246,9 @@ async fn one_sender_cannot_fill_another_agents_mailbox() {
 /// `to` (the proof names `to`'s origin).
 async fn challenge_heartbeat(to: &TestServer, id: &Identity, nonce: &str) -> (u16, String) {
     let path = format!("/v1/agents/{}/heartbeat", id.did());
-    let did = id.did().to_string();
-    let header = challenge_header(
-        id,
-        &ChallengeRequest {
-            audience: &to.server.registry_url(),
-            method: "POST",
-            path: &path,
-            nonce,
-            did: &did,
-            body: b"",
-        },
-    )
-    .unwrap();
-    let response = to
-        .http
-        .post(to.url(&path))
-        .header("Authorization", header)
-        .send()
-        .await
-        .unwrap();
+    let header = to.challenge_auth(id, "POST", &path, nonce, b"");
+    let request = to.http.post(to.url(&path)).header("Authorization", header);
+    let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     let body: Value = response.json().await.unwrap_or_default();
     (status, body["detail"].as_str().unwrap_or_default().to_owned())

@@ -12,8 +12,7 @@ use meshwire_proto::time::Timestamp;
 use std::sync::Arc;
 
 /// Mailboxes that accept mail only for registered recipients. A refused
-/// message is [`Appended::Refused`] with [`Quota::Recipient`] (an
-/// unregistered DID has a mailbox of size zero), also counted as
+/// message is [`Appended::Refused`] with [`Quota::Unregistered`], also counted as
 /// `meshwire_limit_refusals_total{limit="unregistered_recipient"}`.
 pub(crate) struct RegisteredOnly {
     inner: Arc<dyn Mailboxes>,
@@ -37,7 +36,7 @@ impl Mailboxes for RegisteredOnly {
         if self.registry.get_agent(&message.recipient).await?.is_none() {
             self.metrics.limit_refused("unregistered_recipient");
             tracing::debug!(recipient = %Esc(&message.recipient), "not storing mail for an unregistered DID");
-            return Ok(Appended::Refused(Quota::Recipient));
+            return Ok(Appended::Refused(Quota::Unregistered));
         }
         self.inner.append(message, now).await
     }

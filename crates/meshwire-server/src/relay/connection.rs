@@ -7,19 +7,20 @@ use super::close_code;
 use super::cluster::{Forwarded, Holder};
 use super::frames::{classify, label, Incoming};
 use super::mailbox::{StoreOutcome, DELIVERY_BATCH};
-use super::socket::{linger, send_close, send_close_within, send_error, send_text, shutting_down, Gone, Sink, Stream};
+use super::socket::{
+    linger, send_close, send_close_within, send_error, send_text, shutting_down, Gone, Sink, Stream, WRITE_TIMEOUT,
+};
 use crate::config::duration_ms;
 use crate::server::Shared;
 use crate::storage::Quota;
 use crate::util::Esc;
 use axum::extract::ws::Message;
-use futures_util::StreamExt;
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -38,6 +39,8 @@ const SLOW_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// delivery" ([`Sticky`]); past it every live frame of the connection asks
 /// for the recipient's stored frames first.
 const MAX_STICKY: usize = 1024;
+/// A batch buffer grown past this many frames is not kept for the next.
+const KEPT_BATCH_CAPACITY: usize = 64;
 /// How long a connection's end waits for its live-subject task.
 const HOLDER_WAIT: Duration = Duration::from_secs(5);
 
@@ -69,7 +72,7 @@ struct Sticky {
 
 impl Sticky {
     fn get(&self, to: &str) -> bool {
-        self.all || self.recipients.contains(to)
+        self.all || (!self.recipients.is_empty() && self.recipients.contains(to))
     }
 
     fn stored(&mut self, to: &str) {
@@ -85,7 +88,9 @@ impl Sticky {
     }
 
     fn live(&mut self, to: &str) {
-        self.recipients.remove(to);
+        if !self.recipients.is_empty() {
+            self.recipients.remove(to);
+        }
     }
 }
 
@@ -93,43 +98,72 @@ impl Sticky {
 #[derive(Debug)]
 pub(crate) struct ConnHandle {
     id: u64,
-    tx: mpsc::Sender<Delivery>,
-    /// Bytes of frames in `tx`'s queue.
-    queued_bytes: Arc<AtomicUsize>,
-    /// Last time (server clock, ms) anything arrived on the connection.
-    last_active: Arc<AtomicU64>,
+    link: Arc<Link>,
     /// Tells the connection that another one replaced it.
     replaced: oneshot::Sender<()>,
+}
+
+/// What a connection shares with the senders that route frames to it (one
+/// allocation per connection).
+#[derive(Debug)]
+struct Link {
+    /// Last time (server clock, ms) anything arrived on the connection.
+    last_active: AtomicU64,
     /// Tells the connection that its outbound buffer overflowed.
-    slow: Arc<Notify>,
-    /// Frames that could not join the live queue (overflow, or the
-    /// connection closing), kept in order until the connection hands its
-    /// queue back to the store.
-    parked: Arc<Mutex<Parked>>,
+    slow: Notify,
+    /// Tells the connection that its live queue went from empty to not.
+    ready: Notify,
+    queue: Mutex<Queue>,
     /// Becomes true once the connection handed its queue back.
     done: watch::Receiver<bool>,
 }
 
-/// Frames for a connection that stopped taking live frames. Order per
-/// recipient is kept: once one frame is parked, every later one is too,
-/// and the connection stores its live queue first, then these, and only
-/// then lets new frames go to the store directly (`released`).
+/// A connection's outbound frames: the live queue (sent in batches: one
+/// socket flush per batch) and, once it stopped taking live frames, the
+/// parked ones. Order per recipient is kept: once one frame is parked,
+/// every later one is too, and the connection stores its live queue first,
+/// then the parked frames, and only then lets new frames go to the store
+/// directly (`released`).
 #[derive(Default)]
-pub(crate) struct Parked {
-    frames: Vec<Delivery>,
-    /// Bytes of `frames`: at most the outbound byte budget (and at most
+struct Queue {
+    live: VecDeque<Delivery>,
+    /// Frames and bytes of `live` plus those of the batch being written:
+    /// at most `outbound_queue` frames and `outbound_queue_bytes` bytes
+    /// (one frame always fits an empty queue).
+    frames: usize,
+    bytes: usize,
+    /// The connection takes no more live frames (it is ending).
+    closed: bool,
+    parked: Vec<Delivery>,
+    /// Bytes of `parked`: at most the outbound byte budget (and at most
     /// `outbound_queue` frames); past it senders wait until the connection
     /// handed everything back, then store directly.
-    bytes: usize,
+    parked_bytes: usize,
     released: bool,
 }
 
-impl std::fmt::Debug for Parked {
+impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Parked")
-            .field("frames", &self.frames.len())
+        f.debug_struct("Queue")
+            .field("live", &self.live.len())
+            .field("frames", &self.frames)
+            .field("bytes", &self.bytes)
+            .field("parked", &self.parked.len())
             .field("released", &self.released)
             .finish()
+    }
+}
+
+impl Link {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Frees the budget of frames written (or stored) from a batch.
+    fn written(&self, frames: usize, bytes: usize) {
+        let mut queue = self.queue();
+        queue.frames = queue.frames.saturating_sub(frames);
+        queue.bytes = queue.bytes.saturating_sub(bytes);
     }
 }
 
@@ -153,16 +187,12 @@ enum Flow {
 pub(crate) struct Connection {
     did: String,
     id: u64,
-    rx: mpsc::Receiver<Delivery>,
-    queued_bytes: Arc<AtomicUsize>,
+    link: Arc<Link>,
     replaced: oneshot::Receiver<()>,
-    slow: Arc<Notify>,
-    parked: Arc<Mutex<Parked>>,
     done: watch::Sender<bool>,
-    last_active: Arc<AtomicU64>,
     /// Tells the connection that a newer one for its DID took over on
-    /// another instance (or won a race for it).
-    displaced: Arc<Notify>,
+    /// another instance (or won a race for it); cluster only.
+    displaced: Option<Arc<Notify>>,
     /// Answers the DID's live subject for other instances (cluster only).
     holder: Option<JoinHandle<()>>,
     sticky: Sticky,
@@ -187,35 +217,35 @@ impl Connection {
             Some(cluster) => Some(cluster.claim(&did, id).await),
             None => None,
         };
-        let (tx, rx) = mpsc::channel(shared.config.outbound_queue.max(1));
         let (replaced_tx, replaced) = oneshot::channel();
         let (done, done_rx) = watch::channel(false);
-        let last_active = Arc::new(AtomicU64::new(shared.config.now().0));
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let slow = Arc::new(Notify::new());
-        let parked = Arc::new(Mutex::new(Parked::default()));
+        let link = Arc::new(Link {
+            last_active: AtomicU64::new(shared.config.now().0),
+            slow: Notify::new(),
+            ready: Notify::new(),
+            queue: Mutex::new(Queue::default()),
+            done: done_rx,
+        });
         let previous = relay.conns().insert(
             did.clone(),
             ConnHandle {
                 id,
-                tx,
-                queued_bytes: Arc::clone(&queued_bytes),
-                last_active: Arc::clone(&last_active),
+                link: Arc::clone(&link),
                 replaced: replaced_tx,
-                slow: Arc::clone(&slow),
-                parked: Arc::clone(&parked),
-                done: done_rx,
             },
         );
         if let Some(previous) = previous {
             tracing::info!(did = %Esc(&did), "closing the previous connection (session replaced)");
-            let _ = previous.replaced.send(());
-            let mut previous_done = previous.done;
+            let ConnHandle { link, replaced, .. } = previous;
+            let _ = replaced.send(());
+            let mut previous_done = link.done.clone();
+            drop(link);
             let _ = tokio::time::timeout(TAKEOVER_WAIT, previous_done.wait_for(|done| *done)).await;
         }
-        let displaced = Arc::new(Notify::new());
+        let mut displaced = None;
         let mut holder = None;
         if let (Some(cluster), Some((subscription, key))) = (&relay.cluster, claimed) {
+            let notify = Arc::new(Notify::new());
             if let Some(subscription) = subscription {
                 let task = Holder {
                     shared: Arc::clone(shared),
@@ -223,24 +253,21 @@ impl Connection {
                     did: did.clone(),
                     conn: id,
                     key,
-                    replaced: Arc::clone(&displaced),
+                    replaced: Arc::clone(&notify),
                     done: done.subscribe(),
                 };
                 holder = Some(tokio::spawn(task.serve(subscription)));
             }
+            displaced = Some(notify);
             cluster.announce(&did, key).await;
         }
         tracing::info!(did = %Esc(&did), "agent connected");
         Self {
             did,
             id,
-            rx,
-            queued_bytes,
+            link,
             replaced,
-            slow,
-            parked,
             done,
-            last_active,
             displaced,
             holder,
             sticky: Sticky::default(),
@@ -250,7 +277,16 @@ impl Connection {
 
     /// Serves the connection until it ends, then leaves the routing table.
     pub(crate) async fn run(mut self, shared: &Shared, mut sink: Sink, mut stream: Stream) {
-        let end = self.main_loop(shared, &mut sink, &mut stream).await;
+        // Boxed, as the ending below: only what is live while the
+        // connection is open is part of its task (idle connections cost
+        // memory).
+        let end = Box::pin(self.main_loop(shared, &mut sink, &mut stream)).await;
+        Box::pin(self.finish(shared, end, sink, stream)).await;
+    }
+
+    /// Closes the socket as `end` says, hands the queue back and lingers
+    /// for the peer's close frame.
+    async fn finish(mut self, shared: &Shared, end: End, mut sink: Sink, mut stream: Stream) {
         match end {
             End::Close(code, reason) => send_close(&mut sink, code, reason).await,
             End::Slow => {
@@ -266,38 +302,58 @@ impl Connection {
     }
 
     async fn main_loop(&mut self, shared: &Shared, sink: &mut Sink, stream: &mut Stream) -> End {
-        if self.deliver_pending(shared, sink).await.is_err() {
+        if Box::pin(self.deliver_pending(shared, sink)).await.is_err() {
             return End::Gone;
         }
         let idle_timeout = shared.config.idle_timeout;
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         let mut shutdown = shared.shutdown_receiver();
+        // Long-lived waits, registered once rather than on every turn.
+        let link = Arc::clone(&self.link);
+        let displaced = self.displaced.clone();
+        let shutdown = shutting_down(&mut shutdown);
+        tokio::pin!(shutdown);
+        let slow = link.slow.notified();
+        tokio::pin!(slow);
+        let ready = link.ready.notified();
+        tokio::pin!(ready);
+        let displaced = async {
+            match &displaced {
+                Some(notify) => notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(displaced);
+        let mut batch = VecDeque::new();
+        let mut last_frame = Instant::now();
         loop {
             tokio::select! {
                 biased;
-                () = shutting_down(&mut shutdown) => {
+                () = &mut shutdown => {
                     return End::Close(close_code::GOING_AWAY, "server shutting down");
                 }
                 _ = &mut self.replaced => {
                     return End::Close(close_code::SESSION_REPLACED, "session_replaced");
                 }
-                () = self.displaced.notified() => {
+                () = &mut displaced => {
                     return End::Close(close_code::SESSION_REPLACED, "session_replaced");
                 }
-                () = self.slow.notified() => return End::Slow,
+                () = &mut slow => return End::Slow,
                 incoming = stream.next() => {
                     let Some(Ok(message)) = incoming else {
                         return End::Gone;
                     };
-                    idle.as_mut().reset(Instant::now() + idle_timeout);
-                    self.last_active.store(shared.config.now().0, Ordering::Relaxed);
+                    // The timer is re-armed when it fires, from the last
+                    // frame (re-arming it on every frame costs).
+                    last_frame = Instant::now();
+                    link.last_active.store(shared.config.now().0, Ordering::Relaxed);
                     let flow = match message {
                         Message::Text(text) => self.handle_text(shared, sink, text).await,
                         Message::Binary(_) => {
                             shared.metrics.frame_in("binary");
                             shared.metrics.frame_out("error");
-                            send_error(sink, "Binary frames are not supported")
+                            Box::pin(send_error(sink, "Binary frames are not supported"))
                                 .await
                                 .map(|()| Flow::Continue)
                         }
@@ -310,41 +366,84 @@ impl Connection {
                         Err(Gone) => return End::Gone,
                     }
                 }
-                delivery = self.rx.recv() => {
-                    let Some(delivery) = delivery else {
-                        // Our handle left the routing table: replaced.
-                        return End::Close(close_code::SESSION_REPLACED, "session_replaced");
-                    };
-                    self.queued_bytes.fetch_sub(delivery.text.len(), Ordering::Relaxed);
-                    if delivery.fetch_first && self.deliver_pending(shared, sink).await.is_err() {
-                        store(shared, &self.did, delivery).await;
-                        return End::Gone;
+                () = &mut ready => {
+                    ready.set(link.ready.notified());
+                    std::mem::swap(&mut link.queue().live, &mut batch);
+                    if batch.is_empty() {
+                        continue;
                     }
-                    // A peer that stops reading blocks this write: the
-                    // overflow signal must still end the connection.
-                    let sent = tokio::select! {
-                        biased;
-                        () = self.slow.notified() => None,
-                        sent = send_text(sink, delivery.text.to_string()) => Some(sent),
-                    };
-                    match sent {
-                        Some(Ok(())) => shared.metrics.frame_out(delivery.kind),
-                        Some(Err(Gone)) => {
-                            store(shared, &self.did, delivery).await;
-                            return End::Gone;
+                    let sent = self.send_batch(shared, sink, &mut batch, slow.as_mut()).await;
+                    // Whatever was not written goes to the store, oldest first.
+                    let unsent = batch.len();
+                    if unsent > 0 {
+                        let mut bytes = 0;
+                        for delivery in batch.drain(..) {
+                            bytes += delivery.text.len();
+                            Box::pin(store(shared, &self.did, delivery)).await;
                         }
-                        None => {
-                            store(shared, &self.did, delivery).await;
-                            return End::Slow;
-                        }
+                        link.written(unsent, bytes);
+                    }
+                    if let Err(end) = sent {
+                        return end;
+                    }
+                    if batch.capacity() > KEPT_BATCH_CAPACITY {
+                        batch = VecDeque::new();
                     }
                 }
                 () = &mut idle => {
+                    let deadline = last_frame + idle_timeout;
+                    if deadline > Instant::now() {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
                     tracing::info!(did = %Esc(&self.did), "idle timeout");
                     return End::Close(close_code::IDLE_TIMEOUT, "");
                 }
             }
         }
+    }
+
+    /// Writes `batch` (frames taken from the live queue, oldest first) with
+    /// one flush per run of frames, removing the frames written; on an
+    /// error the frames left are not written (the caller stores them). A
+    /// frame marked [`Delivery::fetch_first`] makes the stored frames go
+    /// first. A peer that stops reading blocks the flush: the overflow
+    /// signal (`slow`) must still end the connection.
+    async fn send_batch(
+        &mut self,
+        shared: &Shared,
+        sink: &mut Sink,
+        batch: &mut VecDeque<Delivery>,
+        mut slow: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Result<(), End> {
+        while !batch.is_empty() {
+            if batch.front().is_some_and(|d| d.fetch_first)
+                && Box::pin(self.deliver_pending(shared, sink)).await.is_err()
+            {
+                return Err(End::Gone);
+            }
+            // The run: up to the next frame that fetches first.
+            let run = batch
+                .iter()
+                .skip(1)
+                .position(|d| d.fetch_first)
+                .map_or(batch.len(), |at| at + 1);
+            let sent = tokio::select! {
+                biased;
+                () = slow.as_mut() => return Err(End::Slow),
+                sent = write_run(sink, batch.range(..run)) => sent,
+            };
+            if sent.is_err() {
+                return Err(End::Gone);
+            }
+            let mut bytes = 0;
+            for delivery in batch.drain(..run) {
+                bytes += delivery.text.len();
+                shared.metrics.frame_out(delivery.kind);
+            }
+            self.link.written(run, bytes);
+        }
+        Ok(())
     }
 
     async fn handle_text(&mut self, shared: &Shared, sink: &mut Sink, text: String) -> Result<Flow, Gone> {
@@ -353,7 +452,7 @@ impl Connection {
         match incoming {
             Incoming::Error(detail) => {
                 shared.metrics.frame_out("error");
-                send_error(sink, &detail).await?;
+                Box::pin(send_error(sink, &detail)).await?;
             }
             Incoming::Route { kind, to, id, stamped } => {
                 if stamped.is_some() {
@@ -368,22 +467,21 @@ impl Connection {
                 };
                 if let Err(detail) = route(shared, &mut self.sticky, &to, delivery).await {
                     shared.metrics.frame_out("error");
-                    send_error(sink, detail).await?;
+                    Box::pin(send_error(sink, detail)).await?;
                 }
             }
             Incoming::Ack(id) => {
                 if let Some(id) = id {
-                    shared.relay.mail.ack(&self.did, &id).await;
+                    Box::pin(shared.relay.mail.ack(&self.did, &id)).await;
                 }
             }
             // Any frame refreshes liveness; nothing else to do.
             Incoming::Heartbeat => {}
             Incoming::Disconnect => return Ok(Flow::Close(close_code::NORMAL)),
-            Incoming::FetchPending => self.deliver_pending(shared, sink).await?,
+            Incoming::FetchPending => Box::pin(self.deliver_pending(shared, sink)).await?,
         }
         Ok(Flow::Continue)
     }
-
     /// Sends every stored frame for this DID not yet sent on this
     /// connection, oldest first, [`DELIVERY_BATCH`] per storage call. They
     /// stay stored until acknowledged (and are sent again on the next
@@ -422,19 +520,25 @@ impl Connection {
         // The live queue first, then what was parked behind it, in order;
         // new frames keep being parked until both are stored, so none
         // overtakes them.
-        self.rx.close();
-        while let Ok(delivery) = self.rx.try_recv() {
+        let live = {
+            let mut queue = self.link.queue();
+            queue.closed = true;
+            queue.frames = 0;
+            queue.bytes = 0;
+            std::mem::take(&mut queue.live)
+        };
+        for delivery in live {
             store(shared, &self.did, delivery).await;
         }
         loop {
             let frames = {
-                let mut parked = lock_parked(&self.parked);
-                if parked.frames.is_empty() {
-                    parked.released = true;
+                let mut queue = self.link.queue();
+                if queue.parked.is_empty() {
+                    queue.released = true;
                     break;
                 }
-                parked.bytes = 0;
-                std::mem::take(&mut parked.frames)
+                queue.parked_bytes = 0;
+                std::mem::take(&mut queue.parked)
             };
             for delivery in frames {
                 store(shared, &self.did, delivery).await;
@@ -457,8 +561,18 @@ impl Connection {
     }
 }
 
-fn lock_parked(parked: &Mutex<Parked>) -> std::sync::MutexGuard<'_, Parked> {
-    parked.lock().unwrap_or_else(|p| p.into_inner())
+/// Writes a run of frames: each is buffered, then one flush.
+async fn write_run<'a>(sink: &mut Sink, run: impl Iterator<Item = &'a Delivery>) -> Result<(), Gone> {
+    let write = async {
+        for delivery in run {
+            sink.feed(Message::Text(delivery.text.to_string())).await?;
+        }
+        sink.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(Gone),
+    }
 }
 
 async fn store(shared: &Shared, recipient: &str, delivery: Delivery) -> StoreOutcome {
@@ -504,10 +618,10 @@ pub(crate) enum Offer {
 /// Offers a frame to `to`'s live connection on this instance (to
 /// connection `only` when given), without waiting: the one path of local
 /// and cross-instance live deliveries, with the slow-consumer rules.
-pub(crate) fn offer_local(shared: &Shared, to: &str, mut delivery: Delivery, only: Option<u64>) -> Offer {
+pub(crate) fn offer_local(shared: &Shared, to: &str, delivery: Delivery, only: Option<u64>) -> Offer {
     let now = shared.config.now();
     let stale_ms = duration_ms(shared.config.stale_after);
-    let live = {
+    let link = {
         let conns = shared.relay.conns();
         let Some(h) = conns.get(to) else {
             return Offer::Absent(delivery);
@@ -515,57 +629,45 @@ pub(crate) fn offer_local(shared: &Shared, to: &str, mut delivery: Delivery, onl
         if only.is_some_and(|id| id != h.id) {
             return Offer::NotMine(delivery);
         }
-        let last = h.last_active.load(Ordering::Relaxed);
-        (now.0.saturating_sub(last) <= stale_ms).then(|| {
-            (
-                h.tx.clone(),
-                Arc::clone(&h.queued_bytes),
-                Arc::clone(&h.slow),
-                Arc::clone(&h.parked),
-                h.done.clone(),
-            )
-        })
-    };
-    let Some((tx, queued_bytes, slow, parked, done)) = live else {
-        return Offer::NotLive(delivery);
+        let last = h.link.last_active.load(Ordering::Relaxed);
+        if now.0.saturating_sub(last) > stale_ms {
+            return Offer::NotLive(delivery);
+        }
+        Arc::clone(&h.link)
     };
     // Bound what a slow reader can make us hold: past the byte budget (one
     // frame always fits an empty queue) or the frame count, the reader is
     // a slow consumer: it is disconnected, and this frame and every later
     // one are parked, then stored after its queue (order per recipient is
     // kept).
-    let mut held = lock_parked(&parked);
-    if held.released {
+    let max_frames = shared.config.outbound_queue.max(1);
+    let max_bytes = shared.config.outbound_queue_bytes;
+    let mut queue = link.queue();
+    if queue.released {
         return Offer::NotLive(delivery);
     }
-    if held.frames.is_empty() {
-        let size = delivery.text.len();
-        let before = queued_bytes.fetch_add(size, Ordering::Relaxed);
-        if before == 0 || before.saturating_add(size) <= shared.config.outbound_queue_bytes {
-            match tx.try_send(delivery) {
-                Ok(()) => {
-                    shared.relay.routed.fetch_add(1, Ordering::Relaxed);
-                    return Offer::Queued;
-                }
-                Err(TrySendError::Full(back)) => {
-                    delivery = back;
-                    overflowed(shared, to, &slow);
-                }
-                Err(TrySendError::Closed(back)) => delivery = back,
-            }
-        } else {
-            overflowed(shared, to, &slow);
-        }
-        queued_bytes.fetch_sub(size, Ordering::Relaxed);
-    }
     let size = delivery.text.len();
-    let full = held.frames.len() >= shared.config.outbound_queue.max(1)
-        || held.bytes.saturating_add(size) > shared.config.outbound_queue_bytes;
-    if full {
-        return Offer::Full(delivery, done);
+    if queue.parked.is_empty() && !queue.closed {
+        if queue.frames < max_frames && (queue.bytes == 0 || queue.bytes.saturating_add(size) <= max_bytes) {
+            queue.frames += 1;
+            queue.bytes += size;
+            queue.live.push_back(delivery);
+            let wake = queue.live.len() == 1;
+            drop(queue);
+            if wake {
+                link.ready.notify_one();
+            }
+            shared.relay.routed.fetch_add(1, Ordering::Relaxed);
+            return Offer::Queued;
+        }
+        overflowed(shared, to, &link.slow);
     }
-    held.bytes += size;
-    held.frames.push(delivery);
+    let full = queue.parked.len() >= max_frames || queue.parked_bytes.saturating_add(size) > max_bytes;
+    if full {
+        return Offer::Full(delivery, link.done.clone());
+    }
+    queue.parked_bytes += size;
+    queue.parked.push(delivery);
     Offer::Parked
 }
 
@@ -574,15 +676,26 @@ pub(crate) fn offer_local(shared: &Shared, to: &str, mut delivery: Delivery, onl
 /// error is the detail of the error frame for the sender.
 async fn route(shared: &Shared, sticky: &mut Sticky, to: &str, mut delivery: Delivery) -> Result<(), &'static str> {
     delivery.fetch_first = sticky.get(to);
-    let delivery = match offer_local(shared, to, delivery, None) {
+    match offer_local(shared, to, delivery, None) {
         Offer::Queued => {
             sticky.live(to);
-            return Ok(());
+            Ok(())
         }
         Offer::Parked => {
             sticky.stored(to);
-            return Ok(());
+            Ok(())
         }
+        // Boxed: the rarer paths' state is not part of every connection's
+        // (idle) state.
+        offer => Box::pin(route_elsewhere(shared, sticky, to, offer)).await,
+    }
+}
+
+/// [`route`] for a frame the recipient's live connection here did not
+/// take: wait for it to hand back its queue, ask the cluster, store.
+async fn route_elsewhere(shared: &Shared, sticky: &mut Sticky, to: &str, offer: Offer) -> Result<(), &'static str> {
+    let delivery = match offer {
+        Offer::Queued | Offer::Parked => return Ok(()),
         Offer::Full(delivery, mut done) => {
             // As much is parked as a queue may hold: this sender waits
             // until the connection handed it all to the store (it is
@@ -609,6 +722,7 @@ async fn route(shared: &Shared, sticky: &mut Sticky, to: &str, mut delivery: Del
     match outcome {
         StoreOutcome::Stored | StoreOutcome::Duplicate => Ok(()),
         StoreOutcome::Full(Quota::Sender) => Err("Too many of your messages are queued; message dropped"),
+        StoreOutcome::Full(Quota::Unregistered) => Err("Recipient is not registered; message dropped"),
         StoreOutcome::Full(_) => Err("Recipient inbox is full; message dropped"),
         StoreOutcome::Failed(_) => Err("Relay storage unavailable; message dropped"),
     }

@@ -63,7 +63,7 @@ mod socket;
 use crate::http::ApiError;
 use crate::server::Shared;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::OriginalUri;
 use axum::extract::State;
 use axum::http::header::HOST;
@@ -238,9 +238,14 @@ pub(crate) async fn ws_handler(
     let mut response = upgrade
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| async move {
-            let _slot = slot;
-            session(shared, socket, context).await;
+        .on_upgrade(move |socket| {
+            // Split here: the socket itself is then not part of the
+            // session's (every connection's) task state.
+            let (sink, stream) = socket.split();
+            async move {
+                let _slot = slot;
+                session(shared, sink, stream, context).await;
+            }
         });
     if let Ok(value) = HeaderValue::from_str(&nonce) {
         response.headers_mut().insert(CHALLENGE_HEADER, value);
@@ -271,15 +276,23 @@ impl Drop for SocketSlot {
     }
 }
 
-async fn session(shared: Arc<Shared>, socket: WebSocket, upgrade: proof::Upgrade) {
-    let (mut sink, mut stream) = socket.split();
+async fn session(shared: Arc<Shared>, mut sink: socket::Sink, mut stream: socket::Stream, upgrade: proof::Upgrade) {
     let Some(_guard) = shared.session_guard() else {
-        socket::send_close(&mut sink, close_code::GOING_AWAY, "server shutting down").await;
+        Box::pin(socket::send_close(
+            &mut sink,
+            close_code::GOING_AWAY,
+            "server shutting down",
+        ))
+        .await;
         return;
     };
-    let Some(did) = handshake::handshake(&shared, &upgrade, &mut sink, &mut stream).await else {
+    // The handshake and the registration are boxed: their state is freed
+    // once done instead of sizing every connection's task.
+    let Some(did) = Box::pin(handshake::handshake(&shared, &upgrade, &mut sink, &mut stream)).await else {
         return;
     };
+    drop(upgrade);
     shared.metrics.accepted.inc();
-    Connection::open(&shared, did).await.run(&shared, sink, stream).await;
+    let connection = Box::pin(Connection::open(&shared, did)).await;
+    connection.run(&shared, sink, stream).await;
 }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 /// How long to wait for the peer's close frame after sending ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// A peer that does not take a frame within this long is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The sending half of a relay connection.
 pub(crate) type Sink = SplitSink<WebSocket, Message>;

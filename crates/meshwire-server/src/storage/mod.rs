@@ -194,6 +194,9 @@ pub enum Quota {
     Total,
     /// [`MailboxLimits::total_bytes`].
     Bytes,
+    /// The recipient is not registered and the server routes only to
+    /// registered DIDs ([`crate::ServerConfig::route_only_registered`]).
+    Unregistered,
 }
 
 impl fmt::Display for Quota {
@@ -203,6 +206,7 @@ impl fmt::Display for Quota {
             Quota::Sender => "the sender has too many messages queued",
             Quota::Total => "the server's offline store is full",
             Quota::Bytes => "the server's offline store is out of bytes",
+            Quota::Unregistered => "the recipient is not registered",
         })
     }
 }

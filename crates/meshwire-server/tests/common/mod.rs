@@ -2,9 +2,9 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use futures_util::{SinkExt, StreamExt};
-use meshwire_proto::auth::{ed25519_timestamp_header, registration_proof};
-use meshwire_proto::encoding::b64_url;
+use meshwire_proto::auth::{challenge_header, ed25519_timestamp_header, registration_proof, ChallengeRequest};
 use meshwire_proto::frames::{self, ConnectFrame};
+use meshwire_proto::registry_wire::prekeys_body;
 use meshwire_proto::time::Timestamp;
 use meshwire_proto::{Identity, PreKeys};
 use meshwire_server::{ManualClock, RunningServer, ServerConfig};
@@ -53,6 +53,22 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A `Meshwire-Challenge` Authorization header from `id` for
+    /// `method path` with `body`, over `nonce`, addressed to this
+    /// server's registry.
+    pub fn challenge_auth(&self, id: &Identity, method: &str, path: &str, nonce: &str, body: &[u8]) -> String {
+        let did = id.did().to_string();
+        let request = ChallengeRequest {
+            audience: &self.server.registry_url(),
+            method,
+            path,
+            nonce,
+            did: &did,
+            body,
+        };
+        challenge_header(id, &request).unwrap()
+    }
+
     pub async fn start() -> Self {
         Self::with_config(ServerConfig::default()).await
     }
@@ -151,27 +167,12 @@ pub fn identity(n: u8) -> Identity {
     Identity::from_seed(&[n; 32])
 }
 
+/// A `PUT /v1/agents/{did}/prekeys` body as the client sends it (a signed
+/// pre-key and `otks` one-time keys), and the keys.
 pub fn prekey_upload(id: &Identity, otks: usize) -> (Value, PreKeys) {
     let mut keys = PreKeys::generate(&mut rand_core::OsRng, id);
     let ids = keys.generate_one_time_keys(&mut rand_core::OsRng, otks).unwrap();
-    let bundle = keys.bundle(id, None);
-    let one_time: Vec<Value> = ids
-        .iter()
-        .map(|otk| {
-            let public = keys.one_time_key(*otk).unwrap().public();
-            json!({"key_id": otk, "public_key": b64_url(public.as_bytes())})
-        })
-        .collect();
-    let body = json!({
-        "identity_key": b64_url(bundle.identity_key.as_bytes()),
-        "identity_key_ed": b64_url(bundle.identity_key_ed.as_bytes()),
-        "signed_pre_key": {
-            "key_id": bundle.signed_pre_key_id,
-            "public_key": b64_url(bundle.signed_pre_key.as_bytes()),
-            "signature": b64_url(&bundle.signed_pre_key_signature),
-        },
-        "one_time_pre_keys": one_time,
-    });
+    let body = serde_json::from_str(&prekeys_body(id, &keys, &ids)).unwrap();
     (body, keys)
 }
 

@@ -139,6 +139,11 @@ pub struct ClientConfig {
     /// [`Self::inbox_capacity`] messages may wait unacknowledged (the
     /// client stops reading the relay beyond that).
     pub manual_ack: bool,
+    /// How long [`crate::MeshClient::send_batch`] waits for receipts when
+    /// the peer's window of messages awaiting them
+    /// ([`MeshConfig::max_unconfirmed_per_peer`]) is full, before it stops
+    /// with [`crate::ClientError::Batch`]. Default 30 s.
+    pub send_window_wait: Duration,
 }
 
 impl ClientConfig {
@@ -174,6 +179,7 @@ impl ClientConfig {
             reset_corrupt_state: false,
             relay_token: None,
             manual_ack: false,
+            send_window_wait: Duration::from_secs(30),
         }
     }
 

@@ -121,11 +121,6 @@ impl std::fmt::Debug for MeshClient {
     }
 }
 
-/// How long [`MeshClient::send_batch`] waits for receipts when the window
-/// of messages awaiting them is full, before it gives up with
-/// [`ClientError::Batch`].
-pub const SEND_WINDOW_WAIT: Duration = Duration::from_secs(30);
-
 /// The error of a batch that stopped after `sent`.
 fn batch_error(sent: Vec<String>, source: ClientError) -> ClientError {
     ClientError::Batch {
@@ -196,7 +191,8 @@ impl MeshClient {
     /// fastest way to stream). Returns the message ids in order. When the
     /// peer has [`meshwire_proto::mesh::MeshConfig::max_unconfirmed_per_peer`]
     /// messages awaiting receipts, the batch waits for receipts (flow
-    /// control; at most [`SEND_WINDOW_WAIT`] at a time) instead of failing.
+    /// control; at most [`ClientConfig::send_window_wait`] at a time)
+    /// instead of failing.
     /// When a payload is refused, the ones before it are sent and
     /// [`ClientError::Batch`] says which one failed.
     ///
@@ -228,7 +224,7 @@ impl MeshClient {
     /// payload after the first ends the batch with [`ClientError::Batch`];
     /// a refused single payload is returned as its own error. A batch that
     /// fills the window of messages awaiting receipts waits for receipts
-    /// (at most [`SEND_WINDOW_WAIT`] each time) and goes on.
+    /// (at most [`ClientConfig::send_window_wait`] each time) and goes on.
     async fn send_json_texts(&self, peer: &str, jsons: &[&[u8]]) -> Result<Vec<String>, ClientError> {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(ClientError::Closed);
@@ -290,7 +286,10 @@ impl MeshClient {
                 None => return Ok(sent),
                 Some(SendError::TooManyUnconfirmed { .. }) => {
                     // Flow control: wait for receipts, then send the rest.
-                    if tokio::time::timeout(SEND_WINDOW_WAIT, receipts).await.is_err() {
+                    if tokio::time::timeout(self.inner.config.send_window_wait, receipts)
+                        .await
+                        .is_err()
+                    {
                         let e = SendError::TooManyUnconfirmed {
                             peer: peer.to_owned(),
                             count: self.unconfirmed(peer),

@@ -1,0 +1,190 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! `MeshClient::send_batch` (issue 9, section 6): a batch is one durable
+//! commit, keeps its order, waits for receipts when the peer's window of
+//! unconfirmed messages is full, and says exactly what was sent when it
+//! has to stop.
+
+use meshwire::{ClientConfig, ClientError, Identity, MemoryPersistence, MeshClient, Persistence};
+use meshwire_server::RunningServer;
+use rand_core::OsRng;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config(server: &RunningServer, name: &str, window: usize) -> ClientConfig {
+    let mut c = ClientConfig::new(server.relay_url(), server.registry_url());
+    c.display_name = Some(name.into());
+    c.mesh.max_unconfirmed_per_peer = window;
+    c.reconnect_base = Duration::from_millis(100);
+    c.reconnect_max = Duration::from_millis(500);
+    c
+}
+
+async fn agent(identity: &Identity, config: ClientConfig, store: &Arc<dyn Persistence>) -> MeshClient {
+    MeshClient::connect(Identity::from_seed(&identity.seed()), config, Some(store.clone()), None)
+        .await
+        .unwrap()
+}
+
+/// A store that records, for each commit, how many sends it added to
+/// the outbox.
+struct Counting {
+    inner: MemoryPersistence,
+    outbox_adds: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Persistence for Counting {
+    fn load(&self) -> Result<meshwire::persist::Snapshot, meshwire::persist::PersistError> {
+        self.inner.load()
+    }
+    fn commit(&self, commit: &meshwire::persist::Commit) -> Result<(), meshwire::persist::PersistError> {
+        if !commit.outbox_add.is_empty() {
+            self.outbox_adds.lock().unwrap().push(commit.outbox_add.len());
+        }
+        self.inner.commit(commit)
+    }
+    fn reset_mesh(&self) -> Result<(), meshwire::persist::PersistError> {
+        self.inner.reset_mesh()
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
+
+fn rows(range: std::ops::Range<usize>) -> Vec<serde_json::Value> {
+    range.map(|i| json!({"n": i})).collect()
+}
+
+fn number(m: &meshwire::Message) -> usize {
+    m.payload.as_json().unwrap()["n"].as_u64().unwrap() as usize
+}
+
+/// Receives `count` messages (taking what waits in one go, as a batch
+/// consumer does), returning their numbers and ids in arrival order.
+async fn receive(client: &MeshClient, count: usize) -> (Vec<usize>, Vec<String>) {
+    let (mut numbers, mut ids) = (Vec::new(), Vec::new());
+    while numbers.len() < count {
+        let first = client.recv_timeout(WAIT).await.unwrap();
+        for m in std::iter::once(first).chain(client.drain()) {
+            numbers.push(number(&m));
+            ids.push(m.id.clone());
+        }
+    }
+    (numbers, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_one_commit_in_order_and_waits_for_receipts_past_the_window() {
+    let server = meshwire_server::start(Default::default()).await.unwrap();
+    let counting = Arc::new(Counting {
+        inner: MemoryPersistence::new(),
+        outbox_adds: Default::default(),
+    });
+    let alice_store: Arc<dyn Persistence> = counting.clone();
+    let bob_store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
+    // Alice may have at most 40 messages awaiting Bob's receipts.
+    let alice = agent(
+        &Identity::generate(&mut OsRng),
+        config(&server, "alice", 40),
+        &alice_store,
+    )
+    .await;
+    let bob = agent(
+        &Identity::generate(&mut OsRng),
+        config(&server, "bob", 1000),
+        &bob_store,
+    )
+    .await;
+    alice.send(bob.did(), &json!({"n": 0})).await.unwrap();
+    assert_eq!(receive(&bob, 1).await.0, vec![0]);
+
+    // Group commit: 30 messages (within the window) are one commit.
+    counting.outbox_adds.lock().unwrap().clear();
+    let ids = alice.send_batch(bob.did(), &rows(1..31)).await.unwrap();
+    assert_eq!(
+        *counting.outbox_adds.lock().unwrap(),
+        vec![30],
+        "one commit for the batch"
+    );
+    assert_eq!(ids.len(), 30);
+    let (numbers, got_ids) = receive(&bob, 30).await;
+    assert_eq!(numbers, (1..31).collect::<Vec<_>>());
+    assert_eq!(got_ids, ids, "the ids returned are the messages' ids, in order");
+
+    // 200 messages through a window of 40: the batch waits for receipts
+    // instead of failing, and everything arrives once, in order.
+    let receiving = {
+        let bob = bob.clone();
+        tokio::spawn(async move { receive(&bob, 200).await })
+    };
+    let ids = tokio::time::timeout(WAIT, alice.send_batch(bob.did(), &rows(31..231)))
+        .await
+        .expect("the batch finished")
+        .unwrap();
+    let (numbers, got_ids) = receiving.await.unwrap();
+    assert_eq!(numbers, (31..231).collect::<Vec<_>>());
+    assert_eq!(got_ids, ids);
+    // An empty batch sends nothing.
+    assert!(alice
+        .send_batch::<serde_json::Value>(bob.did(), &[])
+        .await
+        .unwrap()
+        .is_empty());
+    alice.close().await;
+    bob.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_window_never_reopens_for_stops_and_says_what_was_sent() {
+    let server = meshwire_server::start(Default::default()).await.unwrap();
+    let bob_identity = Identity::generate(&mut OsRng);
+    let bob_store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
+    let mut alice_config = config(&server, "alice", 10);
+    alice_config.send_window_wait = Duration::from_millis(300);
+    let alice_store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
+    let alice = agent(&Identity::generate(&mut OsRng), alice_config, &alice_store).await;
+    let bob = agent(&bob_identity, config(&server, "bob", 1000), &bob_store).await;
+    alice.send(bob.did(), &json!({"n": 0})).await.unwrap();
+    assert_eq!(receive(&bob, 1).await.0, vec![0]);
+    // Its receipt is back: the window is empty.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while alice.unconfirmed(bob.did()) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no receipt for the first message"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Bob goes offline: no receipts come back.
+    bob.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let err = alice.send_batch(bob.did(), &rows(1..26)).await.unwrap_err();
+    let ClientError::Batch { sent, failed, source } = err else {
+        panic!("expected a batch error, got {err}");
+    };
+    assert_eq!((sent.len(), failed), (10, 10), "the window's worth was sent");
+    assert!(source.to_string().contains("awaiting receipts"), "{source}");
+    let message = ClientError::Batch {
+        sent: sent.clone(),
+        failed,
+        source,
+    }
+    .to_string();
+    assert!(
+        message.starts_with("batch stopped at payload 10 (10 sent before it)"),
+        "{message}"
+    );
+
+    // Bob comes back: exactly the ten sent, in order, nothing of the rest.
+    let bob = agent(&bob_identity, config(&server, "bob", 1000), &bob_store).await;
+    let (numbers, ids) = receive(&bob, 10).await;
+    assert_eq!(numbers, (1..11).collect::<Vec<_>>());
+    assert_eq!(ids, sent);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(bob.drain().is_empty(), "nothing past the failed payload was sent");
+    alice.close().await;
+    bob.close().await;
+}
