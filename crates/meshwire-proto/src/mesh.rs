@@ -729,10 +729,20 @@ impl Mesh {
         .to_text()
     }
 
-    /// Leaving the relay on the application's initiative: the `disconnect`
-    /// frame, then the WebSocket close (1000, `client disconnect`), as the
-    /// TypeScript client does. Messages buffered before their KNOCK are
-    /// dropped (reported). The driver transmits, then closes the socket.
+    /// Leaving the relay on the application's initiative: the receipts
+    /// still owed (so that a peer waiting for one does not wait for a
+    /// retransmission), then [`Mesh::disconnect`]. The driver transmits,
+    /// then closes the socket.
+    pub fn leave(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp) -> Vec<Event> {
+        let mut events = self.flush_receipts(rng, now);
+        events.extend(self.disconnect());
+        events
+    }
+
+    /// The `disconnect` frame, then the WebSocket close (1000, `client
+    /// disconnect`), as the TypeScript client does. Messages buffered
+    /// before their KNOCK are dropped (reported). [`Mesh::leave`] also
+    /// sends the receipts still owed first.
     pub fn disconnect(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
         for (did, p) in &mut self.peers {

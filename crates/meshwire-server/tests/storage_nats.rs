@@ -162,6 +162,7 @@ async fn live_routing_between_instances() {
         .publish_to_did("did:mesh:bob", Bytes::from_static(b"frame 1"))
         .await
         .unwrap();
+    router1.flush().await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), bob.next())
         .await
         .unwrap()

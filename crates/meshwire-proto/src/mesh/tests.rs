@@ -1029,3 +1029,73 @@ fn side_rows_keep_peer_rows_small_and_rebuild_the_same_state() {
     assert_eq!(dirty.unconfirmed.iter().filter(|(_, _, row)| row.is_none()).count(), 50);
     assert_eq!(alice.unconfirmed_count(&did(&bob)), 0);
 }
+
+/// Two receipt-capable agents with a session from `alice` to `bob`.
+fn receipt_pair() -> (Mesh, Mesh, String) {
+    let mut alice = agent("a", 0);
+    let mut bob = agent("b", 1);
+    let (alice_did, bob_did) = (did(&alice), did(&bob));
+    for (me, other) in [(&mut alice, bob_did), (&mut bob, alice_did)] {
+        me.set_peer_info(
+            &other,
+            PeerInfo {
+                dialect: None,
+                receipts: true,
+            },
+        );
+    }
+    let knock = alice.open_session(&mut OsRng, T0, &did(&bob), &bundle(&bob)).unwrap();
+    deliver(&mut bob, &knock);
+    let peer = did(&bob);
+    (alice, bob, peer)
+}
+
+#[test]
+fn leaving_sends_the_receipts_still_owed_before_the_disconnect_frame() {
+    let (mut alice, mut bob, bob_did) = receipt_pair();
+    let (id, m) = alice.encrypt(&mut OsRng, T0, &bob_did, b"last words").unwrap();
+    assert_eq!(messages(&deliver(&mut bob, &m)), ["last words"]);
+    let events = bob.leave(&mut OsRng, T0);
+    let frames = transmits(&events);
+    assert_eq!(frames.len(), 2, "the receipt, then the disconnect frame");
+    assert!(frames[1].contains("\"type\":\"disconnect\""), "{}", frames[1]);
+    assert!(matches!(events.last(), Some(Event::Close { code: CLOSE_NORMAL, .. })));
+    assert!(deliver(&mut alice, &frames[0]).contains(&Event::Delivered {
+        peer: bob_did.clone(),
+        ids: vec![id]
+    }));
+    assert_eq!(alice.unconfirmed_count(&bob_did), 0);
+    // Nothing owed: leaving is the disconnect frame alone.
+    assert_eq!(transmits(&bob.leave(&mut OsRng, T0)).len(), 1);
+}
+
+#[test]
+fn receipts_go_out_early_once_a_burst_owes_enough_of_them() {
+    let (mut alice, mut bob, bob_did) = receipt_pair();
+    let mut ids = Vec::new();
+    for n in 0..EAGER_RECEIPTS {
+        let (id, m) = alice
+            .encrypt(&mut OsRng, T0, &bob_did, n.to_string().as_bytes())
+            .unwrap();
+        ids.push(id);
+        deliver(&mut bob, &m);
+        if n + 1 < EAGER_RECEIPTS {
+            assert!(
+                bob.flush_receipts_due(&mut OsRng, T0).is_empty(),
+                "{} owed: not yet",
+                n + 1
+            );
+        }
+    }
+    let receipts = transmits(&bob.flush_receipts_due(&mut OsRng, T0));
+    assert_eq!(receipts.len(), 1, "one receipt message for the burst");
+    assert!(deliver(&mut alice, &receipts[0]).contains(&Event::Delivered {
+        peer: bob_did.clone(),
+        ids
+    }));
+    assert_eq!(alice.unconfirmed_count(&bob_did), 0);
+    assert!(
+        bob.flush_receipts(&mut OsRng, T0).is_empty(),
+        "nothing left for the periodic flush"
+    );
+}

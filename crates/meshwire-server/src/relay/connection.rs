@@ -14,7 +14,6 @@ use crate::config::duration_ms;
 use crate::server::Shared;
 use crate::storage::Quota;
 use crate::util::Esc;
-use axum::extract::ws::Message;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +22,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 
 /// How long a taking-over connection waits for the one it replaces to hand
 /// its undelivered queue back to the offline store.
@@ -357,7 +357,7 @@ impl Connection {
                                 .await
                                 .map(|()| Flow::Continue)
                         }
-                        Message::Ping(_) | Message::Pong(_) => Ok(Flow::Continue),
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Flow::Continue),
                         Message::Close(_) => return End::Gone,
                     };
                     match flow {

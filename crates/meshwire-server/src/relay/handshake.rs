@@ -8,10 +8,10 @@ use super::socket::{reject_with_reason, send_close, shutting_down, Sink, Stream}
 use crate::replay::ClaimError;
 use crate::server::Shared;
 use crate::util::{constant_time_eq, Esc};
-use axum::extract::ws::Message;
 use futures_util::StreamExt;
 use meshwire_proto::time::Timestamp;
 use serde_json::{Map, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 enum FirstFrame {
     Text(String),
@@ -24,7 +24,7 @@ async fn first_frame(stream: &mut Stream) -> FirstFrame {
         match stream.next().await {
             Some(Ok(Message::Text(text))) => return FirstFrame::Text(text),
             Some(Ok(Message::Binary(_))) => return FirstFrame::Binary,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
             Some(Ok(Message::Close(_)) | Err(_)) | None => return FirstFrame::Gone,
         }
     }

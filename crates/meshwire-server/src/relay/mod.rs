@@ -59,16 +59,14 @@ mod handshake;
 pub(crate) mod mailbox;
 pub(crate) mod proof;
 mod socket;
+mod upgrade;
 
 use crate::http::ApiError;
 use crate::server::Shared;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::OriginalUri;
-use axum::extract::State;
+use axum::extract::{OriginalUri, Request, State};
 use axum::http::header::HOST;
 use axum::http::header::RETRY_AFTER;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use connection::{ConnHandle, Connection};
@@ -79,6 +77,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub(crate) use frames::{classify, Incoming};
 pub(crate) use handshake::check_connect;
@@ -202,13 +201,8 @@ pub(crate) async fn combined_health(State(shared): State<Arc<Shared>>) -> Json<R
 /// `GET /ws`. The 101 answer carries a fresh challenge nonce in
 /// `x-meshwire-challenge` (meshwire extension; reference clients ignore
 /// the header).
-pub(crate) async fn ws_handler(
-    State(shared): State<Arc<Shared>>,
-    uri: OriginalUri,
-    headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    let Ok(upgrade) = upgrade else {
+pub(crate) async fn ws_handler(State(shared): State<Arc<Shared>>, uri: OriginalUri, mut request: Request) -> Response {
+    let Some(upgrade) = upgrade::WsUpgrade::take(&mut request) else {
         // Starlette answers plain HTTP on a WebSocket route with 404.
         return ApiError::not_found("Not Found").into_response();
     };
@@ -232,21 +226,27 @@ pub(crate) async fn ws_handler(
     let (nonce, _) = shared.challenges.issue(shared.config.now());
     let context = proof::Upgrade {
         nonce: nonce.clone(),
-        host: headers.get(HOST).and_then(|h| h.to_str().ok()).map(str::to_owned),
+        host: request
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned),
         target: uri.0.path_and_query().map_or("/ws", |pq| pq.as_str()).to_owned(),
     };
-    let mut response = upgrade
-        .max_message_size(hard_limit)
-        .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| {
-            // Split here: the socket itself is then not part of the
-            // session's (every connection's) task state.
-            let (sink, stream) = socket.split();
-            async move {
-                let _slot = slot;
-                session(shared, sink, stream, context).await;
-            }
-        });
+    let config = WebSocketConfig {
+        max_message_size: Some(hard_limit),
+        max_frame_size: Some(hard_limit),
+        ..WebSocketConfig::default()
+    };
+    let mut response = upgrade.on_upgrade(config, move |socket| {
+        // Split here: the socket itself is then not part of the
+        // session's (every connection's) task state.
+        let (sink, stream) = socket.split();
+        async move {
+            let _slot = slot;
+            session(shared, sink, stream, context).await;
+        }
+    });
     if let Ok(value) = HeaderValue::from_str(&nonce) {
         response.headers_mut().insert(CHALLENGE_HEADER, value);
     }

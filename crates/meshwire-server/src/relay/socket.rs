@@ -1,18 +1,25 @@
 //! Writing to and reading from a relay WebSocket, with timeouts: frames,
 //! error frames, close frames and the linger after a close.
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use std::borrow::Cow;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 /// How long to wait for the peer's close frame after sending ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// A peer that does not take a frame within this long is dropped.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A relay connection's WebSocket (see [`super::upgrade`]).
+pub(crate) type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
 /// The sending half of a relay connection.
 pub(crate) type Sink = SplitSink<WebSocket, Message>;
 /// The receiving half of a relay connection.
@@ -49,7 +56,7 @@ pub(crate) async fn send_close(sink: &mut Sink, code: u16, reason: &'static str)
 /// Sends a close frame, giving up after `wait`.
 pub(crate) async fn send_close_within(sink: &mut Sink, code: u16, reason: &'static str, wait: Duration) {
     let frame = CloseFrame {
-        code,
+        code: CloseCode::from(code),
         reason: Cow::Borrowed(reason),
     };
     let _ = tokio::time::timeout(wait, sink.send(Message::Close(Some(frame)))).await;

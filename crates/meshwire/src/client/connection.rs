@@ -625,7 +625,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
             }
             _ = inner.shutdown.notified() => {
                 // The core decides what leaving means: frames, then the close.
-                let events = inner.commit_step(|mesh| mesh.disconnect()).unwrap_or_default();
+                let events = inner.commit_step(|mesh| mesh.leave(&mut rand::thread_rng(), now())).unwrap_or_default();
                 for event in events {
                     match event {
                         Event::Transmit(text) => {
