@@ -43,6 +43,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+#[path = "common/procstat.rs"]
+mod procstat;
+
+use procstat::{clock_ticks_per_s, cpu_ticks};
+
 type BoxError = Box<dyn Error + Send + Sync>;
 
 /// How long one phase may take before it is abandoned.
@@ -81,26 +86,6 @@ fn parse_args() -> Result<Args, BoxError> {
 fn now_iso() -> Result<String, BoxError> {
     let ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
     Ok(Timestamp(u64::try_from(ms)?).to_iso())
-}
-
-/// utime + stime of `pid` (`self` for this process), in clock ticks.
-fn cpu_ticks(pid: &str) -> Result<u64, BoxError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("odd /proc/PID/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11).ok_or("no utime")?.parse()?;
-    let stime: u64 = fields.get(12).ok_or("no stime")?.parse()?;
-    Ok(utime + stime)
-}
-
-fn clock_ticks_per_s() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100)
 }
 
 async fn start_instance(nats_url: &str) -> Result<RunningServer, BoxError> {

@@ -17,6 +17,9 @@
 //! process (both agents and the embedded relay) per message. Latency: one-way, Alice paced at 50 msg/s, measured
 //! in one process with one clock; p50 and p99.
 
+#[path = "common/procstat.rs"]
+mod procstat;
+
 use meshwire::{Identity, MeshClient};
 use serde_json::json;
 use std::error::Error;
@@ -32,20 +35,6 @@ impl Drop for Agt {
             let _ = c.wait();
         }
     }
-}
-
-/// CPU time (user + system) of this process so far, in seconds (Linux;
-/// 0 elsewhere): the whole mesh (both agents and the embedded relay).
-fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the command name (which is in parentheses): utime and
-    // stime are the 12th and 13th, in clock ticks of 1/100 s.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn free_port() -> Result<u16, Box<dyn Error>> {
@@ -160,7 +149,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     alice.send(bob.did(), &payload(0, 0)).await?;
     bob.recv_timeout(Duration::from_secs(10)).await?;
 
-    let cpu_before = process_cpu_seconds();
+    let cpu_before = procstat::cpu_seconds("self").unwrap_or(0.0);
     let start = Instant::now();
     let receiving = {
         let bob = bob.clone();
@@ -193,7 +182,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
     let received = receiving.await?;
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu_us = (process_cpu_seconds() - cpu_before) * 1e6 / messages as f64;
+    let cpu_us = (procstat::cpu_seconds("self").unwrap_or(0.0) - cpu_before) * 1e6 / messages as f64;
     if received < messages {
         return Err(format!("Bob received {received} of {messages}").into());
     }

@@ -42,6 +42,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+#[path = "common/procstat.rs"]
+mod procstat;
+
+use procstat::{clock_ticks_per_s, cpu_ticks, rss_kib};
+
 type BoxError = Box<dyn Error + Send + Sync>;
 
 /// How long one benchmark phase may take before it is abandoned.
@@ -163,35 +168,6 @@ async fn start_agt(python: &str) -> Result<Server, BoxError> {
         pid,
         _children: children,
     })
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64, BoxError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("odd /proc/PID/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11).ok_or("no utime")?.parse()?;
-    let stime: u64 = fields.get(12).ok_or("no stime")?.parse()?;
-    Ok(utime + stime)
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`; 100 if that fails).
-fn clock_ticks_per_s() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100)
-}
-
-/// VmRSS of `pid`, in KiB.
-fn rss_kib(pid: u32) -> Result<u64, BoxError> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).ok_or("odd VmRSS")?.parse()?)
 }
 
 /// The soft open-file limit of this process (`/proc/self/limits`).
@@ -353,16 +329,16 @@ async fn forward_load(server: &Server, senders: usize, per_pair: usize, window: 
     }
     // Everything warmed up: measure from here.
     warm_gate.wait().await;
-    let ticks_before = cpu_ticks(server.pid)?;
-    let own_before = cpu_ticks(std::process::id())?;
+    let ticks_before = cpu_ticks(&server.pid.to_string())?;
+    let own_before = cpu_ticks("self")?;
     let started = Instant::now();
     start_gate.wait().await;
     while let Some(joined) = tasks.join_next().await {
         joined??;
     }
     let wall = started.elapsed();
-    let ticks = cpu_ticks(server.pid)?.saturating_sub(ticks_before);
-    let own = cpu_ticks(std::process::id())?.saturating_sub(own_before);
+    let ticks = cpu_ticks(&server.pid.to_string())?.saturating_sub(ticks_before);
+    let own = cpu_ticks("self")?.saturating_sub(own_before);
     let delivered: u64 =
         pairs.iter().map(|p| p.received.load(Ordering::Relaxed)).sum::<u64>() - (warmup * senders) as u64;
     Ok(Load {
@@ -440,7 +416,7 @@ async fn bench_idle(args: &Args) -> Result<(), BoxError> {
     let first = connect(&server.ws_url, &Identity::generate(&mut rng)).await?;
     wait_connected(&server, 1).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib(server.pid)?;
+    let before = rss_kib(&server.pid.to_string())?;
     let started = Instant::now();
     let mut held = vec![first];
     let run = async {
@@ -463,7 +439,7 @@ async fn bench_idle(args: &Args) -> Result<(), BoxError> {
         .map_err(|_| format!("idle: {n} connections not open within {PHASE_LIMIT:?}"))??;
     let connect_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_kib(server.pid)?;
+    let after = rss_kib(&server.pid.to_string())?;
     let per_conn = (after.saturating_sub(before)) as f64 / n as f64;
     println!(
         "{}",

@@ -505,8 +505,54 @@ fn relay_error(events: &[Event]) -> Option<String> {
 const OUTBOX_PING: &[u8] = b"meshwire-outbox:";
 
 /// Outbox frames written to the socket, each with the number of the ping
-/// sent after it.
+/// sent (or to be sent) after it.
 type Awaiting = VecDeque<(u64, Outgoing)>;
+
+/// A ping unanswered for this long no longer holds the next one back.
+const PING_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The outbox pings of one connection: at most one is in flight, so a
+/// burst of writes costs the relay one ping per round trip, not one per
+/// write (frames written meanwhile wait for the next ping, sent when the
+/// pong comes).
+#[derive(Default)]
+struct OutboxPings {
+    /// The number of the last ping sent.
+    sent: u64,
+    /// When the last ping was sent, while its pong has not come.
+    in_flight: Option<tokio::time::Instant>,
+}
+
+impl OutboxPings {
+    /// The number the next ping will carry: frames written now are
+    /// confirmed by it.
+    fn next(&self) -> u64 {
+        self.sent.wrapping_add(1)
+    }
+
+    /// Whether a ping should go now: frames wait for one, and none is in
+    /// flight (or the one in flight was not answered in time).
+    fn due(&self, awaiting: &Awaiting) -> bool {
+        awaiting.back().is_some_and(|(s, _)| *s == self.next())
+            && self.in_flight.is_none_or(|at| at.elapsed() >= PING_PATIENCE)
+    }
+
+    /// The payload of the next ping, counted as sent.
+    fn send(&mut self) -> Vec<u8> {
+        self.sent = self.next();
+        self.in_flight = Some(tokio::time::Instant::now());
+        let mut payload = OUTBOX_PING.to_vec();
+        payload.extend_from_slice(self.sent.to_string().as_bytes());
+        payload
+    }
+
+    /// Ping `seq` was answered.
+    fn answered(&mut self, seq: u64) {
+        if seq == self.sent {
+            self.in_flight = None;
+        }
+    }
+}
 
 /// The ping sequence number in a pong's payload, if it is one of ours.
 fn outbox_pong(payload: &[u8]) -> Option<u64> {
@@ -515,7 +561,7 @@ fn outbox_pong(payload: &[u8]) -> Option<u64> {
 }
 
 async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awaiting) -> Ended {
-    let mut ping_seq: u64 = 0;
+    let mut pings = OutboxPings::default();
     let mut heartbeat = tokio::time::interval(saturating_period(inner.config.heartbeat_interval));
     heartbeat.reset();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -555,7 +601,6 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
         // Frames are written without a flush each; one flush (a single
         // write to the socket, in the common case) ends the batch.
         let mut wrote = false;
-        let mut wrote_outbox = false;
         loop {
             let next = lock(&inner.outgoing).pop_front();
             let Some(frame) = next else { break };
@@ -569,15 +614,12 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
             }
             wrote = true;
             if frame.outbox.is_some() {
-                wrote_outbox = true;
-                awaiting.push_back((ping_seq.wrapping_add(1), frame));
+                awaiting.push_back((pings.next(), frame));
             }
         }
-        if wrote_outbox {
-            ping_seq = ping_seq.wrapping_add(1);
-            let mut payload = OUTBOX_PING.to_vec();
-            payload.extend_from_slice(ping_seq.to_string().as_bytes());
-            if let Err(e) = socket.feed(WsMessage::Ping(payload)).await {
+        if pings.due(awaiting) {
+            wrote = true;
+            if let Err(e) = socket.feed(WsMessage::Ping(pings.send())).await {
                 return Ended::Lost {
                     code: None,
                     reason: e.to_string(),
@@ -594,7 +636,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
         }
         tokio::select! {
             incoming = socket.next(), if !paused => {
-                if let Some(ended) = receive(inner, socket, awaiting, &mut last_error, incoming) {
+                if let Some(ended) = receive(inner, socket, awaiting, &mut pings, &mut last_error, incoming) {
                     return ended;
                 }
             }
@@ -660,6 +702,7 @@ fn receive(
     inner: &Arc<Inner>,
     socket: &mut Socket,
     awaiting: &mut Awaiting,
+    pings: &mut OutboxPings,
     last_error: &mut String,
     first: Incoming,
 ) -> Option<Ended> {
@@ -704,6 +747,7 @@ fn receive(
         Some(Ok(WsMessage::Text(_))) => None,
         Some(Ok(WsMessage::Pong(payload))) => {
             if let Some(seq) = outbox_pong(&payload) {
+                pings.answered(seq);
                 let mut confirmed = Vec::new();
                 while awaiting.front().is_some_and(|(s, _)| *s <= seq) {
                     if let Some((_, frame)) = awaiting.pop_front() {
@@ -747,5 +791,55 @@ fn closed(frame: Option<CloseFrame<'_>>, last_error: String) -> Ended {
         Some(1000) if reason == "session_replaced" => Ended::TakenOver(reason),
         Some(c @ (CLOSE_PROOF_REJECTED | CLOSE_AUTH_FAILED)) => Ended::Rejected(c, reason),
         code => Ended::Lost { code, reason },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn frame(n: u32) -> Outgoing {
+        Outgoing {
+            text: format!("frame {n}"),
+            outbox: Some(("peer".into(), n.to_string())),
+        }
+    }
+
+    #[test]
+    fn one_outbox_ping_is_in_flight_and_frames_written_meanwhile_wait_for_the_next() {
+        let mut pings = OutboxPings::default();
+        let mut awaiting = Awaiting::new();
+        assert!(!pings.due(&awaiting), "nothing written, no ping");
+        awaiting.push_back((pings.next(), frame(1)));
+        assert!(pings.due(&awaiting));
+        let first = pings.send();
+        assert_eq!(outbox_pong(&first), Some(1));
+        // Written while ping 1 is in flight: no second ping yet.
+        awaiting.push_back((pings.next(), frame(2)));
+        awaiting.push_back((pings.next(), frame(3)));
+        assert!(!pings.due(&awaiting));
+        // An answer to another (older) ping changes nothing.
+        pings.answered(0);
+        assert!(!pings.due(&awaiting));
+        // Pong 1: frame 1 is confirmed by it, frames 2 and 3 get ping 2.
+        pings.answered(1);
+        assert!(pings.due(&awaiting));
+        assert_eq!(outbox_pong(&pings.send()), Some(2));
+        assert_eq!(awaiting.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 2]);
+        assert!(!pings.due(&awaiting));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_ping_does_not_hold_the_outbox_forever() {
+        let mut pings = OutboxPings::default();
+        let mut awaiting = Awaiting::new();
+        awaiting.push_back((pings.next(), frame(1)));
+        pings.send();
+        awaiting.push_back((pings.next(), frame(2)));
+        assert!(!pings.due(&awaiting));
+        tokio::time::advance(PING_PATIENCE).await;
+        assert!(pings.due(&awaiting), "the lost pong is given up on");
+        assert_eq!(outbox_pong(&pings.send()), Some(2));
     }
 }
