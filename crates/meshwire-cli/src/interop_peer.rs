@@ -32,11 +32,11 @@ fn message_json(m: &Message) -> Value {
     json!({"from": m.from, "id": m.id, "payload": payload, "t_us": now_us()})
 }
 
-/// `{"seq", "t_us", "pad"}` padded so its JSON text is `size` bytes.
 /// Back-to-back sends go out in batches of this many (one durable commit
 /// each: [`MeshClient::send_batch`]).
 const SEND_BATCH: u64 = 64;
 
+/// `{"seq", "t_us", "pad"}` padded so its JSON text is `size` bytes.
 fn padded(seq: u64, size: usize) -> Value {
     let mut value = json!({"seq": seq, "t_us": now_us(), "pad": ""});
     let len = value.to_string().len();
@@ -91,9 +91,11 @@ impl Peer {
             // Everything waiting is taken at once, so the next receive
             // acknowledges it in one commit.
             while let Some(m) = collector.recv().await {
+                // Stamped on arrival, before `drain` acknowledges it.
+                let first = message_json(&m);
                 let rest = collector.drain();
                 if let Ok(mut inbox) = inbox.lock() {
-                    inbox.push(message_json(&m));
+                    inbox.push(first);
                     inbox.extend(rest.iter().map(message_json));
                 }
                 arrived.notify_one();
