@@ -348,6 +348,9 @@ struct Peer {
     receipts: bool,
     unconfirmed: Vec<Unconfirmed>,
     receipts_due: Vec<String>,
+    /// When the oldest and the newest of `receipts_due` were owed (ms).
+    receipts_owed_since: u64,
+    receipts_owed_last: u64,
     /// The id of the last KNOCK we sent this peer.
     sent_knock: Option<String>,
     /// When we last asked this peer to resync.
@@ -406,6 +409,20 @@ pub const PEER_INFO_KEPT: usize = 1024;
 /// [`MeshConfig::max_unconfirmed_per_peer`]).
 pub const EAGER_RECEIPTS: usize = 125;
 
+/// A peer's receipts go out once it sent nothing new for this long
+/// ([`Mesh::flush_receipts_settled`]): a request or a short exchange is
+/// confirmed about this soon, a steady stream once per
+/// [`RECEIPT_MAX_DELAY_MS`].
+pub const RECEIPT_QUIET_MS: u64 = 100;
+
+/// Receipts owed to a peer go out at the latest this long after the oldest
+/// of them was owed, however steadily the peer sends. Each receipt message
+/// makes the peer's next message start a new DH ratchet step (two X25519
+/// operations on our side), so a stream paced faster than
+/// [`RECEIPT_QUIET_MS`] costs one such step per second, not one per
+/// receipt tick.
+pub const RECEIPT_MAX_DELAY_MS: u64 = 1_000;
+
 /// At most one resync per peer this often.
 pub const RESYNC_INTERVAL_MS: u64 = 30_000;
 
@@ -414,6 +431,24 @@ pub const RESYNC_INTERVAL_MS: u64 = 30_000;
 pub const RESYNC_AFTER_STALLED_ROUNDS: u32 = 3;
 
 impl Peer {
+    /// Owes `id` a receipt, noting when.
+    fn owe_receipt(&mut self, now: Timestamp, id: String) {
+        if self.receipts_due.is_empty() {
+            self.receipts_owed_since = now.0;
+        }
+        self.receipts_owed_last = now.0;
+        self.receipts_due.push(id);
+    }
+
+    /// Whether the receipts owed are settled enough to send
+    /// ([`Mesh::flush_receipts_settled`]).
+    fn receipts_settled(&self, now: Timestamp) -> bool {
+        !self.receipts_due.is_empty()
+            && (self.receipts_due.len() >= EAGER_RECEIPTS
+                || now.0.saturating_sub(self.receipts_owed_last) >= RECEIPT_QUIET_MS
+                || now.0.saturating_sub(self.receipts_owed_since) >= RECEIPT_MAX_DELAY_MS)
+    }
+
     /// Whether the entry holds nothing worth keeping: entries made by
     /// frames that led nowhere are dropped, so junk `from` values cannot
     /// grow the state.
@@ -1368,7 +1403,7 @@ impl Mesh {
                 && p.receipts_due.len() < self.config.max_receipts_due_per_peer
                 && !p.receipts_due.contains(&m.id)
             {
-                p.receipts_due.push(m.id.clone());
+                p.owe_receipt(now, m.id.clone());
             }
             events.push(Event::Transmit(ack_text(&m.id)));
             return;
@@ -1656,7 +1691,7 @@ impl Mesh {
             return;
         }
         if p.receipts {
-            p.receipts_due.push(m.id.clone());
+            p.owe_receipt(now, m.id.clone());
             if p.receipts_due.len() > self.config.max_receipts_due_per_peer {
                 p.receipts_due.remove(0);
                 self.stats.receipts_dropped += 1;
@@ -1757,6 +1792,24 @@ impl Mesh {
             }
         }
         events
+    }
+
+    /// [`Mesh::flush_receipts`] for the peers whose receipts are settled:
+    /// owed [`EAGER_RECEIPTS`] or more, or the peer sent nothing new for
+    /// [`RECEIPT_QUIET_MS`], or the oldest has waited
+    /// [`RECEIPT_MAX_DELAY_MS`]. A driver calls it on a timer (the async
+    /// client: every 100 ms); [`Mesh::flush_receipts`] sends all at once.
+    pub fn flush_receipts_settled(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp) -> Vec<Event> {
+        if !self.peers.values().any(|p| p.receipts_settled(now)) {
+            return Vec::new();
+        }
+        let due: Vec<(String, Vec<String>)> = self
+            .peers
+            .iter_mut()
+            .filter(|(_, p)| p.receipts_settled(now))
+            .map(|(d, p)| (d.clone(), std::mem::take(&mut p.receipts_due)))
+            .collect();
+        self.encrypt_receipts(rng, now, due)
     }
 
     /// [`Mesh::flush_receipts`] for the peers that are owed at least

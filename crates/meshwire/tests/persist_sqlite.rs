@@ -3,6 +3,7 @@
 
 mod persist_support;
 
+use meshwire::persist::seen_trim_slack;
 use meshwire::persist::{
     Commit, InboxEntry, Limits, MemoryPersistence, OutboxEntry, PersistError, Persistence, Snapshot, SqliteOptions,
     SqliteStore, MAX_META_ENTRIES, SCHEMA_VERSION,
@@ -509,6 +510,44 @@ fn side_rows_are_trimmed_rewritten_in_place_and_deleted_with_their_peer() {
         let s = store.load().unwrap();
         assert!(s.seen.is_empty() && s.unconfirmed.is_empty() && s.peers.is_empty());
     }
+}
+
+/// The duplicate-id rows of a peer are trimmed in steps: they grow to
+/// `seen_limit + seen_trim_slack` and the commit that would pass that
+/// deletes back to the newest `seen_limit` (one delete per few messages,
+/// not one per message). What loads is always the newest ids, in order,
+/// and a state machine restored from it keeps the newest `seen_limit`.
+#[test]
+fn duplicate_ids_are_trimmed_in_steps_and_always_keep_the_newest() {
+    let dir = temp_dir("seen-slack");
+    let store = SqliteStore::open(dir.join("agent.db")).unwrap();
+    let limit = 32;
+    let slack = seen_trim_slack(limit);
+    assert_eq!(slack, 2);
+    assert_eq!(seen_trim_slack(4096), 256);
+    assert_eq!(seen_trim_slack(15), 0, "a small limit is kept exactly");
+    let mut c = Commit::new();
+    c.put_peer("did:mesh:p", text("{}"));
+    store.commit(&c).unwrap();
+    let mut lens = Vec::new();
+    for i in 0..44usize {
+        let mut c = Commit::new();
+        c.seen_limit = limit;
+        c.seen.push(("did:mesh:p".into(), format!("m{i:02}")));
+        store.commit(&c).unwrap();
+        let ids = store.load().unwrap().seen.remove("did:mesh:p").unwrap_or_default();
+        let newest: Vec<String> = ((i + 1 - ids.len())..=i).map(|k| format!("m{k:02}")).collect();
+        assert_eq!(ids, newest, "after m{i:02}: the newest ids, oldest first");
+        lens.push(ids.len());
+    }
+    // 1..=34 rows, then the 35th trims to 32; then 33, 34, trim again.
+    let mut expected: Vec<usize> = (1..=limit + slack).collect();
+    while expected.len() < 44 {
+        expected.extend([limit, limit + 1, limit + 2]);
+    }
+    expected.truncate(44);
+    assert_eq!(lens, expected);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An unconfirmed row is sealed for its place: moved to another key, it

@@ -1099,3 +1099,62 @@ fn receipts_go_out_early_once_a_burst_owes_enough_of_them() {
         "nothing left for the periodic flush"
     );
 }
+
+/// Settled receipts: a lone message is confirmed once the sender has been
+/// quiet for `RECEIPT_QUIET_MS`; a steady stream (one message every 20 ms)
+/// gets one receipt message per `RECEIPT_MAX_DELAY_MS`, not one per timer
+/// tick, and every id is confirmed exactly once.
+#[test]
+fn receipts_wait_for_a_quiet_sender_or_the_longest_delay() {
+    let (mut alice, mut bob, bob_did) = receipt_pair();
+    let at = |ms: u64| Timestamp(T0.0 + ms);
+    let (lone, m) = alice.encrypt(&mut OsRng, T0, &bob_did, b"lone").unwrap();
+    bob.handle_text(&mut OsRng, T0, &m);
+    assert!(bob
+        .flush_receipts_settled(&mut OsRng, at(RECEIPT_QUIET_MS - 1))
+        .is_empty());
+    let receipts = transmits(&bob.flush_receipts_settled(&mut OsRng, at(RECEIPT_QUIET_MS)));
+    assert_eq!(receipts.len(), 1, "quiet for RECEIPT_QUIET_MS: confirmed");
+    assert!(deliver(&mut alice, &receipts[0]).contains(&Event::Delivered {
+        peer: bob_did.clone(),
+        ids: vec![lone]
+    }));
+
+    // A stream from t = 1 s: a message every 20 ms for 2.5 s, the timer
+    // every 100 ms.
+    let start = 1_000;
+    let mut sent = Vec::new();
+    let mut confirmed = Vec::new();
+    let mut flushed_at = Vec::new();
+    for step in 0..125u64 {
+        let t = at(start + step * 20);
+        let (id, m) = alice.encrypt(&mut OsRng, t, &bob_did, b"tick").unwrap();
+        sent.push(id);
+        bob.handle_text(&mut OsRng, t, &m);
+        if step % 5 == 4 {
+            for r in transmits(&bob.flush_receipts_settled(&mut OsRng, t)) {
+                flushed_at.push(t.0 - T0.0 - start);
+                for e in alice.handle_text(&mut OsRng, t, &r) {
+                    if let Event::Delivered { ids, .. } = e {
+                        confirmed.extend(ids);
+                    }
+                }
+            }
+        }
+    }
+    // The first tick at or past RECEIPT_MAX_DELAY_MS after the oldest
+    // owed: 1,080 ms (owed since 0), then 2,180 ms (owed since 1,100).
+    assert_eq!(flushed_at, [1_080, 2_180]);
+    assert_eq!(RECEIPT_MAX_DELAY_MS, 1_000);
+    // The tail is confirmed once the stream stops.
+    let end = at(start + 125 * 20 + RECEIPT_QUIET_MS);
+    for r in transmits(&bob.flush_receipts_settled(&mut OsRng, end)) {
+        for e in alice.handle_text(&mut OsRng, end, &r) {
+            if let Event::Delivered { ids, .. } = e {
+                confirmed.extend(ids);
+            }
+        }
+    }
+    assert_eq!(confirmed, sent, "every id confirmed once, in order");
+    assert_eq!(alice.unconfirmed_count(&bob_did), 0);
+}

@@ -636,8 +636,16 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
         }
         tokio::select! {
             incoming = socket.next(), if !paused => {
+                let was_text = matches!(incoming, Some(Ok(WsMessage::Text(_))));
                 if let Some(ended) = receive(inner, socket, awaiting, &mut pings, &mut last_error, incoming) {
                     return ended;
+                }
+                if was_text {
+                    // The messages are committed: let the application
+                    // take them before this task writes the acks and
+                    // receipts they owe (the relay keeps them until acked,
+                    // so only latency is at stake in the order).
+                    tokio::task::yield_now().await;
                 }
             }
             _ = inner.outgoing_notify.notified() => {}
@@ -657,7 +665,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
                     if mesh.next_timeout().is_some_and(|at| at <= t) {
                         events.extend(mesh.handle_timeout(&mut rand::thread_rng(), t));
                     }
-                    events.extend(mesh.flush_receipts(&mut rand::thread_rng(), t));
+                    events.extend(mesh.flush_receipts_settled(&mut rand::thread_rng(), t));
                     events
                 });
             }

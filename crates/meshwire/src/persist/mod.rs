@@ -108,7 +108,7 @@ mod sqlite;
 pub use crypto::{Argon2Params, AtRestKey};
 pub use identity::{load_identity_encrypted, load_or_create_identity_encrypted, save_identity_encrypted};
 pub use memory::MemoryPersistence;
-pub use sqlite::{SqliteOptions, SqliteStore, SCHEMA_VERSION, WAL_AUTOCHECKPOINT_PAGES};
+pub use sqlite::{seen_trim_slack, SqliteOptions, SqliteStore, SCHEMA_VERSION, WAL_AUTOCHECKPOINT_PAGES};
 
 use crate::store::StoreError;
 use meshwire_proto::mesh::{IdSource, Mesh, MeshConfig};

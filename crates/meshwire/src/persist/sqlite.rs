@@ -75,6 +75,14 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// commit of its batch; a large WAL makes it rare (about one commit in
 /// 3,000 for a ~2 KB session row and its inbox row).
 pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 8192;
+/// How many ids beyond [`Commit::seen_limit`] a peer's duplicate-id rows
+/// may grow to before a commit trims them back to the limit: a sixteenth
+/// of the limit (256 for the default 4,096; none for a limit under 16).
+/// Loading hands the state machine all of them, and it keeps the newest
+/// `seen_limit`.
+pub fn seen_trim_slack(seen_limit: usize) -> usize {
+    seen_limit / 16
+}
 /// How long opening waits for another opener (a second process holding
 /// the store is refused after this).
 const OPEN_BUSY_TIMEOUT: Duration = Duration::from_millis(500);
@@ -772,11 +780,22 @@ impl SqliteStore {
             }
         }
         for peer in trimmed {
-            // Keeps the newest `seen_limit` ids of the peer.
+            // Keeps the newest `seen_limit` ids of the peer, trimming once
+            // they exceed it by the slack: a delete then writes a few pages
+            // once per `slack` messages instead of three on every one.
+            let limit = c.seen_limit.max(1);
             tx.prepare_cached(
-                "DELETE FROM seen WHERE peer = ?1 AND n <= (SELECT MAX(n) FROM seen WHERE peer = ?1) - ?2",
+                "DELETE FROM seen WHERE peer = ?1
+                   AND n <= (SELECT MAX(n) FROM seen WHERE peer = ?1) - ?2
+                   AND (SELECT MAX(n) - MIN(n) FROM seen WHERE peer = ?1) >= ?2 + ?3",
             )
-            .and_then(|mut s| s.execute(rusqlite::params![peer, to_i64(c.seen_limit.max(1) as u64)]))
+            .and_then(|mut s| {
+                s.execute(rusqlite::params![
+                    peer,
+                    to_i64(limit as u64),
+                    to_i64(seen_trim_slack(limit) as u64)
+                ])
+            })
             .map_err(&e)?;
         }
         for (peer, id, row) in &c.unconfirmed {
