@@ -62,6 +62,11 @@ async fn agent(seed: u8, name: &str, (relays, registries): (Vec<String>, Vec<Str
             c.reconnect_base = Duration::from_millis(100);
             c.reconnect_max = Duration::from_secs(1);
             c.connect_timeout = Duration::from_secs(10);
+            // Frames the killed instance took live come back by end-to-end
+            // retransmission. With the default 10 s, checked on a 10 s
+            // timer, that can be 20 s after sending, past `IDLE` (seen in
+            // CI: 79 "lost" that were still to be resent); with 3 s, 3-6 s.
+            c.retransmit_after = Duration::from_secs(3);
         })
         .connect()
         .await
