@@ -1766,10 +1766,23 @@ impl Mesh {
     /// Encrypted receipts for the messages delivered since the last call, one
     /// control message per peer that supports them.
     pub fn flush_receipts(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp) -> Vec<Event> {
+        self.flush_receipts_of(rng, now, |p| !p.receipts_due.is_empty())
+    }
+
+    /// Encrypted receipts for the peers that `send_now` picks.
+    fn flush_receipts_of(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+        now: Timestamp,
+        send_now: impl Fn(&Peer) -> bool,
+    ) -> Vec<Event> {
+        if !self.peers.values().any(&send_now) {
+            return Vec::new();
+        }
         let due: Vec<(String, Vec<String>)> = self
             .peers
             .iter_mut()
-            .filter(|(_, p)| !p.receipts_due.is_empty())
+            .filter(|(_, p)| send_now(p))
             .map(|(d, p)| (d.clone(), std::mem::take(&mut p.receipts_due)))
             .collect();
         self.encrypt_receipts(rng, now, due)
@@ -1800,16 +1813,7 @@ impl Mesh {
     /// [`RECEIPT_MAX_DELAY_MS`]. A driver calls it on a timer (the async
     /// client: every 100 ms); [`Mesh::flush_receipts`] sends all at once.
     pub fn flush_receipts_settled(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp) -> Vec<Event> {
-        if !self.peers.values().any(|p| p.receipts_settled(now)) {
-            return Vec::new();
-        }
-        let due: Vec<(String, Vec<String>)> = self
-            .peers
-            .iter_mut()
-            .filter(|(_, p)| p.receipts_settled(now))
-            .map(|(d, p)| (d.clone(), std::mem::take(&mut p.receipts_due)))
-            .collect();
-        self.encrypt_receipts(rng, now, due)
+        self.flush_receipts_of(rng, now, |p| p.receipts_settled(now))
     }
 
     /// [`Mesh::flush_receipts`] for the peers that are owed at least
@@ -1818,16 +1822,7 @@ impl Mesh {
     /// the periodic flush (the rest wait for it: one receipt message covers
     /// many messages).
     pub fn flush_receipts_due(&mut self, rng: &mut impl CryptoRngCore, now: Timestamp) -> Vec<Event> {
-        if !self.peers.values().any(|p| p.receipts_due.len() >= EAGER_RECEIPTS) {
-            return Vec::new();
-        }
-        let due: Vec<(String, Vec<String>)> = self
-            .peers
-            .iter_mut()
-            .filter(|(_, p)| p.receipts_due.len() >= EAGER_RECEIPTS)
-            .map(|(d, p)| (d.clone(), std::mem::take(&mut p.receipts_due)))
-            .collect();
-        self.encrypt_receipts(rng, now, due)
+        self.flush_receipts_of(rng, now, |p| p.receipts_due.len() >= EAGER_RECEIPTS)
     }
 
     /// Re-encrypts messages to receipt-capable peers not confirmed within
