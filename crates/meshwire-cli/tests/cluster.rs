@@ -63,9 +63,10 @@ async fn agent(seed: u8, name: &str, (relays, registries): (Vec<String>, Vec<Str
             c.reconnect_max = Duration::from_secs(1);
             c.connect_timeout = Duration::from_secs(10);
             // Frames the killed instance took live come back by end-to-end
-            // retransmission. With the default 10 s, checked on a 10 s
-            // timer, that can be 20 s after sending, past `IDLE` (seen in
-            // CI: 79 "lost" that were still to be resent); with 3 s, 3-6 s.
+            // retransmission, 1 to 1.25 times this after they were sent:
+            // with the default 10 s, up to 12.5 s, close to `IDLE` (seen in
+            // CI, when the check ran once per period: 79 "lost" that were
+            // still to be resent).
             c.retransmit_after = Duration::from_secs(3);
         })
         .connect()
@@ -112,10 +113,11 @@ fn spawn_sender(
 /// more passed), or nothing came for [`IDLE`] (longer than the client's
 /// end-to-end retransmission delay, so a message the relays lost comes
 /// back late rather than missing); every payload, in order.
-fn spawn_receiver(client: MeshClient, from: String, expected: Vec<String>) -> tokio::task::JoinHandle<Vec<String>> {
+fn spawn_receiver(client: MeshClient, from: String, expected: Vec<String>) -> tokio::task::JoinHandle<Received> {
     tokio::spawn(async move {
         let mut missing: std::collections::HashSet<String> = expected.into_iter().collect();
         let mut got = Vec::new();
+        let mut complete_at = None;
         loop {
             let wait = if missing.is_empty() { TAIL } else { IDLE };
             match client.recv_from_any(&[from.as_str()], wait).await {
@@ -123,11 +125,20 @@ fn spawn_receiver(client: MeshClient, from: String, expected: Vec<String>) -> to
                     let payload = text(&m);
                     missing.remove(&payload);
                     got.push(payload);
+                    if missing.is_empty() {
+                        complete_at.get_or_insert_with(Instant::now);
+                    }
                 }
-                Err(_) => return got,
+                Err(_) => return Received { got, complete_at },
             }
         }
     })
+}
+
+/// What a receiver got, in order, and when it had every expected message.
+struct Received {
+    got: Vec<String>,
+    complete_at: Option<Instant>,
 }
 
 /// Messages of `got` that came after one sent later (the labels sort in
@@ -201,6 +212,8 @@ struct Streamed {
     alice_got: Vec<String>,
     /// When the instance was killed, if one was.
     killed_at: Option<Instant>,
+    /// When bob, and alice, had every message of the other.
+    complete_at: [Option<Instant>; 2],
 }
 
 /// Streams `count` messages each way at once; with `kill`, SIGKILLs that
@@ -235,10 +248,11 @@ async fn stream(
     let alice_got = alice_gets.await.unwrap();
     Streamed {
         alice_sent: a_out,
-        bob_got,
+        bob_got: bob_got.got,
         bob_sent: b_out,
-        alice_got,
+        alice_got: alice_got.got,
         killed_at,
+        complete_at: [bob_got.complete_at, alice_got.complete_at],
     }
 }
 
@@ -256,15 +270,31 @@ async fn two_thousand_each_way_and_a_sigkilled_instance() {
     let alice = agent(1, "alice", alice_urls.clone(), &dir.path().join("alice")).await;
     let bob = agent(2, "bob", bob_urls, &dir.path().join("bob")).await;
 
-    // Where alice is: her relay changes reach this channel.
+    // Where alice is: her relay changes reach this channel. Every event of
+    // both agents is kept, to be printed if the test fails.
+    let t0 = Instant::now();
+    let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let (moved_tx, mut moved_rx) = tokio::sync::mpsc::unbounded_channel();
     let watcher = {
-        let alice = alice.clone();
+        let (alice, log) = (alice.clone(), log.clone());
         tokio::spawn(async move {
             while let Some(event) = alice.next_event().await {
+                log.lock()
+                    .unwrap()
+                    .push(format!("{:>6} ms alice {event:?}", t0.elapsed().as_millis()));
                 if let ClientEvent::RelayChanged { url, previous } = event {
                     let _ = moved_tx.send((Instant::now(), url, previous));
                 }
+            }
+        })
+    };
+    let bob_watcher = {
+        let (bob, log) = (bob.clone(), log.clone());
+        tokio::spawn(async move {
+            while let Some(event) = bob.next_event().await {
+                log.lock()
+                    .unwrap()
+                    .push(format!("{:>6} ms bob {event:?}", t0.elapsed().as_millis()));
             }
         })
     };
@@ -305,6 +335,7 @@ async fn two_thousand_each_way_and_a_sigkilled_instance() {
         bob_sent: b_out,
         alice_got,
         killed_at,
+        complete_at,
     } = stream(&alice, &bob, "p2", WITH_KILL, Some((one, 300))).await;
     let killed_at = killed_at.unwrap();
     let (moved_at, url, previous) = tokio::time::timeout(Duration::from_secs(1), moved_rx.recv())
@@ -321,10 +352,36 @@ async fn two_thousand_each_way_and_a_sigkilled_instance() {
             late(got)
         );
     }
+    let (a, b) = (alice.stats().mesh, bob.stats().mesh);
+    let after_kill = |at: Option<Instant>| at.map(|at| at.saturating_duration_since(killed_at).as_millis());
     println!(
-        "cluster sigkill failover: alice moved to {url} (from {previous:?}) {} ms after the kill",
-        failover.as_millis()
+        "cluster sigkill failover: alice moved to {url} (from {previous:?}) {} ms after the kill; \
+         resyncs asked alice {} bob {}, decrypt failures alice {} bob {}; \
+         every message at bob {:?} ms, at alice {:?} ms after the kill",
+        failover.as_millis(),
+        a.resyncs_requested,
+        b.resyncs_requested,
+        a.decrypt_failures,
+        b.decrypt_failures,
+        after_kill(complete_at[0]),
+        after_kill(complete_at[1]),
     );
+    if [(&a_out, &bob_got), (&b_out, &alice_got)]
+        .iter()
+        .any(|(expected, got)| losses(expected, got) != (0, 0))
+    {
+        println!("killed at {} ms", killed_at.duration_since(t0).as_millis());
+        for line in log.lock().unwrap().iter() {
+            println!("{line}");
+        }
+        println!("alice {:?}", alice.stats());
+        println!("bob {:?}", bob.stats());
+        for (name, serve) in [("two", &two), ("three", &three)] {
+            for line in serve.stderr_lines() {
+                println!("{name}: {line}");
+            }
+        }
+    }
     assert_eq!(url, two.relay_url(), "alice moved to the next instance of her list");
     assert_eq!(previous, Some(alice_urls.0[0].clone()));
     // Nothing lost, nothing twice. Order is not promised across the kill:
@@ -346,6 +403,7 @@ async fn two_thousand_each_way_and_a_sigkilled_instance() {
     alice.close().await;
     bob.close().await;
     watcher.await.unwrap();
+    bob_watcher.await.unwrap();
     drop((two, three, nats));
 }
 
@@ -380,7 +438,8 @@ async fn queued_mail_survives_a_whole_cluster_restart() {
     let bob = agent(4, "bob", bob_urls, &dir.path().join("bob")).await;
     let got = spawn_receiver(bob.clone(), alice.did().to_owned(), queued.clone())
         .await
-        .unwrap();
+        .unwrap()
+        .got;
     let (lost, duplicated) = losses(&queued, &got);
     println!(
         "cluster restart: queued {QUEUED}, delivered {}, lost {lost}, duplicated {duplicated}",

@@ -256,7 +256,8 @@ pub enum Event {
     /// The session with the peer looks desynchronized (its state restored
     /// from an older copy, frames lost beyond the skip window, or our
     /// messages left unconfirmed while it kept sending): open a new session
-    /// with [`Mesh::resync`] (fetch its bundle first). Emitted at most once
+    /// with [`Mesh::resync`] (fetch its bundle first; it sends nothing if
+    /// the peer's own new session arrived meanwhile). Emitted at most once
     /// per peer every 30 s, and only for receipt-capable peers.
     ResyncNeeded {
         /// The peer.
@@ -355,6 +356,10 @@ struct Peer {
     sent_knock: Option<String>,
     /// When we last asked this peer to resync.
     last_resync: Option<Timestamp>,
+    /// A resync asked for ([`Event::ResyncNeeded`]) and not done yet:
+    /// `true` once the peer's own new session replaced ours meanwhile,
+    /// which heals what the resync was for (it is then moot).
+    resync_asked: Option<bool>,
     /// The channel `channel` replaced (by our resync, or by the peer's
     /// accepted re-KNOCK), kept to decrypt messages still in flight on it;
     /// never used to encrypt. Not persisted.
@@ -926,13 +931,27 @@ impl Mesh {
     /// in flight on it. When both sides resync at once (crossing KNOCKs),
     /// the side with the smaller DID keeps its own session and ignores the
     /// other's KNOCK; the other accepts it, so one session remains.
+    ///
+    /// Returns no frames when the resync asked for is moot: the peer's own
+    /// new session replaced ours after [`Event::ResyncNeeded`] (the driver
+    /// fetched the bundle meanwhile). Opening another session then would
+    /// replace the one both sides share by one the peer ignores (its
+    /// resync KNOCK wins a crossing), and our messages would stop
+    /// decrypting there.
     pub fn resync(
         &mut self,
         rng: &mut impl CryptoRngCore,
         now: Timestamp,
         peer: &str,
         bundle: &PreKeyBundle,
-    ) -> Result<[String; 2], SendError> {
+    ) -> Result<Vec<String>, SendError> {
+        if let Some(p) = self.peers.get_mut(peer) {
+            if p.resync_asked.take() == Some(true) {
+                // Accepting the peer's session already set what it did not
+                // confirm to go out again on it.
+                return Ok(Vec::new());
+            }
+        }
         // A KNOCK of the peer's own accepted meanwhile stays pending: if
         // our KNOCKs cross, the DID order decides which session both keep.
         let theirs = self.peers.get(peer).and_then(|p| p.pending.clone());
@@ -951,7 +970,7 @@ impl Mesh {
                 u.sent_at = 0;
             }
         }
-        Ok([knock, message])
+        Ok(vec![knock, message])
     }
 
     /// Encrypts `payload` (the JSON text for the peer's application) into a
@@ -1525,6 +1544,9 @@ impl Mesh {
                             // opened that it never answered.
                             p.replace_channel(channel, false);
                             p.resync_sent = None;
+                            if let Some(moot) = &mut p.resync_asked {
+                                *moot = true;
+                            }
                             p.stalled_rounds = 0;
                             p.accepted(establishment.ephemeral_key);
                             p.pending = None;
@@ -1598,6 +1620,7 @@ impl Mesh {
                     ));
                     if heal {
                         p.last_resync = Some(now);
+                        p.resync_asked = Some(false);
                         self.stats.resyncs_requested += 1;
                         events.push(Event::ResyncNeeded { peer: m.from.clone() });
                     }
@@ -1619,6 +1642,7 @@ impl Mesh {
                     // is in flight until the new one decrypts.
                     if p.may_resync(now) {
                         p.last_resync = Some(now);
+                        p.resync_asked = Some(false);
                         self.stats.resyncs_requested += 1;
                         events.push(Event::Transmit(ack_text(&m.id)));
                         events.push(error(
@@ -1862,6 +1886,7 @@ impl Mesh {
             {
                 p.stalled_rounds = 0;
                 p.last_resync = Some(now);
+                p.resync_asked = Some(false);
                 self.stats.resyncs_requested += 1;
                 resyncs.push(error(
                     ErrorKind::Rollback,

@@ -163,9 +163,11 @@ impl Net {
         let bundle = bundle(&self.m[1 - i]);
         let peer = self.did(1 - i);
         let frames = self.m[i].resync(&mut OsRng, self.now, &peer, &bundle).unwrap();
-        self.resyncs[i] += 1;
         self.asked[i] = false;
-        self.knocks.push((1 - i, frames[0].clone()));
+        if let Some(knock) = frames.first() {
+            self.resyncs[i] += 1;
+            self.knocks.push((1 - i, knock.clone()));
+        }
         self.inbox[1 - i].extend(frames);
     }
 
@@ -549,7 +551,11 @@ fn a_forged_frame_costs_one_resync_per_interval_and_no_session() {
     // Bob's driver resyncs; Alice's message sent before the KNOCK reached
     // her still decrypts at Bob (the replaced session is kept for it).
     let (_, in_flight) = alice.encrypt(&mut OsRng, later, &did(&bob), b"\"in flight\"").unwrap();
-    let [knock, control] = bob.resync(&mut OsRng, later, &did(&alice), &bundle(&alice)).unwrap();
+    let [knock, control]: [String; 2] = bob
+        .resync(&mut OsRng, later, &did(&alice), &bundle(&alice))
+        .unwrap()
+        .try_into()
+        .unwrap();
     assert_eq!(messages(&deliver(&mut bob, &in_flight)), ["\"in flight\""]);
     // Alice's policy refuses the new session: Bob keeps the old one.
     let mut refusal = deliver_at(&mut alice, later, &knock, false);
@@ -573,7 +579,11 @@ fn a_forged_frame_costs_one_resync_per_interval_and_no_session() {
 #[test]
 fn a_forged_knock_during_a_resync_replaces_nothing() {
     let (mut alice, mut bob) = pair();
-    let [knock, control] = bob.resync(&mut OsRng, T0, &did(&alice), &bundle(&alice)).unwrap();
+    let [knock, control]: [String; 2] = bob
+        .resync(&mut OsRng, T0, &did(&alice), &bundle(&alice))
+        .unwrap()
+        .try_into()
+        .unwrap();
     // Mallory knocks at Bob as Alice, with her own keys: refused unasked
     // (the establishment's identity key is not Alice's).
     let mut mallory = agent("m");
@@ -676,5 +686,49 @@ fn a_resync_after_the_peers_knock_was_accepted_converges() {
         assert_eq!(net.got[0], ["\"r1\"", "\"r2\""], "first {first}");
         assert_eq!(net.resyncs, [1, 1]);
         net.both_ways_work("after");
+    }
+}
+
+/// One side's driver resyncs only after the other side's new session
+/// replaced the broken one there (KNOCK and first message handled while its
+/// bundle fetch was slow): the late resync is moot and sends nothing. Seen
+/// in the cluster test: a SIGKILLed relay lost more than the skip window of
+/// Bob's frames; Alice resynced; her first message overtook her KNOCK, so
+/// Bob asked for a resync too, then accepted hers. Opening his own session
+/// after that replaced the shared one with one Alice ignored (hers won the
+/// crossing), and none of Bob's messages decrypted there again.
+#[test]
+fn a_resync_after_the_peers_session_replaced_ours_is_moot() {
+    for first in 0..2 {
+        let (alice, bob, m4, r2) = rolled_back_across_a_ratchet_step();
+        let mut net = Net::new(alice, bob, T0);
+        net.auto_resync = false;
+        net.inbox[1].push_back(m4);
+        net.inbox[0].push_back(r2);
+        net.step(0);
+        net.step(1);
+        assert_eq!(net.asked, [true, true]);
+        let late = 1 - first;
+        net.resync(first);
+        // The late side takes the KNOCK and the first message on the new
+        // session: it replaced the broken one.
+        assert!(net.step(late) && net.step(late));
+        assert!(
+            net.log[late].contains(&Event::SessionReplaced { peer: net.did(first) }),
+            "first {first}"
+        );
+        // Its driver has the bundle now: nothing to send.
+        let peer = net.did(first);
+        let bundle = bundle(&net.m[first]);
+        let frames = net.m[late].resync(&mut OsRng, net.now, &peer, &bundle).unwrap();
+        assert!(frames.is_empty(), "first {first}: {frames:?}");
+        net.pump();
+        net.settle(20);
+        assert_eq!(net.got[1], ["\"m4\""], "first {first}");
+        assert_eq!(net.got[0], ["\"r1\"", "\"r2\""], "first {first}");
+        net.both_ways_work("after");
+        // A later resync (a new ask) opens a session again.
+        let frames = net.m[late].resync(&mut OsRng, net.now, &peer, &bundle).unwrap();
+        assert_eq!(frames.len(), 2, "first {first}");
     }
 }

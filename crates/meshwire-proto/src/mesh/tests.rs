@@ -815,6 +815,7 @@ fn a_peer_restored_from_an_older_copy_is_healed_between_meshwire_peers() {
 
     // Bob heals: a new session whose first message asks Alice to resend.
     let frames = bob.resync(&mut OsRng, T0, &did(&alice), &bundle(&alice)).unwrap();
+    assert_eq!(frames.len(), 2);
     assert_eq!(kind(&frames[0]), "knock");
     let mut events = deliver(&mut alice, &frames[0]);
     events.extend(deliver(&mut alice, &frames[1]));

@@ -75,7 +75,9 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// Offer and use end-to-end delivery receipts with peers that do too.
     pub receipts: bool,
-    /// Resend messages a receipt-capable peer has not confirmed after this.
+    /// Resend messages a receipt-capable peer has not confirmed after this
+    /// (default 10 s; checked four times per period, so a message goes out
+    /// again 1 to 1.25 periods after it was last sent).
     pub retransmit_after: Duration,
     /// Connect without proof of possession (npm 4.0.0 compatibility relays).
     pub legacy_connect: bool,

@@ -565,8 +565,11 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
     let mut heartbeat = tokio::time::interval(saturating_period(inner.config.heartbeat_interval));
     heartbeat.reset();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // Checked four times per `retransmit_after`: a message goes out again
+    // between 1 and 1.25 times that after it was sent (checked once per
+    // period, that could take twice as long).
     let mut retransmit = tokio::time::interval(saturating_period(
-        inner.config.retransmit_after.max(Duration::from_millis(100)),
+        (inner.config.retransmit_after / 4).max(Duration::from_millis(100)),
     ));
     retransmit.reset();
     let mut last_error = String::new();
@@ -674,13 +677,20 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
                 inner.mesh_step(|mesh| mesh.retransmit(&mut rand::thread_rng(), now(), older_than_ms));
             }
             _ = inner.shutdown.notified() => {
-                // The core decides what leaving means: frames, then the close.
+                // The core decides what leaving means: frames (the step
+                // queued them, after any still waiting), then the close.
                 let events = inner.commit_step(|mesh| mesh.leave(&mut rand::thread_rng(), now())).unwrap_or_default();
+                loop {
+                    let next = lock(&inner.outgoing).pop_front();
+                    let Some(frame) = next else { break };
+                    inner.count(true, &frame.text);
+                    if socket.feed(WsMessage::Text(frame.text)).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = socket.flush().await;
                 for event in events {
                     match event {
-                        Event::Transmit(text) => {
-                            let _ = send_text(inner, socket, text).await;
-                        }
                         Event::Close { code, reason } => {
                             let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
                             let _ = socket.close(Some(frame)).await;

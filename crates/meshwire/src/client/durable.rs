@@ -75,14 +75,33 @@ impl Inner {
     /// back to the last commit (so nothing of `f` happened, as far as
     /// anyone outside the process can tell) and the error is returned.
     pub(crate) fn state_step<R>(&self, f: impl FnOnce(&mut Mesh, &mut Commit) -> R) -> Result<R, PersistError> {
+        self.queued_step(|mesh, rows| (f(mesh, rows), Vec::new()))
+    }
+
+    /// [`Inner::state_step`] whose frames are queued for the relay once
+    /// committed, before the state lock is released: frames leave in the
+    /// order of the steps that made them, whichever task stepped. (Queued
+    /// after the lock, an application's send could overtake the resync
+    /// KNOCK of another task, and its message, on the new session, reach
+    /// the peer before the session's KNOCK: the peer then took the session
+    /// for broken.)
+    fn queued_step<R>(&self, f: impl FnOnce(&mut Mesh, &mut Commit) -> (R, Vec<Outgoing>)) -> Result<R, PersistError> {
         let mut mesh = lock(&self.mesh);
         let mut rows = Commit::new();
-        let result = f(&mut mesh, &mut rows);
+        let (result, frames) = f(&mut mesh, &mut rows);
         let mut commit = Commit::from_dirty(&mut mesh);
         commit.inbox_add.append(&mut rows.inbox_add);
         commit.outbox_add.append(&mut rows.outbox_add);
         match self.commit(&commit) {
-            Ok(()) => Ok(result),
+            Ok(()) => {
+                if !frames.is_empty() {
+                    let durable = frames.iter().filter(|f| f.outbox.is_some()).count();
+                    self.outbox_pending.fetch_add(durable as u64, Ordering::SeqCst);
+                    self.enqueue(frames);
+                }
+                drop(mesh);
+                Ok(result)
+            }
             Err(e) => {
                 self.rollback(&mut mesh);
                 Err(e)
@@ -91,26 +110,38 @@ impl Inner {
     }
 
     /// [`Inner::state_step`] for frames from the relay and timers: each
-    /// decrypted message becomes an inbox row of the same commit. `None`
-    /// when the commit failed: the messages' keys are not spent, and the
-    /// connection is dropped so that the relay delivers again what was not
-    /// acked.
+    /// decrypted message becomes an inbox row of the same commit, and its
+    /// ack is queued with the frames the step made (see
+    /// [`Inner::queued_step`]); the other events are returned for
+    /// [`Inner::process`]. `None` when the commit failed: the messages'
+    /// keys are not spent, and the connection is dropped so that the relay
+    /// delivers again what was not acked.
     pub(crate) fn commit_step(&self, f: impl FnOnce(&mut Mesh) -> Vec<Event>) -> Option<Vec<Event>> {
-        let stepped = self.state_step(|mesh, rows| {
+        let stepped = self.queued_step(|mesh, rows| {
             let events = f(mesh);
             let received_at_ms = unix_ms_now();
-            for event in &events {
-                if let Event::Message(m) = event {
-                    rows.add_inbox(InboxEntry {
-                        from: m.from.clone(),
-                        id: m.id.clone(),
-                        payload: Zeroizing::new(m.payload.clone()),
-                        received_at_ms,
-                        plaintext: m.plaintext,
-                    });
+            let mut frames = Vec::new();
+            let mut rest = Vec::with_capacity(events.len());
+            for event in events {
+                match event {
+                    Event::Transmit(text) => frames.push(Outgoing::frame(text)),
+                    Event::Message(m) => {
+                        rows.add_inbox(InboxEntry {
+                            from: m.from.clone(),
+                            id: m.id.clone(),
+                            payload: Zeroizing::new(m.payload.clone()),
+                            received_at_ms,
+                            plaintext: m.plaintext,
+                        });
+                        // Committed to the durable inbox: the relay may
+                        // forget it.
+                        frames.push(Outgoing::frame(m.ack.clone()));
+                        rest.push(Event::Message(m));
+                    }
+                    other => rest.push(other),
                 }
             }
-            events
+            (rest, frames)
         });
         match stepped {
             Ok(events) => Some(events),
@@ -126,16 +157,19 @@ impl Inner {
     }
 
     /// [`Inner::state_step`] for a send: `f` returns frames for `peer`,
-    /// each committed as an outbox row with the ratchet step that made it;
-    /// then they are queued. A refused send commits what it changed anyway
-    /// (a session opened before the encryption failed).
+    /// each committed as an outbox row with the ratchet step that made it
+    /// and queued (see [`Inner::queued_step`]). A refused send commits what
+    /// it changed anyway (a session opened before the encryption failed).
     pub(crate) fn send_step<R>(
         &self,
         peer: &str,
         f: impl FnOnce(&mut Mesh) -> Result<(R, Vec<String>), ClientError>,
     ) -> Result<R, ClientError> {
-        let stepped = self.state_step(|mesh, rows| {
-            let (result, texts) = f(mesh)?;
+        self.queued_step(|mesh, rows| {
+            let (result, texts) = match f(mesh) {
+                Ok(stepped) => stepped,
+                Err(e) => return (Err(e), Vec::new()),
+            };
             let created_at_ms = unix_ms_now();
             let frames: Vec<Outgoing> = texts
                 .into_iter()
@@ -153,12 +187,8 @@ impl Inner {
                     }
                 })
                 .collect();
-            Ok::<_, ClientError>((result, frames))
-        })?;
-        let (result, frames) = stepped?;
-        self.outbox_pending.fetch_add(frames.len() as u64, Ordering::SeqCst);
-        self.enqueue(frames);
-        Ok(result)
+            (Ok(result), frames)
+        })?
     }
 
     /// Commits `commit`, counting it; a failure is reported as an event.

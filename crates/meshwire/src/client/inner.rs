@@ -151,7 +151,8 @@ impl Inner {
         }
     }
 
-    /// Applies state-machine events whose state is committed.
+    /// Applies the events of a committed [`Inner::commit_step`]: its frames
+    /// and the acks of its messages are queued already (in step order).
     pub(crate) fn process(self: &Arc<Self>, events: Vec<Event>) {
         let mut transmit = Vec::new();
         let mut delivered = Vec::new();
@@ -159,8 +160,6 @@ impl Inner {
             match event {
                 Event::Transmit(text) => transmit.push(Outgoing::frame(text)),
                 Event::Message(m) => {
-                    // Committed to the durable inbox: the relay may forget it.
-                    transmit.push(Outgoing::frame(m.ack.clone()));
                     delivered.push(super::durable::message_of(m.from, m.id, m.payload, m.plaintext, false));
                 }
                 Event::KnockRequest { from, knock_id, intent } => self.spawn_knock_decision(from, knock_id, intent),
@@ -255,7 +254,7 @@ impl Inner {
                         let frames = mesh
                             .resync(&mut rand::thread_rng(), now(), &peer, &bundle)
                             .map_err(ClientError::Session)?;
-                        Ok(((), frames.to_vec()))
+                        Ok(((), frames))
                     })
                     .map_err(|e| e.to_string())
             }
