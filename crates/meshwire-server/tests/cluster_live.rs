@@ -312,7 +312,7 @@ async fn a_vanished_or_hung_instance_loses_nothing() {
     // A hung instance: subscribed to alice's subject, never answering.
     let router = c.server.server().storage().live.clone().unwrap();
     let hung = router.subscribe_did(&alice.did().to_string()).await.unwrap();
-    router.flush().await.unwrap();
+    router.sync().await.unwrap();
     let fallbacks = b.server.stats().cluster_fallbacks;
     let hung_ids = ids("hung", 0..3);
     send_all(&mut bob_ws, &bob, &alice, &hung_ids).await;

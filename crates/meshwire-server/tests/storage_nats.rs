@@ -157,7 +157,7 @@ async fn live_routing_between_instances() {
     );
 
     let mut bob = router3.subscribe_did("did:mesh:bob").await.unwrap();
-    router3.flush().await.unwrap();
+    router3.sync().await.unwrap();
     router1
         .publish_to_did("did:mesh:bob", Bytes::from_static(b"frame 1"))
         .await
@@ -190,7 +190,7 @@ async fn live_routing_between_instances() {
         .subscribe_instance("instance-1")
         .await
         .unwrap();
-    one.live.as_ref().unwrap().flush().await.unwrap();
+    one.live.as_ref().unwrap().sync().await.unwrap();
     three
         .live
         .as_ref()

@@ -235,9 +235,10 @@ impl Cluster {
         }
         match self.router.subscribe_did(did).await {
             Ok(subscription) => {
-                // The server has the subscription once it answered the flush.
-                if let Err(error) = self.router.flush().await {
-                    tracing::warn!(did = %Esc(did), %error, "flushing a live subscription failed");
+                // The server has the subscription once it answered a round
+                // trip (a flush only writes it to the socket).
+                if let Err(error) = self.router.sync().await {
+                    tracing::warn!(did = %Esc(did), %error, "confirming a live subscription failed");
                 }
                 (Some(subscription), key)
             }

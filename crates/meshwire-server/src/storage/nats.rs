@@ -1097,8 +1097,30 @@ impl LiveRouter {
             .map_err(nats_err("subscribing"))
     }
 
-    /// Sends everything published so far to the server.
+    /// Sends everything published so far to the server (writes it to the
+    /// socket: the server may not have processed it yet; see
+    /// [`LiveRouter::sync`]).
     pub async fn flush(&self) -> StorageResult<()> {
         self.client.flush().await.map_err(nats_err("flushing"))
     }
+
+    /// Returns once the server has processed everything this connection
+    /// sent before: a subscription made before is then in place for
+    /// publishers on every other connection. [`LiveRouter::flush`] is not
+    /// enough: it only writes to the socket, and a frame published through
+    /// another instance right after found nobody subscribed (seen in
+    /// tests under load). The round trip is a request to a subject nobody
+    /// answers, refused by the server in order after what came before.
+    pub async fn sync(&self) -> StorageResult<()> {
+        let subject = format!("{}.sync.{}", self.namespace, self.client.new_inbox().replace('.', "_"));
+        let request = async_nats::Request::new().timeout(Some(SYNC_TIMEOUT));
+        match self.client.send_request(subject, request).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Err(e) => Err(StorageError::Unavailable(format!("nats: syncing with the server: {e}"))),
+        }
+    }
 }
+
+/// How long [`LiveRouter::sync`] waits for the server's answer.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
