@@ -187,6 +187,26 @@ fn assert_sequence(what: &str, expected: &[String], got: &[String]) {
     }
 }
 
+/// Logs every event of `client` (with the time since `t0`) into `log`,
+/// and hands it to `also`, until the client is closed.
+fn watch(
+    client: &MeshClient,
+    name: &'static str,
+    t0: Instant,
+    log: &Arc<std::sync::Mutex<Vec<String>>>,
+    also: impl Fn(&ClientEvent) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let (client, log) = (client.clone(), log.clone());
+    tokio::spawn(async move {
+        while let Some(event) = client.next_event().await {
+            log.lock()
+                .unwrap()
+                .push(format!("{:>6} ms {name} {event:?}", t0.elapsed().as_millis()));
+            also(&event);
+        }
+    })
+}
+
 /// One message each way, so that both sessions exist before the streams
 /// (delivered live across instances: the receivers stay connected).
 async fn warm_up(alice: &MeshClient, bob: &MeshClient) {
@@ -275,29 +295,12 @@ async fn two_thousand_each_way_and_a_sigkilled_instance() {
     let t0 = Instant::now();
     let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let (moved_tx, mut moved_rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = {
-        let (alice, log) = (alice.clone(), log.clone());
-        tokio::spawn(async move {
-            while let Some(event) = alice.next_event().await {
-                log.lock()
-                    .unwrap()
-                    .push(format!("{:>6} ms alice {event:?}", t0.elapsed().as_millis()));
-                if let ClientEvent::RelayChanged { url, previous } = event {
-                    let _ = moved_tx.send((Instant::now(), url, previous));
-                }
-            }
-        })
-    };
-    let bob_watcher = {
-        let (bob, log) = (bob.clone(), log.clone());
-        tokio::spawn(async move {
-            while let Some(event) = bob.next_event().await {
-                log.lock()
-                    .unwrap()
-                    .push(format!("{:>6} ms bob {event:?}", t0.elapsed().as_millis()));
-            }
-        })
-    };
+    let watcher = watch(&alice, "alice", t0, &log, move |event| {
+        if let ClientEvent::RelayChanged { url, previous } = event {
+            let _ = moved_tx.send((Instant::now(), url.clone(), previous.clone()));
+        }
+    });
+    let bob_watcher = watch(&bob, "bob", t0, &log, |_| {});
 
     warm_up(&alice, &bob).await;
 

@@ -329,19 +329,26 @@ fn a_rollback_across_a_ratchet_step_is_detected_by_both_and_healed() {
     net.both_ways_work("after");
 }
 
+/// Both sides found the session rolled back across a ratchet step and
+/// asked for a resync; nothing resynced yet.
+fn both_asked() -> Net {
+    let (alice, bob, m4, r2) = rolled_back_across_a_ratchet_step();
+    let mut net = Net::new(alice, bob, T0);
+    net.auto_resync = false;
+    net.inbox[1].push_back(m4);
+    net.inbox[0].push_back(r2);
+    net.step(0);
+    net.step(1);
+    assert_eq!(net.asked, [true, true]);
+    net
+}
+
 /// Crossing resyncs, whichever side's frames the relay delivers first and
 /// whatever the DID order: one working session.
 #[test]
 fn crossing_resyncs_converge_in_every_order() {
     for order in 0..4 {
-        let (alice, bob, m4, r2) = rolled_back_across_a_ratchet_step();
-        let mut net = Net::new(alice, bob, T0);
-        net.auto_resync = false;
-        net.inbox[1].push_back(m4);
-        net.inbox[0].push_back(r2);
-        net.step(0);
-        net.step(1);
-        assert_eq!(net.asked, [true, true]);
+        let mut net = both_asked();
         net.resync(0);
         net.resync(1);
         // Deliver side by side in varying order: first all of one side.
@@ -665,14 +672,7 @@ fn a_burst_of_retransmitted_copies_keeps_the_chains_in_step() {
 #[test]
 fn a_resync_after_the_peers_knock_was_accepted_converges() {
     for first in 0..2 {
-        let (alice, bob, m4, r2) = rolled_back_across_a_ratchet_step();
-        let mut net = Net::new(alice, bob, T0);
-        net.auto_resync = false;
-        net.inbox[1].push_back(m4);
-        net.inbox[0].push_back(r2);
-        net.step(0);
-        net.step(1);
-        assert_eq!(net.asked, [true, true]);
+        let mut net = both_asked();
         let late = 1 - first;
         net.resync(first);
         // The late side gets the KNOCK (accepted: pending), then resyncs,
@@ -700,14 +700,7 @@ fn a_resync_after_the_peers_knock_was_accepted_converges() {
 #[test]
 fn a_resync_after_the_peers_session_replaced_ours_is_moot() {
     for first in 0..2 {
-        let (alice, bob, m4, r2) = rolled_back_across_a_ratchet_step();
-        let mut net = Net::new(alice, bob, T0);
-        net.auto_resync = false;
-        net.inbox[1].push_back(m4);
-        net.inbox[0].push_back(r2);
-        net.step(0);
-        net.step(1);
-        assert_eq!(net.asked, [true, true]);
+        let mut net = both_asked();
         let late = 1 - first;
         net.resync(first);
         // The late side takes the KNOCK and the first message on the new
@@ -724,6 +717,12 @@ fn a_resync_after_the_peers_session_replaced_ours_is_moot() {
         assert!(frames.is_empty(), "first {first}: {frames:?}");
         net.pump();
         net.settle(20);
+        let mut resyncs = [0, 0];
+        resyncs[first] = 1;
+        assert_eq!(
+            net.resyncs, resyncs,
+            "first {first}: one session opened, by the first side"
+        );
         assert_eq!(net.got[1], ["\"m4\""], "first {first}");
         assert_eq!(net.got[0], ["\"r1\"", "\"r2\""], "first {first}");
         net.both_ways_work("after");
