@@ -603,23 +603,10 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
         // Flush before waiting: a notification may have come while busy.
         // Frames are written without a flush each; one flush (a single
         // write to the socket, in the common case) ends the batch.
-        let mut wrote = false;
-        loop {
-            let next = lock(&inner.outgoing).pop_front();
-            let Some(frame) = next else { break };
-            inner.count(true, &frame.text);
-            if let Err(e) = socket.feed(WsMessage::Text(frame.text.clone())).await {
-                lock(&inner.outgoing).push_front(frame);
-                return Ended::Lost {
-                    code: None,
-                    reason: e.to_string(),
-                };
-            }
-            wrote = true;
-            if frame.outbox.is_some() {
-                awaiting.push_back((pings.next(), frame));
-            }
-        }
+        let mut wrote = match feed_queued(inner, socket, awaiting, &pings).await {
+            Ok(wrote) => wrote,
+            Err(reason) => return Ended::Lost { code: None, reason },
+        };
         if pings.due(awaiting) {
             wrote = true;
             if let Err(e) = socket.feed(WsMessage::Ping(pings.send())).await {
@@ -680,14 +667,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
                 // The core decides what leaving means: frames (the step
                 // queued them, after any still waiting), then the close.
                 let events = inner.commit_step(|mesh| mesh.leave(&mut rand::thread_rng(), now())).unwrap_or_default();
-                loop {
-                    let next = lock(&inner.outgoing).pop_front();
-                    let Some(frame) = next else { break };
-                    inner.count(true, &frame.text);
-                    if socket.feed(WsMessage::Text(frame.text)).await.is_err() {
-                        break;
-                    }
-                }
+                let _ = feed_queued(inner, socket, awaiting, &pings).await;
                 let _ = socket.flush().await;
                 for event in events {
                     match event {
@@ -700,6 +680,31 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
                 }
                 return Ended::Shutdown;
             }
+        }
+    }
+}
+
+/// Feeds every queued frame to the socket (without flushing); outbox
+/// frames wait in `awaiting` for the relay's confirmation. Whether any was
+/// written; on a socket error the frame goes back to the queue's front.
+async fn feed_queued(
+    inner: &Arc<Inner>,
+    socket: &mut Socket,
+    awaiting: &mut Awaiting,
+    pings: &OutboxPings,
+) -> Result<bool, String> {
+    let mut wrote = false;
+    loop {
+        let next = lock(&inner.outgoing).pop_front();
+        let Some(frame) = next else { return Ok(wrote) };
+        inner.count(true, &frame.text);
+        if let Err(e) = socket.feed(WsMessage::Text(frame.text.clone())).await {
+            lock(&inner.outgoing).push_front(frame);
+            return Err(e.to_string());
+        }
+        wrote = true;
+        if frame.outbox.is_some() {
+            awaiting.push_back((pings.next(), frame));
         }
     }
 }
