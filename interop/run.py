@@ -73,6 +73,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) process `pid` has used so far (Linux)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
@@ -321,8 +332,21 @@ async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, pa
                                         name=f"fig-{role}", seed=seed, **store))["did"]
         await sender.call(cmd="send", to=receiver.did, payload={"warmup": True})
         await receiver.call(cmd="recv", count=1, timeout_ms=10000)
+        # CPU used during the burst, in cores (CPU seconds per second of
+        # the burst): which process sets the rate.
+        pids = {"relay": relay.relay.proc.pid if relay.relay.proc else None,
+                "sender": sender.proc.pid if sender.proc else None,
+                "receiver": receiver.proc.pid if receiver.proc else None}
+        cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        burst_started = time.monotonic()
         await sender.call(cmd="send_many", to=receiver.did, count=count, payload_bytes=256, interval_ms=0, timeout=300)
         got = (await receiver.call(cmd="recv", count=count, timeout_ms=120000, timeout=300))["messages"]
+        burst = max(time.monotonic() - burst_started, 1e-9)
+        cores = {}
+        for k, pid in pids.items():
+            after = cpu_seconds(pid)
+            if after is not None and cpu_before[k] is not None:
+                cores[k] = round((after - cpu_before[k]) / burst, 2)
         throughput = None
         if got:
             first_sent = min(m["payload"]["t_us"] for m in got)
@@ -334,7 +358,7 @@ async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, pa
         pct = lambda p: round(lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))], 3) if lat else None
         return {"relay": relay.name, "sender": pair[0], "receiver": pair[1], "durable": durable, "messages": len(got), "of": count,
                 "messages_per_s": throughput, "latency_ms_p50": pct(50), "latency_ms_p99": pct(99),
-                "paced": len(got_paced)}
+                "paced": len(got_paced), "burst_cores": cores}
     except Exception as e:  # noqa: BLE001
         return {"relay": relay.name, "sender": pair[0], "receiver": pair[1], "error": str(e)}
     finally:
@@ -489,14 +513,17 @@ async def main() -> int:
             print(f"  - {n}")
     if figures:
         print("\nfigures (256-byte payloads; throughput back to back, latency paced at 50 msg/s):")
-        print(f"{'relay':18}{'pair':36}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+        print(f"{'relay':18}{'pair':36}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+              "   cores in the burst: relay / sender / receiver")
         for f in figures:
             pair = f['sender'] + ' -> ' + f['receiver'] + ('' if f.get('durable', True) else ' (memory)')
             if "error" in f:
                 print(f"{f['relay']:18}{pair:36}  error: {f['error']}")
             else:
+                cores = f.get("burst_cores", {})
                 print(f"{f['relay']:18}{pair:36}{str(f['messages_per_s']):>10}"
-                      f"{str(f['latency_ms_p50']):>10}{str(f['latency_ms_p99']):>10}")
+                      f"{str(f['latency_ms_p50']):>10}{str(f['latency_ms_p99']):>10}"
+                      f"   {cores.get('relay', '-')} / {cores.get('sender', '-')} / {cores.get('receiver', '-')}")
         # Ratios against the reference agents on the reference relay, this run.
         base = next((f for f in figures if f["relay"] == "agt" and f["sender"] == f["receiver"] == "agt-python"
                      and f.get("messages_per_s")), None)

@@ -389,7 +389,7 @@ async fn two_thousand_each_way_and_a_sigkilled_instance() {
     assert_eq!(previous, Some(alice_urls.0[0].clone()));
     // Nothing lost, nothing twice. Order is not promised across the kill:
     // frames the dead instance had taken live for alice are gone with it
-    // (live delivery is at most once at the relay, as in the reference),
+    // (it holds them in memory until alice acknowledges them),
     // and bob's client sends them again when they stay unconfirmed
     // (`retransmit_after`), after later ones (docs/deploy.md, "Clients and
     // failover").

@@ -362,9 +362,10 @@ mod findings {
     }
 
     /// `crash_embedded_relay` (seed 0x18eed01b6516bbc9, rounds 38-49): more
-    /// than 100 frames of one sending chain are lost in transit (the relay
-    /// delivers live frames at most once: a burst written to an agent's
-    /// socket as the agent is SIGKILLed), e.g. an outbox of 137 frames
+    /// than 100 frames of one sending chain are lost in transit (the AGT
+    /// relay delivers live frames at most once, and so did the embedded one
+    /// then: a burst written to an agent's socket as the agent is
+    /// SIGKILLed), e.g. an outbox of 137 frames
     /// flushed after a restart. The next frame would skip more than the
     /// ratchet's 100 keys: refused ("message would skip N keys, more than
     /// 100"), and so is every retransmission (each takes a new, higher

@@ -262,6 +262,33 @@ async fn a_reader_that_never_reads_is_disconnected() {
     assert!(stats.messages_routed < sent as u64, "{stats:?} after {sent}");
 }
 
+/// What a connection holds unacknowledged is bounded by its outbound
+/// queue's limits: past them the oldest frame is forgotten and counted.
+#[tokio::test]
+async fn unacknowledged_live_frames_are_bounded_and_counted() {
+    let t = TestServer::with_config(ServerConfig {
+        outbound_queue: 2,
+        ..Default::default()
+    })
+    .await;
+    let (alice, bob) = (identity(1), identity(2));
+    let mut a = t.connect(&alice).await;
+    let mut b = t.connect(&bob).await;
+    let sent: Vec<String> = (1..=3).map(|n| message(&alice, &bob, &format!("m{n}"))).collect();
+    for text in &sent {
+        send(&mut a, text).await;
+        // One at a time: the queue of 2 never overflows.
+        assert_eq!(&recv_text(&mut b).await, text);
+    }
+    drop(b);
+    t.wait_disconnected(&bob).await;
+    expect_metrics(&t, &[("meshwire_limit_refusals_total{limit=\"unacked\"}", 1.0)]).await;
+    assert_eq!(t.server.stats().messages_stored, 2);
+    let mut b = t.connect(&bob).await;
+    assert_eq!(recv_text(&mut b).await, sent[1]);
+    assert_eq!(recv_text(&mut b).await, sent[2]);
+}
+
 /// A slow consumer's mail stays in order: its queue goes to the store
 /// first, then the frames that arrived while it was being closed, then
 /// later ones; on reconnecting it gets one contiguous, increasing run

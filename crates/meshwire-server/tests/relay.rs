@@ -218,6 +218,8 @@ async fn store_and_forward_until_ack() {
         "no stored frame sent twice on one connection"
     );
     send(&mut b, &ack("m1")).await;
+    // (A live frame is held until acknowledged too.)
+    send(&mut b, &ack("marker")).await;
     b.close(None).await.unwrap();
     t.wait_disconnected(&bob).await;
 
@@ -230,6 +232,63 @@ async fn store_and_forward_until_ack() {
     assert_eq!(stats.messages_stored, 2);
     assert_eq!(stats.messages_delivered, 4);
     assert_eq!(stats.pending_messages, 0);
+}
+
+/// A live `message` frame is held until the recipient acknowledges it: an
+/// agent that dies with frames in its receive buffer (here: read, not
+/// acknowledged, socket dropped without a close) gets them on its next
+/// connect, oldest first. Without this they were lost until the sender
+/// sent them again (the Python wheel's crash test lost m2 that way).
+#[tokio::test]
+async fn live_messages_not_acknowledged_come_back_on_the_next_connect() {
+    let t = TestServer::start().await;
+    let (alice, bob) = (identity(1), identity(2));
+    let mut a = t.connect(&alice).await;
+    let mut b = t.connect(&bob).await;
+    let knock = message(&alice, &bob, "k1").replace("\"message\"", "\"knock\"");
+    let sent = [
+        message(&alice, &bob, "m1"),
+        message(&alice, &bob, "m2"),
+        knock.clone(),
+        message(&alice, &bob, "m3"),
+    ];
+    for text in &sent {
+        send(&mut a, text).await;
+    }
+    for text in &sent {
+        assert_eq!(&recv_text(&mut b).await, text);
+    }
+    // Frames of one connection are handled in order: both acks before
+    // the end of the socket.
+    send(&mut b, &ack("m2")).await;
+    send(&mut b, &ack("unknown")).await;
+    assert_eq!(t.server.stats().messages_stored, 0, "held, not stored, while connected");
+    drop(b);
+    t.wait_disconnected(&bob).await;
+    let stats = t.server.stats();
+    assert_eq!((stats.messages_stored, stats.pending_messages), (2, 2), "{stats:?}");
+
+    // m1 and m3 come back, in order; not m2 (acknowledged) nor the knock
+    // (nobody acknowledges knocks).
+    let mut b = t.connect(&bob).await;
+    assert_eq!(recv_text(&mut b).await, sent[0]);
+    assert_eq!(recv_text(&mut b).await, sent[3]);
+    send(&mut b, &ack("m1")).await;
+    send(&mut b, &ack("m3")).await;
+    let marker = message(&alice, &bob, "marker");
+    send(&mut a, &marker).await;
+    assert_eq!(recv_text(&mut b).await, marker);
+    send(&mut b, &ack("marker")).await;
+    b.close(None).await.unwrap();
+    t.wait_disconnected(&bob).await;
+
+    // All acknowledged: nothing is stored or sent again.
+    let stats = t.server.stats();
+    assert_eq!((stats.messages_stored, stats.pending_messages), (2, 0), "{stats:?}");
+    let mut b = t.connect(&bob).await;
+    let live = message(&alice, &bob, "live");
+    send(&mut a, &live).await;
+    assert_eq!(recv_text(&mut b).await, live);
 }
 
 #[tokio::test]

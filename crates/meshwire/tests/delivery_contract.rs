@@ -23,8 +23,9 @@ fn config(server: &RunningServer, name: &str, manual_ack: bool) -> ClientConfig 
     c.reconnect_base = Duration::from_millis(100);
     c.reconnect_max = Duration::from_millis(500);
     c.registry_heartbeat = Duration::from_millis(500);
-    // The relay delivers live frames at most once: one written to a socket
-    // that dies is resent by its sender (receipts) after this.
+    // Frames a relay loses (the AGT relay: one written to a socket that
+    // dies; any relay: its own restart with memory storage) are resent by
+    // their sender (receipts) after this.
     c.retransmit_after = Duration::from_secs(1);
     c
 }

@@ -10,6 +10,7 @@ use super::mailbox::{StoreOutcome, DELIVERY_BATCH};
 use super::socket::{
     linger, send_close, send_close_within, send_error, send_text, shutting_down, Gone, Sink, Stream, WRITE_TIMEOUT,
 };
+use super::unacked::Unacked;
 use crate::config::duration_ms;
 use crate::server::Shared;
 use crate::storage::Quota;
@@ -201,6 +202,12 @@ pub(crate) struct Connection {
     /// `connect`) must not send them again, or clients whose ratchet is not
     /// transactional break.
     cursor: u64,
+    /// Message frames written live and not acknowledged yet: stored when
+    /// the connection ends.
+    unacked: Unacked,
+    /// A stored frame was sent on this connection: an `ack` may be for
+    /// one, so it always goes to the store too.
+    sent_stored: bool,
 }
 
 impl Connection {
@@ -272,6 +279,8 @@ impl Connection {
             holder,
             sticky: Sticky::default(),
             cursor: 0,
+            unacked: Unacked::default(),
+            sent_stored: false,
         }
     }
 
@@ -373,9 +382,12 @@ impl Connection {
                         continue;
                     }
                     let sent = self.send_batch(shared, sink, &mut batch, slow.as_mut()).await;
-                    // Whatever was not written goes to the store, oldest first.
+                    // Whatever was not written goes to the store, oldest
+                    // first: after what was written and not acknowledged
+                    // (the connection is ending).
                     let unsent = batch.len();
                     if unsent > 0 {
+                        self.store_unacked(shared).await;
                         let mut bytes = 0;
                         for delivery in batch.drain(..) {
                             bytes += delivery.text.len();
@@ -437,9 +449,15 @@ impl Connection {
                 return Err(End::Gone);
             }
             let mut bytes = 0;
+            let (max_frames, max_bytes) = (shared.config.outbound_queue, shared.config.outbound_queue_bytes);
             for delivery in batch.drain(..run) {
                 bytes += delivery.text.len();
                 shared.metrics.frame_out(delivery.kind);
+                if delivery.kind == "message" {
+                    for _ in 0..self.unacked.written(delivery, max_frames, max_bytes) {
+                        shared.metrics.limit_refused("unacked");
+                    }
+                }
             }
             self.link.written(run, bytes);
         }
@@ -472,7 +490,12 @@ impl Connection {
             }
             Incoming::Ack(id) => {
                 if let Some(id) = id {
-                    Box::pin(shared.relay.mail.ack(&self.did, &id)).await;
+                    // A frame held here was never stored (unless the
+                    // sender sent it again after storing it, and then
+                    // the stored copy was sent on this connection too).
+                    if !self.unacked.ack(&id) || self.sent_stored {
+                        Box::pin(shared.relay.mail.ack(&self.did, &id)).await;
+                    }
                 }
             }
             // Any frame refreshes liveness; nothing else to do.
@@ -500,6 +523,7 @@ impl Connection {
             };
             let more = batch.len() >= DELIVERY_BATCH;
             for (seq, text) in batch {
+                self.sent_stored = true;
                 send_text(sink, text.to_string()).await?;
                 shared.metrics.frame_out("stored");
                 self.cursor = self.cursor.max(seq);
@@ -514,12 +538,21 @@ impl Connection {
         Ok(())
     }
 
+    /// Stores the message frames written and not acknowledged, oldest
+    /// first (the connection is ending).
+    async fn store_unacked(&mut self, shared: &Shared) {
+        for delivery in self.unacked.take() {
+            store(shared, &self.did, delivery).await;
+        }
+    }
+
     /// Leaves the routing table (unless already replaced) and hands frames
     /// still queued for this connection back to the offline store.
     async fn release(&mut self, shared: &Shared) {
-        // The live queue first, then what was parked behind it, in order;
-        // new frames keep being parked until both are stored, so none
-        // overtakes them.
+        // What was written but not acknowledged, then the live queue, then
+        // what was parked behind it, in order; new frames keep being
+        // parked until all are stored, so none overtakes them.
+        self.store_unacked(shared).await;
         let live = {
             let mut queue = self.link.queue();
             queue.closed = true;

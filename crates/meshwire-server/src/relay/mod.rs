@@ -10,10 +10,17 @@
 //! live when the recipient is connected to this instance and not stale
 //! (and its queue has room), otherwise into the offline store
 //! ([`crate::storage::Mailboxes`]), where they stay until the recipient
-//! sends `ack` for them or they expire. As in the reference, a live
-//! delivery is not stored, so its delivery is at most once; stored frames
-//! are delivered at least once (on every connect and `fetch_pending` until
-//! acknowledged). Message ids are deduplicated per recipient while stored.
+//! sends `ack` for them or they expire. Stored frames are delivered at
+//! least once (on every connect and `fetch_pending` until acknowledged).
+//! Unlike the reference, whose live deliveries are at most once, a
+//! `message` frame written live is held by its connection until the
+//! recipient acknowledges it; when the connection ends first (the agent
+//! died with the frame in its receive buffer, say), the frames it still
+//! holds go to the offline store ahead of its queue, and the agent gets
+//! them on its next connect (bounded: see `unacked`). Message ids are
+//! deduplicated per recipient while stored; an agent may get a frame
+//! twice when its `ack` was lost with the connection (clients deduplicate
+//! by message id).
 //!
 //! **Cluster** (NATS storage, [`Storage::live`]). Each connection's
 //! instance subscribes to the DID's live subject for as long as the
@@ -30,8 +37,10 @@
 //! newest (see `cluster`).
 //!
 //! The delivery contract is the same cluster-wide: a frame taken live is
-//! not stored (at most once: lost if its connection dies before the socket
-//! took it); a stored frame is delivered at least once. A frame may be
+//! held by the recipient's connection until acknowledged, as above; it is
+//! lost only if the instance itself dies first (the sender's
+//! retransmission covers that); a stored frame is delivered at least
+//! once. A frame may be
 //! both taken live and stored only when the holder's answer is lost or
 //! late (timeout, NATS error) or when two connections of one DID briefly
 //! coexist during a race: then the recipient may get it twice (clients
@@ -59,6 +68,7 @@ mod handshake;
 pub(crate) mod mailbox;
 pub(crate) mod proof;
 mod socket;
+mod unacked;
 mod upgrade;
 
 use crate::http::ApiError;
