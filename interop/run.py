@@ -342,11 +342,15 @@ async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, pa
         await sender.call(cmd="send_many", to=receiver.did, count=count, payload_bytes=256, interval_ms=0, timeout=300)
         got = (await receiver.call(cmd="recv", count=count, timeout_ms=120000, timeout=300))["messages"]
         burst = max(time.monotonic() - burst_started, 1e-9)
-        cores = {}
+        # And per message delivered: one core's worth of a process's
+        # microseconds per message is the rate it can carry at most.
+        cores, us_per_msg = {}, {}
         for k, pid in pids.items():
             after = cpu_seconds(pid)
             if after is not None and cpu_before[k] is not None:
                 cores[k] = round((after - cpu_before[k]) / burst, 2)
+                if got:
+                    us_per_msg[k] = round((after - cpu_before[k]) * 1e6 / len(got), 1)
         throughput = None
         if got:
             first_sent = min(m["payload"]["t_us"] for m in got)
@@ -358,7 +362,8 @@ async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, pa
         pct = lambda p: round(lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))], 3) if lat else None
         return {"relay": relay.name, "sender": pair[0], "receiver": pair[1], "durable": durable, "messages": len(got), "of": count,
                 "messages_per_s": throughput, "latency_ms_p50": pct(50), "latency_ms_p99": pct(99),
-                "paced": len(got_paced), "burst_cores": cores}
+                "paced": len(got_paced), "burst_cores": cores,
+                "burst_cpu_us_per_msg": us_per_msg}
     except Exception as e:  # noqa: BLE001
         return {"relay": relay.name, "sender": pair[0], "receiver": pair[1], "error": str(e)}
     finally:
@@ -514,16 +519,16 @@ async def main() -> int:
     if figures:
         print("\nfigures (256-byte payloads; throughput back to back, latency paced at 50 msg/s):")
         print(f"{'relay':18}{'pair':36}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
-              "   cores in the burst: relay / sender / receiver")
+              "   CPU us/msg in the burst: relay / sender / receiver")
         for f in figures:
             pair = f['sender'] + ' -> ' + f['receiver'] + ('' if f.get('durable', True) else ' (memory)')
             if "error" in f:
                 print(f"{f['relay']:18}{pair:36}  error: {f['error']}")
             else:
-                cores = f.get("burst_cores", {})
+                cpu = f.get("burst_cpu_us_per_msg", {})
                 print(f"{f['relay']:18}{pair:36}{str(f['messages_per_s']):>10}"
                       f"{str(f['latency_ms_p50']):>10}{str(f['latency_ms_p99']):>10}"
-                      f"   {cores.get('relay', '-')} / {cores.get('sender', '-')} / {cores.get('receiver', '-')}")
+                      f"   {cpu.get('relay', '-')} / {cpu.get('sender', '-')} / {cpu.get('receiver', '-')}")
         # Ratios against the reference agents on the reference relay, this run.
         base = next((f for f in figures if f["relay"] == "agt" and f["sender"] == f["receiver"] == "agt-python"
                      and f.get("messages_per_s")), None)
