@@ -122,6 +122,81 @@ fn sqlite_round_trip_across_reopen() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Schema 2 -> 3: a store written by the previous release (rebuilt here
+/// from a current one: the outbox with its per-peer `seq` and index, the
+/// duplicate-id memory with a rowid) opens, migrates in place and loads
+/// the same rows in the same order, and takes new ones.
+#[test]
+fn a_schema_2_store_is_migrated_with_its_rows() {
+    let dir = temp_dir("schema-2");
+    let path = dir.join("agent.db");
+    let store = SqliteStore::open(&path).unwrap();
+    write_all(&store);
+    let mut c = Commit::new();
+    c.seen_limit = 100;
+    for id in ["s1", "s2", "s3"] {
+        c.seen.push(("did:mesh:b".into(), id.into()));
+    }
+    c.seen.push(("did:mesh:a".into(), "sa".into()));
+    store.commit(&c).unwrap();
+    drop(store);
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE outbox_v2 (n INTEGER PRIMARY KEY, peer TEXT NOT NULL, seq INTEGER NOT NULL,
+                 id TEXT NOT NULL, created_at INTEGER NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL,
+                 UNIQUE (peer, seq), UNIQUE (peer, id));
+             INSERT INTO outbox_v2 SELECT n, peer, n, id, created_at, size, payload FROM outbox;
+             DROP TABLE outbox;
+             ALTER TABLE outbox_v2 RENAME TO outbox;
+             CREATE TABLE seen_v2 (seq INTEGER PRIMARY KEY, peer TEXT NOT NULL, n INTEGER NOT NULL,
+                 id TEXT NOT NULL, UNIQUE (peer, id), UNIQUE (peer, n));
+             INSERT INTO seen_v2 (peer, n, id) SELECT peer, n, id FROM seen ORDER BY peer DESC, n;
+             DROP TABLE seen;
+             ALTER TABLE seen_v2 RENAME TO seen;
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+    }
+    let schema = |path: &std::path::Path| -> String {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT sql FROM sqlite_master WHERE name IN ('outbox', 'seen') ORDER BY name")
+            .unwrap();
+        let rows: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        rows.join("\n")
+    };
+    assert!(schema(&path).contains("seq INTEGER NOT NULL"), "the rebuilt schema 2");
+
+    let store = SqliteStore::open(&path).unwrap();
+    let s = store.load().unwrap();
+    check_all(&s);
+    assert_eq!(s.seen["did:mesh:b"], ["s1", "s2", "s3"]);
+    assert_eq!(s.seen["did:mesh:a"], ["sa"]);
+    // New rows go after the migrated ones.
+    let mut c = Commit::new();
+    c.seen_limit = 100;
+    c.seen.push(("did:mesh:b".into(), "s4".into()));
+    c.seen.push(("did:mesh:b".into(), "s2".into())); // already there: one row
+    c.add_outbox(outbox("did:mesh:a", "o4", b"to a 2"));
+    store.commit(&c).unwrap();
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    let s = store.load().unwrap();
+    assert_eq!(s.seen["did:mesh:b"], ["s1", "s2", "s3", "s4"]);
+    let order: Vec<&str> = s.outbox.iter().map(|o| o.id.as_str()).collect();
+    assert_eq!(order, ["o1", "o2", "o3", "o4"]);
+    drop(store);
+    let schema = schema(&path);
+    assert!(!schema.contains("seq") && schema.contains("WITHOUT ROWID"), "{schema}");
+    let version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn memory_persistence_round_trip() {
     let store = MemoryPersistence::new();

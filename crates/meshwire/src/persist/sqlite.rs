@@ -16,7 +16,7 @@ use zeroize::{Zeroize, Zeroizing};
 /// The schema version this build writes (`PRAGMA user_version`). Opening
 /// an older store migrates it forward in one transaction; a newer one is
 /// refused ([`PersistError::TooNew`]).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// `MIGRATIONS[v]` takes a store from version `v` to `v + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -59,6 +59,32 @@ const MIGRATIONS: &[&str] = &[
          id TEXT NOT NULL,
          data BLOB NOT NULL,
          UNIQUE (peer, id));",
+    // 2 -> 3: fewer b-trees written per message (each one written is a
+    // WAL frame per commit). The outbox loses its per-peer `seq` and its
+    // index, which only `n`'s order was ever read for; the duplicate-id
+    // memory is keyed by (peer, n) itself instead of a rowid and two
+    // indexes. Rows are copied as they are.
+    "CREATE TABLE outbox_v3 (
+         n INTEGER PRIMARY KEY,
+         peer TEXT NOT NULL,
+         id TEXT NOT NULL,
+         created_at INTEGER NOT NULL,
+         size INTEGER NOT NULL,
+         payload BLOB NOT NULL,
+         UNIQUE (peer, id));
+     INSERT INTO outbox_v3 (n, peer, id, created_at, size, payload)
+         SELECT n, peer, id, created_at, size, payload FROM outbox;
+     DROP TABLE outbox;
+     ALTER TABLE outbox_v3 RENAME TO outbox;
+     CREATE TABLE seen_v3 (
+         peer TEXT NOT NULL,
+         n INTEGER NOT NULL,
+         id TEXT NOT NULL,
+         PRIMARY KEY (peer, n),
+         UNIQUE (peer, id)) WITHOUT ROWID;
+     INSERT INTO seen_v3 (peer, n, id) SELECT peer, n, id FROM seen;
+     DROP TABLE seen;
+     ALTER TABLE seen_v3 RENAME TO seen;",
 ];
 
 const META_CIPHER: &str = "meshwire.cipher";
@@ -153,7 +179,8 @@ struct Inner {
 /// The default [`Persistence`]: an SQLite database (bundled SQLite, WAL
 /// mode), one file per agent, created with mode `0600`.
 ///
-/// - **Schema**: tables `meta`, `prekeys`, `peers`, `inbox`, `outbox`;
+/// - **Schema**: tables `meta`, `prekeys`, `peers`, `inbox`, `outbox`,
+///   `seen` (duplicate ids), `unconfirmed` (messages awaiting receipts);
 ///   versioned with `PRAGMA user_version` ([`SCHEMA_VERSION`]), migrated
 ///   forward on open in one transaction.
 /// - **From the JSON state file** of [`crate::store::FileStore`]:
@@ -865,8 +892,8 @@ impl SqliteStore {
             let size = m.payload.len() as u64;
             let added = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO outbox (peer, seq, id, created_at, size, payload)
-                     VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox WHERE peer = ?1), ?2, ?3, ?4, ?5)",
+                    "INSERT OR IGNORE INTO outbox (peer, id, created_at, size, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .and_then(|mut s| {
                     s.execute(rusqlite::params![
@@ -953,7 +980,7 @@ impl Persistence for SqliteStore {
             }
         }
         {
-            let mut stmt = tx.prepare("SELECT peer, id FROM seen ORDER BY seq").map_err(&e)?;
+            let mut stmt = tx.prepare("SELECT peer, id FROM seen ORDER BY peer, n").map_err(&e)?;
             let mut rows = stmt.query([]).map_err(&e)?;
             while let Some(row) = rows.next().map_err(&e)? {
                 let peer: String = row.get(0).map_err(&e)?;
