@@ -115,6 +115,11 @@ pub struct ServerConfig {
     /// goes back to the offline store (the agent gets it on reconnecting),
     /// followed by what arrived meanwhile, in order. Default 8192 (a burst
     /// of thousands of frames to a reader that keeps up is not slow).
+    /// The same count, and [`ServerConfig::outbound_queue_bytes`], also
+    /// bound the `message` frames a connection wrote and holds until the
+    /// agent acknowledges them (stored if the connection ends first); past
+    /// either the oldest is forgotten, counted as
+    /// `meshwire_limit_refusals_total{limit="unacked"}`.
     pub outbound_queue: usize,
     /// Bytes of frames queued for one live connection; past it, as past
     /// [`ServerConfig::outbound_queue`]. Default 16 MiB.
