@@ -123,11 +123,33 @@ async fn send_all(ws: &mut Ws, from: &Identity, to: &Identity, ids: &[String]) {
 }
 
 /// `from` sends the frames `ids(prefix, 0..n)` to `to`, and they arrive
-/// on `to_ws`, in order.
+/// on `to_ws`, in order; `to` acknowledges them, as a client does (the
+/// relay holds a live frame until then, and stores it if the connection
+/// ends first).
 async fn relay_in_order(from_ws: &mut Ws, from: &Identity, to: &Identity, to_ws: &mut Ws, prefix: &str, n: usize) {
     let sent = ids(prefix, 0..n);
     send_all(from_ws, from, to, &sent).await;
     assert_eq!(recv_ids(to_ws, n).await, sent, "{prefix}");
+    ack_all(to_ws, &sent).await;
+}
+
+/// Acknowledges `ids` on `ws` and returns once the relay has handled the
+/// acks: it handles a connection's frames in order, and answers the ping
+/// sent after them.
+async fn ack_all(ws: &mut Ws, ids: &[String]) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    for id in ids {
+        send(ws, &format!(r#"{{"type":"ack","id":"{id}"}}"#)).await;
+    }
+    ws.send(Message::Ping(b"acked".to_vec())).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap() {
+            Some(Ok(Message::Pong(p))) if p == b"acked" => return,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("waiting for the acks' pong: {other:?}"),
+        }
+    }
 }
 
 /// Nothing more arrives on `ws` within a short while.
@@ -209,8 +231,8 @@ async fn frames_for_an_agent_connected_nowhere_wait_in_the_shared_mailbox() {
 }
 
 /// (c) A second connection of a DID on another instance closes the first
-/// with 4006; the new one gets the next frames, the old instance forgets
-/// the DID.
+/// with 4006; the new one gets what the first held unacknowledged, then
+/// the next frames; the old instance forgets the DID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn takeover_across_instances_closes_the_old_socket_with_4006() {
     let Some(cluster) = start_nats() else {
@@ -226,13 +248,26 @@ async fn takeover_across_instances_closes_the_old_socket_with_4006() {
     a.wait_disconnected(&alice).await;
     relay_in_order(&mut bob_ws, &bob, &alice, &mut new, "after", 10).await;
     assert_quiet(&mut new).await;
-    // And back to the first instance: the second connection is displaced.
+    // Two frames the second connection reads and does not acknowledge.
+    let held = ids("held", 0..2);
+    send_all(&mut bob_ws, &bob, &alice, &held).await;
+    assert_eq!(recv_ids(&mut new, 2).await, held);
+    // And back to the first instance: the second connection is displaced,
+    // and what it held unacknowledged reaches the third first.
     let mut third = a.connect(&alice).await;
     assert_eq!(recv_close(&mut new).await.0, close_code::SESSION_REPLACED);
     b.wait_disconnected(&alice).await;
+    assert_eq!(recv_ids(&mut third, 2).await, held);
+    ack_all(&mut third, &held).await;
     relay_in_order(&mut bob_ws, &bob, &alice, &mut third, "third", 10).await;
+    assert_quiet(&mut third).await;
     assert_eq!(c.server.stats().messages_stored, 0);
-    assert_eq!(c.server.stats().cluster_routed_out, 23);
+    assert_eq!(
+        b.server.stats().messages_stored,
+        2,
+        "stored by the displaced connection"
+    );
+    assert_eq!(c.server.stats().cluster_routed_out, 25);
 }
 
 /// Two connections of one DID opened at the same moment on two instances:
@@ -301,9 +336,7 @@ async fn a_vanished_or_hung_instance_loses_nothing() {
     let mut on_c = c.connect(&alice).await;
     assert_eq!(recv_ids(&mut on_c, 30).await, gone);
     assert_quiet(&mut on_c).await;
-    for id in &gone {
-        send(&mut on_c, &format!(r#"{{"type":"ack","id":"{id}"}}"#)).await;
-    }
+    ack_all(&mut on_c, &gone).await;
     // Live again, through C.
     relay_in_order(&mut bob_ws, &bob, &alice, &mut on_c, "back", 5).await;
     send(&mut on_c, r#"{"type":"disconnect"}"#).await;
