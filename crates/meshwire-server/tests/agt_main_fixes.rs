@@ -6,14 +6,10 @@
 
 mod common;
 
-use common::{identity, message, recv_text, send, TestServer};
+use common::{ack, identity, message, recv_text, send, TestServer};
 use meshwire_proto::frames::{self, FetchPendingFrame};
 use meshwire_proto::Identity;
 use std::time::Duration;
-
-fn ack(id: &str) -> String {
-    format!(r#"{{"type":"ack","id":"{id}"}}"#)
-}
 
 async fn wait_stored(t: &TestServer, n: u64) {
     for _ in 0..1000 {

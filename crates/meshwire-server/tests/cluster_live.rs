@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{identity, message, recv_close, recv_json, send, TestServer, Ws};
+use common::{ack, handled, identity, message, recv_close, recv_json, send, TestServer, Ws};
 use meshwire_proto::Identity;
 use meshwire_server::close_code;
 use meshwire_server::storage::nats::NatsOptions;
@@ -134,22 +134,13 @@ async fn relay_in_order(from_ws: &mut Ws, from: &Identity, to: &Identity, to_ws:
 }
 
 /// Acknowledges `ids` on `ws` and returns once the relay has handled the
-/// acks: it handles a connection's frames in order, and answers the ping
-/// sent after them.
+/// acks; nothing else may arrive meanwhile.
 async fn ack_all(ws: &mut Ws, ids: &[String]) {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     for id in ids {
-        send(ws, &format!(r#"{{"type":"ack","id":"{id}"}}"#)).await;
+        send(ws, &ack(id)).await;
     }
-    ws.send(Message::Ping(b"acked".to_vec())).await.unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap() {
-            Some(Ok(Message::Pong(p))) if p == b"acked" => return,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            other => panic!("waiting for the acks' pong: {other:?}"),
-        }
-    }
+    let others = handled(ws).await;
+    assert!(others.is_empty(), "while acknowledging: {others:?}");
 }
 
 /// Nothing more arrives on `ws` within a short while.

@@ -7,8 +7,8 @@
 
 mod common;
 
-use common::{fresh_auth, fresh_connect, identity, message, recv_close, recv_text, send, TestServer, NOW};
-use futures_util::{SinkExt, StreamExt};
+use common::{fresh_auth, fresh_connect, handled, identity, message, recv_close, recv_text, send, TestServer, NOW};
+use futures_util::StreamExt;
 use meshwire_proto::auth::ed25519_timestamp_header;
 use meshwire_proto::time::Timestamp;
 use meshwire_server::storage::nats::NatsOptions;
@@ -335,14 +335,7 @@ async fn a_slow_consumers_mail_is_stored_in_order() {
     }
     drop(bob_ws);
     // Alice's frames are all routed once her connection answered a ping.
-    a.send(tungstenite::Message::Ping(b"sync".to_vec())).await.unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), a.next()).await.unwrap() {
-            Some(Ok(tungstenite::Message::Pong(p))) if p == b"sync" => break,
-            Some(Ok(_)) => {}
-            other => panic!("alice's connection: {other:?}"),
-        }
-    }
+    handled(&mut a).await;
     let mut bob_ws = t.connect(&bob).await;
     let mut got = Vec::new();
     loop {

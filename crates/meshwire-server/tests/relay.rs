@@ -3,16 +3,12 @@
 
 mod common;
 
-use common::{expect_error, identity, iso_at, message, recv_close, recv_json, recv_text, send, TestServer, NOW};
+use common::{ack, expect_error, identity, iso_at, message, recv_close, recv_json, recv_text, send, TestServer, NOW};
 use meshwire_proto::encoding::b64_std;
 use meshwire_proto::frames::{self, ConnectFrame, FetchPendingFrame};
 use meshwire_server::{close_code, ServerConfig};
 use serde_json::json;
 use std::time::Duration;
-
-fn ack(id: &str) -> String {
-    format!(r#"{{"type":"ack","id":"{id}"}}"#)
-}
 
 #[tokio::test]
 async fn connect_with_proof() {

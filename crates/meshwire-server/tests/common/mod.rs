@@ -220,6 +220,28 @@ pub async fn expect_error(ws: &mut Ws, detail: &str) {
     assert_eq!(frame, json!({"type": "error", "detail": detail}));
 }
 
+/// An `ack` frame for message `id`.
+pub fn ack(id: &str) -> String {
+    format!(r#"{{"type":"ack","id":"{id}"}}"#)
+}
+
+/// Returns once the relay has handled every frame sent on `ws` before
+/// this call: it handles a connection's frames in order and answers the
+/// ping sent after them. Returns the other frames (not pings or pongs)
+/// that arrived meanwhile.
+pub async fn handled(ws: &mut Ws) -> Vec<Message> {
+    ws.send(Message::Ping(b"handled".to_vec())).await.unwrap();
+    let mut others = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap() {
+            Some(Ok(Message::Pong(p))) if p == b"handled" => return others,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(other)) => others.push(other),
+            other => panic!("waiting for the relay to handle the frames sent: {other:?}"),
+        }
+    }
+}
+
 /// A `message` frame as a client would write it.
 pub fn message(from: &Identity, to: &Identity, id: &str) -> String {
     format!(
