@@ -101,6 +101,34 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// commit of its batch; a large WAL makes it rare (about one commit in
 /// 3,000 for a ~2 KB session row and its inbox row).
 pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 8192;
+/// The oldest and the newest number of a peer's duplicate-id rows (`?1`
+/// the peer): each a one-aggregate subquery, which SQLite answers with one
+/// index seek. (`MAX(n) - MIN(n)` in one SELECT visits every row.)
+const SEEN_ENDS_SQL: &str =
+    "SELECT (SELECT MIN(n) FROM seen WHERE peer = ?1), (SELECT MAX(n) FROM seen WHERE peer = ?1)";
+
+/// Keeps a peer's newest `limit` duplicate-id rows once they exceed that by
+/// [`seen_trim_slack`]: a delete then writes a few pages once per `slack`
+/// messages instead of three on every one. Below that it costs two index
+/// seeks, whatever the number of rows (every commit that remembers an id
+/// runs it; see `the_seen_trim_reads_two_index_ends_not_every_row`).
+fn trim_seen(tx: &rusqlite::Connection, peer: &str, limit: usize) -> rusqlite::Result<()> {
+    let limit = limit.max(1);
+    let (oldest, newest): (Option<i64>, Option<i64>) = tx
+        .prepare_cached(SEEN_ENDS_SQL)?
+        .query_row([peer], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (Some(oldest), Some(newest)) = (oldest, newest) else {
+        return Ok(());
+    };
+    let keep = to_i64(limit as u64);
+    if newest.saturating_sub(oldest) < keep.saturating_add(to_i64(seen_trim_slack(limit) as u64)) {
+        return Ok(());
+    }
+    tx.prepare_cached("DELETE FROM seen WHERE peer = ?1 AND n <= ?2")?
+        .execute(rusqlite::params![peer, newest.saturating_sub(keep)])?;
+    Ok(())
+}
+
 /// How many ids beyond [`Commit::seen_limit`] a peer's duplicate-id rows
 /// may grow to before a commit trims them back to the limit: a sixteenth
 /// of the limit (256 for the default 4,096; none for a limit under 16).
@@ -807,23 +835,7 @@ impl SqliteStore {
             }
         }
         for peer in trimmed {
-            // Keeps the newest `seen_limit` ids of the peer, trimming once
-            // they exceed it by the slack: a delete then writes a few pages
-            // once per `slack` messages instead of three on every one.
-            let limit = c.seen_limit.max(1);
-            tx.prepare_cached(
-                "DELETE FROM seen WHERE peer = ?1
-                   AND n <= (SELECT MAX(n) FROM seen WHERE peer = ?1) - ?2
-                   AND (SELECT MAX(n) - MIN(n) FROM seen WHERE peer = ?1) >= ?2 + ?3",
-            )
-            .and_then(|mut s| {
-                s.execute(rusqlite::params![
-                    peer,
-                    to_i64(limit as u64),
-                    to_i64(seen_trim_slack(limit) as u64)
-                ])
-            })
-            .map_err(&e)?;
+            trim_seen(tx, peer, c.seen_limit).map_err(&e)?;
         }
         for (peer, id, row) in &c.unconfirmed {
             match row {
@@ -1106,5 +1118,94 @@ impl SqliteStore {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{trim_seen, MIGRATIONS, SEEN_ENDS_SQL};
+    use rusqlite::{Connection, StatementStatus};
+
+    /// A database in the current schema with `rows` duplicate-id rows of
+    /// peer `a` (numbered from 1) and three of peer `b`.
+    fn seen_rows(rows: i64) -> Connection {
+        let conn = Connection::open_in_memory().expect("in-memory database");
+        for migration in MIGRATIONS {
+            conn.execute_batch(migration).expect("schema");
+        }
+        let mut insert = conn
+            .prepare("INSERT INTO seen (peer, n, id) VALUES (?1, ?2, ?3)")
+            .expect("insert");
+        for n in 1..=rows {
+            insert
+                .execute(rusqlite::params!["a", n, format!("id-{n}")])
+                .expect("row");
+        }
+        for n in 1..=3_i64 {
+            insert
+                .execute(rusqlite::params!["b", n, format!("id-{n}")])
+                .expect("row");
+        }
+        drop(insert);
+        conn
+    }
+
+    fn count(conn: &Connection, peer: &str) -> i64 {
+        conn.query_row("SELECT count(*) FROM seen WHERE peer = ?1", [peer], |r| r.get(0))
+            .expect("count")
+    }
+
+    /// Every commit that remembers an id runs the trim, so below the
+    /// limit it must cost a couple of index seeks, not a pass over the
+    /// peer's rows. It was one statement with `MAX(n) - MIN(n)`, which
+    /// defeats SQLite's min/max optimization: it visited all of them
+    /// (4,300 here, about 0.3 ms), so a receiver's commits grew slower
+    /// with every id it remembered, up to the limit.
+    #[test]
+    fn the_seen_trim_reads_two_index_ends_not_every_row() {
+        let conn = seen_rows(4_300);
+        trim_seen(&conn, "a", 4_096).expect("trim");
+        assert_eq!(
+            count(&conn, "a"),
+            4_300,
+            "under limit + slack (4,352) nothing is trimmed"
+        );
+        let steps = conn
+            .prepare_cached(SEEN_ENDS_SQL)
+            .expect("cached")
+            .get_status(StatementStatus::VmStep);
+        assert!(
+            steps < 100,
+            "reading the ends took {steps} VM steps for 4,300 rows: a scan"
+        );
+
+        // The form it replaced, for the record: a step or more per row.
+        let mut scan = conn
+            .prepare("SELECT MAX(n) - MIN(n) FROM seen WHERE peer = ?1")
+            .expect("scan");
+        let span: i64 = scan.query_row(["a"], |r| r.get(0)).expect("span");
+        assert_eq!(span, 4_299);
+        assert!(scan.get_status(StatementStatus::VmStep) > 4_300);
+    }
+
+    /// Past the limit and its slack the oldest go and the newest `limit`
+    /// stay; another peer's rows are untouched; no rows is no error.
+    #[test]
+    fn the_seen_trim_keeps_the_newest_limit() {
+        let conn = seen_rows(4_096 + 256 + 1);
+        trim_seen(&conn, "a", 4_096).expect("trim");
+        assert_eq!(count(&conn, "a"), 4_096);
+        let oldest: i64 = conn
+            .query_row("SELECT MIN(n) FROM seen WHERE peer = 'a'", [], |r| r.get(0))
+            .expect("oldest");
+        assert_eq!(oldest, 4_096 + 256 + 1 - 4_096 + 1);
+        assert_eq!(count(&conn, "b"), 3);
+
+        let conn = seen_rows(40);
+        trim_seen(&conn, "a", 16).expect("trim");
+        assert_eq!(count(&conn, "a"), 16, "slack 1 for a limit of 16: 40 rows exceed 17");
+        trim_seen(&conn, "nobody", 16).expect("a peer without rows");
+        trim_seen(&conn, "b", 0).expect("limit 0 counts as 1");
+        assert_eq!(count(&conn, "b"), 1, "a limit of 0 keeps the newest id");
     }
 }
