@@ -1122,6 +1122,7 @@ impl SqliteStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::{trim_seen, MIGRATIONS, SEEN_ENDS_SQL};
     use rusqlite::{Connection, StatementStatus};
