@@ -347,7 +347,7 @@ struct Peer {
     verified_encrypted: bool,
     dialect: Option<KdfDialect>,
     receipts: bool,
-    unconfirmed: Vec<Unconfirmed>,
+    unconfirmed: UnconfirmedList,
     receipts_due: Vec<String>,
     /// When the oldest and the newest of `receipts_due` were owed (ms).
     receipts_owed_since: u64,
@@ -659,27 +659,45 @@ impl Mesh {
                 }
                 p.seen_persisted = p.seen_total;
                 // Unconfirmed entries: what differs from the store's image.
-                let mut current = HashSet::with_capacity(p.unconfirmed.len());
-                for u in &p.unconfirmed {
-                    current.insert(u.id.as_str());
-                    let print = u.fingerprint();
-                    if p.unconfirmed_persisted.get(&u.id) != Some(&print) {
-                        p.unconfirmed_persisted.insert(u.id.clone(), print);
-                        dirty
-                            .unconfirmed
-                            .push((did.clone(), u.id.clone(), Some(crate::state::to_json_text(u))));
+                // After sends only, that is the entries appended since the
+                // last look (the store has exactly the others); otherwise
+                // the whole list is compared.
+                match p.unconfirmed.appended() {
+                    Some(new) if p.unconfirmed_persisted.len() + new.len() == p.unconfirmed.len() => {
+                        for u in new {
+                            p.unconfirmed_persisted.insert(u.id.clone(), u.fingerprint());
+                            dirty
+                                .unconfirmed
+                                .push((did.clone(), u.id.clone(), Some(crate::state::to_json_text(u))));
+                        }
+                    }
+                    _ => {
+                        let mut current = HashSet::with_capacity(p.unconfirmed.len());
+                        for u in p.unconfirmed.as_slice() {
+                            current.insert(u.id.as_str());
+                            let print = u.fingerprint();
+                            if p.unconfirmed_persisted.get(&u.id) != Some(&print) {
+                                p.unconfirmed_persisted.insert(u.id.clone(), print);
+                                dirty.unconfirmed.push((
+                                    did.clone(),
+                                    u.id.clone(),
+                                    Some(crate::state::to_json_text(u)),
+                                ));
+                            }
+                        }
+                        let gone: Vec<String> = p
+                            .unconfirmed_persisted
+                            .keys()
+                            .filter(|id| !current.contains(id.as_str()))
+                            .cloned()
+                            .collect();
+                        for id in gone {
+                            p.unconfirmed_persisted.remove(&id);
+                            dirty.unconfirmed.push((did.clone(), id, None));
+                        }
                     }
                 }
-                let gone: Vec<String> = p
-                    .unconfirmed_persisted
-                    .keys()
-                    .filter(|id| !current.contains(id.as_str()))
-                    .cloned()
-                    .collect();
-                for id in gone {
-                    p.unconfirmed_persisted.remove(&id);
-                    dirty.unconfirmed.push((did.clone(), id, None));
-                }
+                p.unconfirmed.mark_clean();
             }
         }
         dirty.peers = peers;
@@ -966,9 +984,7 @@ impl Mesh {
             p.stalled_rounds = 0;
             // What the peer did not confirm may not have decrypted there:
             // it goes out again on the new session at the next retransmit.
-            for u in &mut p.unconfirmed {
-                u.sent_at = 0;
-            }
+            p.unconfirmed.resend_all();
         }
         Ok(vec![knock, message])
     }
@@ -986,12 +1002,7 @@ impl Mesh {
         let tracked = self.peers.get(peer).is_some_and(|p| p.receipts && p.channel.is_some());
         if tracked {
             let count = self.unconfirmed_count(peer);
-            let bytes: usize = self
-                .peers
-                .values()
-                .flat_map(|p| &p.unconfirmed)
-                .map(|u| u.payload.len())
-                .sum();
+            let bytes: usize = self.peers.values().map(|p| p.unconfirmed.bytes()).sum();
             if count >= self.config.max_unconfirmed_per_peer
                 || bytes.saturating_add(payload.len()) > self.config.max_unconfirmed_bytes
             {
@@ -1553,9 +1564,7 @@ impl Mesh {
                             p.dialect = Some(dialect);
                             // What the peer has not confirmed goes out again
                             // on the new session (its ids let it drop copies).
-                            for u in &mut p.unconfirmed {
-                                u.sent_at = 0;
-                            }
+                            p.unconfirmed.resend_all();
                             if let Some(id) = establishment.one_time_key_id {
                                 self.dirty_prekeys = true;
                                 events.push(Event::OneTimeKeyConsumed { id });
@@ -1693,9 +1702,7 @@ impl Mesh {
         if let Some(control) = control_message(&payload) {
             match control {
                 Control::Receipt(ids) => {
-                    let before = p.unconfirmed.len();
-                    p.unconfirmed.retain(|u| !ids.contains(&u.id));
-                    if p.unconfirmed.len() != before {
+                    if p.unconfirmed.confirm(&ids) {
                         p.stalled_rounds = 0;
                         events.push(Event::Delivered {
                             peer: m.from.clone(),
@@ -1706,9 +1713,7 @@ impl Mesh {
                 Control::Resync => {
                     // Resend everything unconfirmed on the next retransmit.
                     p.stalled_rounds = 0;
-                    for u in &mut p.unconfirmed {
-                        u.sent_at = 0;
-                    }
+                    p.unconfirmed.resend_all();
                 }
             }
             events.push(Event::Transmit(ack_text(&m.id)));
@@ -1865,13 +1870,10 @@ impl Mesh {
             let before = due.len();
             // When the messages due now last went out.
             let mut sent = u64::MAX;
-            for u in &mut p.unconfirmed {
-                if now.0.saturating_sub(u.sent_at) >= older_than_ms {
-                    sent = sent.min(u.sent_at);
-                    u.sent_at = now.0;
-                    due.push((peer.clone(), u.id.clone(), zeroize::Zeroizing::new(u.payload.clone())));
-                }
-            }
+            p.unconfirmed.stamp_due(now.0, older_than_ms, |last, u| {
+                sent = sent.min(last);
+                due.push((peer.clone(), u.id.clone(), zeroize::Zeroizing::new(u.payload.clone())));
+            });
             if due.len() == before || !p.receipts || p.channel.is_none() {
                 continue;
             }
@@ -1960,6 +1962,8 @@ fn control_message(payload: &[u8]) -> Option<Control> {
 
 mod persist;
 pub use persist::SideRows;
+mod unconfirmed;
+use unconfirmed::UnconfirmedList;
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 //! reads typed structs that borrow the secret parts from the caller's text
 //! and zeroize what they own.
 
-use super::{IdSource, Mesh, MeshConfig, Peer, Unconfirmed};
+use super::{IdSource, Mesh, MeshConfig, Peer, Unconfirmed, UnconfirmedList};
 use crate::channel::SecureChannel;
 use crate::encoding::hex_decode_array;
 use crate::identity::Identity;
@@ -107,7 +107,7 @@ fn peer_json(p: &Peer, side_rows: bool) -> Zeroizing<String> {
         receipts: p.receipts,
         verified_encrypted: p.verified_encrypted,
         seen: if side_rows { &no_seen } else { &p.seen },
-        unconfirmed: if side_rows { &[] } else { &p.unconfirmed },
+        unconfirmed: if side_rows { &[] } else { p.unconfirmed.as_slice() },
     });
     // `rest` is `{...}`: splice its fields after the channel.
     join(&[
@@ -143,7 +143,7 @@ fn peer_of(did: &str, v: PeerIn<'_>, seen_limit: usize) -> Result<Peer, StateErr
     for id in &v.seen {
         p.remember(id, seen_limit);
     }
-    p.unconfirmed = v.unconfirmed;
+    p.unconfirmed = UnconfirmedList::from_vec(v.unconfirmed);
     Ok(p)
 }
 
@@ -235,7 +235,13 @@ impl Mesh {
                 } else {
                     // The store holds exactly this.
                     p.seen_persisted = p.seen_total;
-                    p.unconfirmed_persisted = p.unconfirmed.iter().map(|u| (u.id.clone(), u.fingerprint())).collect();
+                    p.unconfirmed_persisted = p
+                        .unconfirmed
+                        .as_slice()
+                        .iter()
+                        .map(|u| (u.id.clone(), u.fingerprint()))
+                        .collect();
+                    p.unconfirmed.mark_clean();
                 }
             }
         }

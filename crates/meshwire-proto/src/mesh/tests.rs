@@ -1031,6 +1031,126 @@ fn side_rows_keep_peer_rows_small_and_rebuild_the_same_state() {
     assert_eq!(alice.unconfirmed_count(&did(&bob)), 0);
 }
 
+/// The unconfirmed side rows follow every kind of change, whichever path
+/// `take_dirty` takes (appends only, or a whole comparison after a
+/// receipt, a retransmission or a resync), and after a reload from them:
+/// applied to a store image after every step, they rebuild the sender's
+/// exact state.
+#[test]
+fn unconfirmed_side_rows_follow_sends_receipts_retransmissions_and_reloads() {
+    use std::collections::BTreeMap;
+    let (mut alice, mut bob, bob_did) = receipt_pair();
+    alice.track_side_rows();
+    let alice_seed = alice.identity().seed();
+    let alice_prekeys = alice.export_prekeys();
+    // The store's image of alice: peer rows and unconfirmed rows by id.
+    let mut rows: BTreeMap<String, zeroize::Zeroizing<String>> = BTreeMap::new();
+    // In insertion order, as a store keeps them (an update keeps its place).
+    let mut unconfirmed: Vec<((String, String), zeroize::Zeroizing<String>)> = Vec::new();
+    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut commit = |alice: &mut Mesh| {
+        let dirty = alice.take_dirty();
+        for (peer, id) in dirty.seen {
+            seen.entry(peer).or_default().push(id);
+        }
+        for (peer, id, row) in dirty.unconfirmed {
+            let key = (peer, id);
+            let at = unconfirmed.iter().position(|(k, _)| *k == key);
+            match (row, at) {
+                (Some(row), Some(at)) => unconfirmed[at].1 = row,
+                (Some(row), None) => unconfirmed.push((key, row)),
+                (None, Some(at)) => {
+                    unconfirmed.remove(at);
+                }
+                (None, None) => panic!("removing {key:?}, which the store does not have"),
+            }
+        }
+        for peer in dirty.peers {
+            if let Some(row) = alice.export_peer(&peer) {
+                rows.insert(peer, row);
+            }
+        }
+        let mut side = SideRows::<zeroize::Zeroizing<String>> {
+            seen: seen.clone(),
+            ..Default::default()
+        };
+        for ((peer, _), row) in &unconfirmed {
+            side.unconfirmed.entry(peer.clone()).or_default().push(row.clone());
+        }
+        (rows.clone(), side)
+    };
+    let reload = |rows: BTreeMap<String, zeroize::Zeroizing<String>>, side: &SideRows<zeroize::Zeroizing<String>>| {
+        Mesh::import_parts(
+            Identity::from_seed(&alice_seed),
+            &alice_prekeys,
+            rows,
+            side,
+            MeshConfig::default(),
+            Box::new(Counter("r".into(), 1_000)),
+        )
+        .expect("the store image loads")
+    };
+    let mut now = T0;
+    let mut in_flight = Vec::new();
+    for round in 0..6 {
+        for i in 0..7 {
+            let (_, m) = alice
+                .encrypt(
+                    &mut OsRng,
+                    now,
+                    &bob_did,
+                    format!("{{\"r\":{round},\"i\":{i}}}").as_bytes(),
+                )
+                .expect("send");
+            in_flight.push(m);
+            let (rows, side) = commit(&mut alice);
+            if i == 3 {
+                assert_eq!(
+                    *reload(rows, &side).export_state(),
+                    *alice.export_state(),
+                    "after a send"
+                );
+            }
+        }
+        match round % 3 {
+            // Bob gets some of them and confirms those.
+            0 => {
+                for m in in_flight.drain(..4) {
+                    deliver(&mut bob, &m);
+                }
+                for t in transmits(&bob.flush_receipts(&mut OsRng, now)) {
+                    alice.handle_text(&mut OsRng, now, &t);
+                }
+                // More sent than confirmed before the store looks: the
+                // same count, other messages.
+                for i in 0..5 {
+                    let (_, m) = alice
+                        .encrypt(&mut OsRng, now, &bob_did, format!("{{\"after\":{i}}}").as_bytes())
+                        .expect("send");
+                    in_flight.push(m);
+                }
+            }
+            // Nothing confirmed for a while: they go out again.
+            1 => {
+                now = Timestamp(now.0 + 60_000);
+                assert!(!transmits(&alice.retransmit(&mut OsRng, now, 10_000)).is_empty());
+            }
+            // A reload in the middle, then sends go on from it.
+            _ => {
+                let (rows, side) = commit(&mut alice);
+                alice = reload(rows, &side);
+            }
+        }
+        let (rows, side) = commit(&mut alice);
+        assert_eq!(
+            *reload(rows, &side).export_state(),
+            *alice.export_state(),
+            "after round {round}"
+        );
+    }
+    assert!(alice.unconfirmed_count(&bob_did) > 0);
+}
+
 /// Two receipt-capable agents with a session from `alice` to `bob`.
 fn receipt_pair() -> (Mesh, Mesh, String) {
     let mut alice = agent("a", 0);
