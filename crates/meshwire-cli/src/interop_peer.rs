@@ -88,15 +88,15 @@ impl Peer {
         let did = client.did().to_owned();
         let (collector, inbox, arrived) = (client.clone(), self.inbox.clone(), self.arrived.clone());
         self.collector = Some(tokio::spawn(async move {
-            // Everything waiting is taken at once, so the next receive
-            // acknowledges it in one commit.
-            while let Some(m) = collector.recv().await {
-                // Stamped on arrival, before `drain` acknowledges it.
-                let first = message_json(&m);
-                let rest = collector.drain();
+            // Everything waiting is taken at once, and the next call
+            // acknowledges it in one commit. Stamped on arrival.
+            loop {
+                let batch = collector.recv_batch(usize::MAX).await;
+                if batch.is_empty() {
+                    break;
+                }
                 if let Ok(mut inbox) = inbox.lock() {
-                    inbox.push(first);
-                    inbox.extend(rest.iter().map(message_json));
+                    inbox.extend(batch.iter().map(message_json));
                 }
                 arrived.notify_one();
             }

@@ -181,6 +181,51 @@ async fn each_receive_call_acknowledges_what_the_previous_ones_handed_over() {
     bob.close().await;
 }
 
+/// `recv_batch` hands over what waits (at most `max`), and the next call
+/// acknowledges the whole previous batch in one commit: after a crash
+/// before it, exactly that batch comes back, and nothing acknowledged does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_acknowledged_whole_by_the_next_call_and_comes_back_whole_after_a_crash() {
+    let server = meshwire_server::start(Default::default()).await.unwrap();
+    let bob_identity = Identity::generate(&mut OsRng);
+    let store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
+    let bob = agent(&server, &bob_identity, "bob", &store, false).await;
+    let alice = MeshClient::connect(
+        Identity::generate(&mut OsRng),
+        config(&server, "alice", false),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    let rows: Vec<_> = (1..=5).map(|i| json!({"k": format!("m{i}")})).collect();
+    alice.send_batch(bob.did(), &rows).await.unwrap();
+    // All five committed to bob's inbox before any is taken.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while store.load().unwrap().inbox.len() < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "the five never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first: Vec<String> = bob.recv_batch(3).await.iter().map(text).collect();
+    assert_eq!(first, ["m1", "m2", "m3"]);
+    assert_eq!(store.load().unwrap().inbox.len(), 5, "handed over, not acknowledged");
+    let second: Vec<String> = bob.recv_batch(10).await.iter().map(text).collect();
+    assert_eq!(second, ["m4", "m5"]);
+    let left: Vec<String> = store.load().unwrap().inbox.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(left.len(), 2, "m1..m3 acknowledged: {left:?}");
+
+    crash(bob);
+    let bob = agent(&server, &bob_identity, "bob", &store, false).await;
+    let again = bob.recv_batch(10).await;
+    assert_eq!(again.iter().map(text).collect::<Vec<_>>(), ["m4", "m5"]);
+    assert!(again.iter().all(|m| m.redelivered));
+    // Closed: an empty batch, and the graceful close acknowledged m4, m5.
+    bob.close().await;
+    assert!(bob.recv_batch(10).await.is_empty());
+    assert!(store.load().unwrap().inbox.is_empty());
+    alice.close().await;
+}
+
 /// The sender dies right after `send` returned: the restored state has
 /// every ratchet step that was sent, the unsent frames go out after the
 /// restart, and the conversation goes on (it used to be dead: the restored

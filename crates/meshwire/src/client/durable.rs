@@ -272,9 +272,15 @@ impl Inner {
 
     /// Takes every waiting message (see [`Inner::take_message`]).
     pub(crate) fn take_all(&self) -> Vec<Message> {
+        self.take_batch(usize::MAX)
+    }
+
+    /// Takes the oldest `max` waiting messages (see [`Inner::take_message`]).
+    pub(crate) fn take_batch(&self, max: usize) -> Vec<Message> {
         self.auto_ack();
         let mut inbox = lock(&self.inbox);
-        let messages: Vec<Message> = inbox.queue.drain(..).collect();
+        let take = inbox.queue.len().min(max);
+        let messages: Vec<Message> = inbox.queue.drain(..take).collect();
         for m in &messages {
             inbox.handed.push_back((m.from.clone(), m.id.clone()));
         }
@@ -296,7 +302,8 @@ impl Inner {
         }
         if self.commit(&commit).is_ok() {
             let mut inbox = lock(&self.inbox);
-            inbox.handed.retain(|key| !handed.contains(key));
+            let acked: std::collections::HashSet<&(String, String)> = handed.iter().collect();
+            inbox.handed.retain(|key| !acked.contains(key));
             inbox.store_full = false;
             drop(inbox);
             self.outgoing_notify.notify_one();

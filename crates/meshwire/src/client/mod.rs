@@ -353,6 +353,38 @@ impl MeshClient {
         }
     }
 
+    /// The messages waiting, at most `max` (at least one: it waits for the
+    /// first); empty once the client is closed. Like [`MeshClient::recv`],
+    /// asking acknowledges what earlier calls handed over, all in one
+    /// durable commit, so a batch costs the store one acknowledgement
+    /// instead of one per message.
+    ///
+    /// ```no_run
+    /// # async fn run(client: meshwire::MeshClient) {
+    /// loop {
+    ///     let batch = client.recv_batch(64).await;
+    ///     if batch.is_empty() {
+    ///         break; // closed
+    ///     }
+    ///     for message in &batch {
+    ///         println!("{} says {:?}", message.from, message.payload);
+    ///     }
+    ///     // The whole batch is acknowledged by the next call: after a
+    ///     // crash before it, the batch is handed over again.
+    /// }
+    /// # }
+    /// ```
+    pub async fn recv_batch(&self, max: usize) -> Vec<Message> {
+        loop {
+            let notified = self.inner.inbox_notify.notified();
+            let batch = self.inner.take_batch(max.max(1));
+            if !batch.is_empty() || self.inner.closed.load(Ordering::SeqCst) {
+                return batch;
+            }
+            notified.await;
+        }
+    }
+
     /// The next message within `timeout`.
     pub async fn recv_timeout(&self, timeout: Duration) -> Result<Message, ClientError> {
         tokio::time::timeout(timeout, self.recv())
