@@ -62,6 +62,13 @@ async fn agent(
     .unwrap()
 }
 
+/// An agent with a fresh identity and no store: the other side of a test.
+async fn stateless(server: &RunningServer, name: &str) -> MeshClient {
+    MeshClient::connect(Identity::generate(&mut OsRng), config(server, name, false), None, None)
+        .await
+        .unwrap()
+}
+
 /// The process dies: no `disconnect`, no final acknowledgement.
 fn crash(client: MeshClient) {
     client.abort_connection();
@@ -91,14 +98,7 @@ async fn an_unacknowledged_message_comes_back_after_a_crash_and_never_after_its_
     let bob_identity = Identity::generate(&mut OsRng);
     let store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
     let bob = agent(&server, &bob_identity, "bob", &store, true).await;
-    let alice = MeshClient::connect(
-        Identity::generate(&mut OsRng),
-        config(&server, "alice", false),
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    let alice = stateless(&server, "alice").await;
     alice.send(bob.did(), &json!({"k": "m1"})).await.unwrap();
     let m1 = bob.recv_timeout(WAIT).await.unwrap();
     assert_eq!((text(&m1), m1.redelivered), ("m1".to_owned(), false));
@@ -142,14 +142,7 @@ async fn each_receive_call_acknowledges_what_the_previous_ones_handed_over() {
     let bob_identity = Identity::generate(&mut OsRng);
     let store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
     let bob = agent(&server, &bob_identity, "bob", &store, false).await;
-    let alice = MeshClient::connect(
-        Identity::generate(&mut OsRng),
-        config(&server, "alice", false),
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    let alice = stateless(&server, "alice").await;
     alice.send(bob.did(), &json!({"k": "m1"})).await.unwrap();
     alice.send(bob.did(), &json!({"k": "m2"})).await.unwrap();
     assert_eq!(text(&bob.recv_timeout(WAIT).await.unwrap()), "m1");
@@ -190,14 +183,7 @@ async fn a_batch_is_acknowledged_whole_by_the_next_call_and_comes_back_whole_aft
     let bob_identity = Identity::generate(&mut OsRng);
     let store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
     let bob = agent(&server, &bob_identity, "bob", &store, false).await;
-    let alice = MeshClient::connect(
-        Identity::generate(&mut OsRng),
-        config(&server, "alice", false),
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    let alice = stateless(&server, "alice").await;
     let rows: Vec<_> = (1..=5).map(|i| json!({"k": format!("m{i}")})).collect();
     alice.send_batch(bob.did(), &rows).await.unwrap();
     // All five committed to bob's inbox before any is taken.
@@ -400,14 +386,7 @@ async fn close_releases_a_state_dir_for_the_next_client() {
         .state_dir(&dir)
         .connect()
     };
-    let alice = MeshClient::connect(
-        Identity::generate(&mut OsRng),
-        config(&server, "alice", false),
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    let alice = stateless(&server, "alice").await;
     let first = bob().await.unwrap();
     alice.send(first.did(), &json!({"k": "one"})).await.unwrap();
     assert_eq!(text(&first.recv_timeout(WAIT).await.unwrap()), "one");
