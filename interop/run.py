@@ -351,24 +351,86 @@ async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, pa
                 cores[k] = round((after - cpu_before[k]) / burst, 2)
                 if got:
                     us_per_msg[k] = round((after - cpu_before[k]) * 1e6 / len(got), 1)
-        throughput = None
+        throughput, burst_shape = None, {}
         if got:
             first_sent = min(m["payload"]["t_us"] for m in got)
             last_recv = max(m["t_us"] for m in got)
             throughput = round(len(got) / max((last_recv - first_sent) / 1e6, 1e-9), 1)
+            # Where the time went: until the first message arrived, and the
+            # rate over the second half of the burst (steady state).
+            arrivals = sorted(m["t_us"] for m in got)
+            half = arrivals[len(arrivals) // 2:]
+            burst_shape = {"first_ms": round((arrivals[0] - first_sent) / 1000, 1),
+                           "second_half_msg_per_s": round(len(half) / max((half[-1] - half[0]) / 1e6, 1e-9), 1)
+                           if len(half) > 1 else None}
         await sender.call(cmd="send_many", to=receiver.did, count=paced, payload_bytes=256, interval_ms=20, timeout=300)
         got_paced = (await receiver.call(cmd="recv", count=paced, timeout_ms=60000, timeout=300))["messages"]
-        lat = sorted((m["t_us"] - m["payload"]["t_us"]) / 1000.0 for m in got_paced)
-        pct = lambda p: round(lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))], 3) if lat else None
-        return {"relay": relay.name, "sender": pair[0], "receiver": pair[1], "durable": durable, "messages": len(got), "of": count,
-                "messages_per_s": throughput, "latency_ms_p50": pct(50), "latency_ms_p99": pct(99),
-                "paced": len(got_paced), "burst_cores": cores,
-                "burst_cpu_us_per_msg": us_per_msg}
+        # One-way latency: from the payload's creation, before the send
+        # call, to the plaintext's hand-over to the application. Every
+        # peer stamps `t_us` there. A peer that also reports `t_frame_us`
+        # (the AGT agent: the frame leaving the socket, before parsing and
+        # decryption) gets that latency reported beside it.
+        def percentiles(key: str) -> dict:
+            lat = sorted((m[key] - m["payload"]["t_us"]) / 1000.0 for m in got_paced if key in m)
+            pct = lambda p: round(lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))], 3) if lat else None
+            return {"p50": pct(50), "p99": pct(99)}
+        handed, frame = percentiles("t_us"), percentiles("t_frame_us")
+        result = {"relay": relay.name, "sender": pair[0], "receiver": pair[1], "durable": durable, "messages": len(got), "of": count,
+                  "messages_per_s": throughput, "latency_ms_p50": handed["p50"], "latency_ms_p99": handed["p99"],
+                  "paced": len(got_paced), "burst_cores": cores,
+                  "burst_cpu_us_per_msg": us_per_msg, "burst_shape": burst_shape}
+        if frame["p99"] is not None:
+            result["frame_arrival_latency_ms_p50"] = frame["p50"]
+            result["frame_arrival_latency_ms_p99"] = frame["p99"]
+        return result
     except Exception as e:  # noqa: BLE001
         return {"relay": relay.name, "sender": pair[0], "receiver": pair[1], "error": str(e)}
     finally:
         await sender.stop()
         await receiver.stop()
+
+
+def median(values: list) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 3)
+
+
+def print_ratios(figures: list[dict]) -> None:
+    """meshwire rust -> rust against the reference agents (agt-python ->
+    agt-python on the AGT relay), each round against that round's
+    reference; with several rounds, also the medians."""
+    rounds = sorted({f.get("round", 1) for f in figures})
+    rows: dict[tuple, list] = {}  # (relay, kind) -> [(ratio, p99, base p99)]
+    for r in rounds:
+        base = next((f for f in figures if f.get("round", 1) == r and f["relay"] == "agt"
+                     and f["sender"] == f["receiver"] == "agt-python" and f.get("messages_per_s")), None)
+        if not base:
+            continue
+        print(f"\nround {r}: against agt-python -> agt-python on the AGT relay ({base['messages_per_s']} msg/s,"
+              f" p99 {base['latency_ms_p99']} ms):")
+        if base.get("frame_arrival_latency_ms_p99") is not None:
+            print(f"  (its latency to the frame's arrival, before decryption: p50 {base['frame_arrival_latency_ms_p50']} ms,"
+                  f" p99 {base['frame_arrival_latency_ms_p99']} ms)")
+        for f in figures:
+            if f.get("round", 1) == r and f["sender"] == f["receiver"] == "rust" and f.get("messages_per_s"):
+                kind = "durable" if f.get("durable", True) else "memory"
+                ratio = f["messages_per_s"] / base["messages_per_s"]
+                rows.setdefault((f["relay"], kind), []).append((ratio, f["latency_ms_p99"], base["latency_ms_p99"]))
+                print(f"  rust -> rust on {f['relay']:10} {kind:8} {ratio:.2f}x msg/s,"
+                      f" p99 {f['latency_ms_p99']} ms ({'at or below' if f['latency_ms_p99'] <= base['latency_ms_p99'] else 'above'})")
+    if len(rounds) > 1 and rows:
+        print(f"\nmedians over {len(rounds)} rounds (each ratio against its own round's reference):")
+        base_p99 = median([f["latency_ms_p99"] for f in figures if f["relay"] == "agt"
+                           and f["sender"] == f["receiver"] == "agt-python" and f.get("messages_per_s")])
+        for (relay, kind), values in rows.items():
+            p99 = median([v[1] for v in values])
+            met = sum(1 for v in values if v[1] <= v[2])
+            print(f"  rust -> rust on {relay:10} {kind:8} {median([v[0] for v in values]):.2f}x msg/s"
+                  f" (rounds: {', '.join(f'{v[0]:.2f}' for v in values)}); p99 {p99} ms against {base_p99} ms,"
+                  f" at or below in {met} of {len(values)} rounds")
 
 
 def find_python(venv: Path) -> str:
@@ -391,6 +453,12 @@ async def main() -> int:
     ap.add_argument("--figure-paced", type=int, default=1000,
                     help="paced messages per pair for the latency figures (50 msg/s; p99 of 1,000 is the 10th worst, "
                          "steadier than of 200)")
+    ap.add_argument("--figure-rounds", type=int, default=1,
+                    help="with --figures: measure every pair this many times, in alternating order (odd rounds "
+                         "reversed), and report the median of each figure and of each round's ratios")
+    ap.add_argument("--figure-pairs", default="",
+                    help="with --figures: only these sender:receiver pairs, comma-separated "
+                         "(e.g. rust:rust,agt-python:agt-python); default every pair of --peers")
     ap.add_argument("--figure-memory", action="store_true",
                     help="with --figures: also measure the meshwire pairs with state in memory (the cost of durability)")
     args = ap.parse_args()
@@ -473,6 +541,8 @@ async def main() -> int:
                         await run_cell(cell, kinds, relay, seq)
                     cells.append(cell)
         if args.figures:
+            only_pairs = {tuple(p.split(":", 1)) for p in args.figure_pairs.split(",") if ":" in p}
+            plan = []  # (relay, sender, receiver, durable)
             for relay in relays:
                 for sender in wanted:
                     for receiver in wanted:
@@ -481,12 +551,22 @@ async def main() -> int:
                             continue
                         if not set(kinds[sender].dialects) & set(kinds[receiver].dialects):
                             continue
-                        log(f"figures: {sender} -> {receiver} on {relay.name}")
-                        figures.append(await run_figures(kinds, relay, (sender, receiver), args.figure_messages, args.figure_paced))
+                        if only_pairs and (sender, receiver) not in only_pairs:
+                            continue
+                        plan.append((relay, sender, receiver, True))
                         if args.figure_memory and "rust" in (sender, receiver):
-                            log(f"figures: {sender} -> {receiver} on {relay.name}, state in memory")
-                            figures.append(await run_figures(kinds, relay, (sender, receiver), args.figure_messages,
-                                                             args.figure_paced, durable=False))
+                            plan.append((relay, sender, receiver, False))
+            for round_ in range(max(1, args.figure_rounds)):
+                # Alternating order: a pair measured first in one round is
+                # measured last in the next, so neither drift of the machine
+                # nor a relay's warm-up favours one pair.
+                for relay, sender, receiver, durable in (plan if round_ % 2 == 0 else plan[::-1]):
+                    log(f"figures: round {round_ + 1}: {sender} -> {receiver} on {relay.name}"
+                        f"{'' if durable else ', state in memory'}")
+                    f = await run_figures(kinds, relay, (sender, receiver), args.figure_messages, args.figure_paced,
+                                          durable=durable)
+                    f["round"] = round_ + 1
+                    figures.append(f)
     finally:
         for s in services:
             s.stop()
@@ -518,27 +598,20 @@ async def main() -> int:
             print(f"  - {n}")
     if figures:
         print("\nfigures (256-byte payloads; throughput back to back, latency paced at 50 msg/s):")
-        print(f"{'relay':18}{'pair':36}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+        print(f"{'relay':18}{'pair':46}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
               "   CPU us/msg in the burst: relay / sender / receiver")
         for f in figures:
             pair = f['sender'] + ' -> ' + f['receiver'] + ('' if f.get('durable', True) else ' (memory)')
+            if f.get("round", 1) > 1 or any(g.get("round", 1) > 1 for g in figures):
+                pair += f" [round {f.get('round', 1)}]"
             if "error" in f:
-                print(f"{f['relay']:18}{pair:36}  error: {f['error']}")
+                print(f"{f['relay']:18}{pair:46}  error: {f['error']}")
             else:
                 cpu = f.get("burst_cpu_us_per_msg", {})
-                print(f"{f['relay']:18}{pair:36}{str(f['messages_per_s']):>10}"
+                print(f"{f['relay']:18}{pair:46}{str(f['messages_per_s']):>10}"
                       f"{str(f['latency_ms_p50']):>10}{str(f['latency_ms_p99']):>10}"
                       f"   {cpu.get('relay', '-')} / {cpu.get('sender', '-')} / {cpu.get('receiver', '-')}")
-        # Ratios against the reference agents on the reference relay, this run.
-        base = next((f for f in figures if f["relay"] == "agt" and f["sender"] == f["receiver"] == "agt-python"
-                     and f.get("messages_per_s")), None)
-        if base:
-            print(f"\nagainst agt-python -> agt-python on the AGT relay ({base['messages_per_s']} msg/s, p99 {base['latency_ms_p99']} ms):")
-            for f in figures:
-                if f["sender"] == f["receiver"] == "rust" and f.get("messages_per_s"):
-                    kind = "durable" if f.get("durable", True) else "memory"
-                    print(f"  rust -> rust on {f['relay']:10} {kind:8} {f['messages_per_s'] / base['messages_per_s']:.2f}x msg/s,"
-                          f" p99 {f['latency_ms_p99']} ms ({'at or below' if f['latency_ms_p99'] <= base['latency_ms_p99'] else 'above'})")
+        print_ratios(figures)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"columns": columns, "cells": [c.__dict__ for c in cells], "figures": figures}, indent=2))

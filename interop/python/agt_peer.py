@@ -61,6 +61,9 @@ from websockets.exceptions import ConnectionClosed
 
 RUNTIME = "agentmesh-python 5.0.0 (meshwire interop peer)"
 FRAME_VERSION = 1
+# Back-to-back sends yield to the writer after this many messages (set by
+# AGT_PEER_SEND_YIELD_EVERY; the figures use the fastest, see interop/README.md).
+SEND_YIELD_EVERY = max(1, int(os.environ.get("AGT_PEER_SEND_YIELD_EVERY", "16")))
 ONE_TIME_KEYS = 20
 HEARTBEAT_S = 25.0
 RECONNECT_BASE_S = 1.0
@@ -476,6 +479,11 @@ class Peer:
             payload = {"seq": i, "t_us": time.time_ns() // 1000, "pad": ""}
             payload["pad"] = "x" * max(0, size - len(js_json(payload).encode("utf-8")))
             await self.send_payload(to, payload)
+            if not interval_ms and (i + 1) % SEND_YIELD_EVERY == 0:
+                # Back to back: let the writer put these on the wire while
+                # the next ones are encrypted (without it, every message
+                # was encrypted before the first one left).
+                await asyncio.sleep(0)
         return {"sent": count}
 
     async def send_payload(self, to: str, payload: Any) -> str:
@@ -876,7 +884,11 @@ class Peer:
         self.seen[key] = None
         while len(self.seen) > SEEN_IDS_KEPT:
             self.seen.popitem(last=False)
-        self.inbox.append({"from": peer, "id": msg_id, "payload": payload, "t_us": t_us})
+        # `t_us`: when the plaintext reaches the application, as every other
+        # interop peer stamps it (after decryption); `t_frame_us`: when the
+        # frame came off the socket, before parsing and decryption.
+        self.inbox.append({"from": peer, "id": msg_id, "payload": payload,
+                           "t_us": time.time_ns() // 1000, "t_frame_us": t_us})
         self.inbox_changed.set()
         self._ack(msg_id)
         if replay:

@@ -153,6 +153,9 @@ impl Peer {
                         let batch: Vec<Value> = (seq..end).map(|s| padded(s, size)).collect();
                         client.send_batch(&to, &batch).await.map_err(|e| e.to_string())?;
                         seq = end;
+                        // Let the connection task write this batch while
+                        // the next one is encrypted and committed.
+                        tokio::task::yield_now().await;
                     }
                     return Ok(json!({"sent": count}));
                 }
