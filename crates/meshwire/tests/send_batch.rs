@@ -35,6 +35,8 @@ struct Counting {
     outbox_adds: std::sync::Mutex<Vec<usize>>,
     /// The ids of the sends, in the order of their commits.
     outbox_ids: std::sync::Mutex<Vec<String>>,
+    /// When each commit ended (`true`) and each idle call began (`false`).
+    timeline: std::sync::Mutex<Vec<(std::time::Instant, bool)>>,
 }
 
 impl Counting {
@@ -43,6 +45,7 @@ impl Counting {
             inner: MemoryPersistence::new(),
             outbox_adds: Default::default(),
             outbox_ids: Default::default(),
+            timeline: Default::default(),
         }
     }
 }
@@ -57,7 +60,13 @@ impl Persistence for Counting {
             let mut ids = self.outbox_ids.lock().unwrap();
             ids.extend(commit.outbox_add.iter().map(|e| e.id.clone()));
         }
-        self.inner.commit(commit)
+        let done = self.inner.commit(commit);
+        self.timeline.lock().unwrap().push((std::time::Instant::now(), true));
+        done
+    }
+    fn idle(&self) -> Result<(), meshwire::persist::PersistError> {
+        self.timeline.lock().unwrap().push((std::time::Instant::now(), false));
+        Ok(())
     }
     fn reset_mesh(&self) -> Result<(), meshwire::persist::PersistError> {
         self.inner.reset_mesh()
@@ -264,6 +273,59 @@ async fn concurrent_sends_leave_in_the_order_they_were_committed() {
     assert_eq!(sorted, (0..TASKS * EACH).collect::<Vec<_>>(), "each message once");
     let first = committed.iter().zip(&got).position(|(c, g)| c != g);
     assert_eq!(first, None, "arrival order differs from commit order at {first:?}");
+    alice.close().await;
+    bob.close().await;
+}
+
+/// The store's idle work (the SQLite store's WAL checkpoint) runs only
+/// once the client has committed nothing for `STORE_QUIET`, so never in
+/// the middle of a burst, and only after new commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_idle_work_waits_for_quiet_after_commits() {
+    let server = meshwire_server::start(Default::default()).await.unwrap();
+    let counting = Arc::new(Counting::new());
+    let alice_store: Arc<dyn Persistence> = counting.clone();
+    let bob_store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
+    let alice = agent(
+        &Identity::generate(&mut OsRng),
+        config(&server, "alice", 1000),
+        &alice_store,
+    )
+    .await;
+    let bob = agent(
+        &Identity::generate(&mut OsRng),
+        config(&server, "bob", 1000),
+        &bob_store,
+    )
+    .await;
+    alice.send_batch(bob.did(), &rows(0..300)).await.unwrap();
+    assert_eq!(receive(&bob, 300).await.0, (0..300).collect::<Vec<_>>());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !counting.timeline.lock().unwrap().iter().any(|(_, commit)| !commit) {
+        assert!(tokio::time::Instant::now() < deadline, "no idle call after the burst");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let timeline = counting.timeline.lock().unwrap().clone();
+    let mut last_commit = None;
+    let mut commits_since_idle = 0;
+    let mut idles = 0;
+    for (at, commit) in timeline {
+        if commit {
+            last_commit = Some(at);
+            commits_since_idle += 1;
+            continue;
+        }
+        idles += 1;
+        let quiet = at.duration_since(last_commit.expect("a commit before any idle call"));
+        assert!(
+            quiet >= meshwire::client::STORE_QUIET,
+            "idle work {quiet:?} after a commit"
+        );
+        assert!(commits_since_idle > 0, "idle work again without a commit in between");
+        commits_since_idle = 0;
+    }
+    assert!(idles >= 1);
     alice.close().await;
     bob.close().await;
 }

@@ -323,6 +323,7 @@ impl MeshClient {
             consumed_since_upload: AtomicU64::new(0),
             replenishing: AtomicBool::new(false),
             published: Mutex::new(0),
+            store_idle: Default::default(),
         });
         if !restored {
             commit_new_state(&inner)?;

@@ -658,6 +658,7 @@ async fn drive_loop(inner: &Arc<Inner>, socket: &mut Socket, awaiting: &mut Awai
                     events.extend(mesh.flush_receipts_settled(&mut rand::thread_rng(), t));
                     events
                 });
+                inner.store_idle_work();
             }
             _ = retransmit.tick() => {
                 let older_than_ms = inner.config.retransmit_after.as_millis() as u64;

@@ -199,6 +199,7 @@ impl Inner {
         match self.persistence.commit(commit) {
             Ok(()) => {
                 self.stats.store_commits.fetch_add(1, Ordering::Relaxed);
+                self.store_idle.committed();
                 Ok(())
             }
             Err(e) => {

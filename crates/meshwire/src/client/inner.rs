@@ -111,6 +111,8 @@ pub(crate) struct Inner {
     pub(crate) consumed_since_upload: AtomicU64,
     pub(crate) replenishing: AtomicBool,
     pub(crate) published: Mutex<usize>,
+    /// When the store's idle work (a WAL checkpoint) may run.
+    pub(crate) store_idle: super::store_idle::StoreIdle,
 }
 
 impl Inner {

@@ -63,6 +63,7 @@ mod durable;
 mod inner;
 mod prekeys;
 mod registry_upkeep;
+mod store_idle;
 mod types;
 mod util;
 
@@ -73,6 +74,7 @@ pub use config::{
 };
 pub use connection::{JOIN_CONFIRM_MAX, JOIN_SETTLE};
 pub use registry_upkeep::{REGISTRY_HEARTBEAT_INTERVAL, REGISTRY_RETRY_BASE};
+pub use store_idle::STORE_QUIET;
 pub use types::{knock_policy, ClientError, ClientEvent, FrameCounters, KnockInfo, KnockPolicy, Message, Payload};
 pub use util::{deadline_after, escape_log, saturating_period};
 
