@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -391,11 +392,8 @@ async def run_figures(kinds, relay: Relay, pair: tuple[str, str], count: int, pa
 
 
 def median(values: list) -> float | None:
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 3)
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
 
 
 def print_ratios(figures: list[dict]) -> None:
@@ -600,9 +598,10 @@ async def main() -> int:
         print("\nfigures (256-byte payloads; throughput back to back, latency paced at 50 msg/s):")
         print(f"{'relay':18}{'pair':46}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
               "   CPU us/msg in the burst: relay / sender / receiver")
+        several_rounds = any(f.get("round", 1) > 1 for f in figures)
         for f in figures:
             pair = f['sender'] + ' -> ' + f['receiver'] + ('' if f.get('durable', True) else ' (memory)')
-            if f.get("round", 1) > 1 or any(g.get("round", 1) > 1 for g in figures):
+            if several_rounds:
                 pair += f" [round {f.get('round', 1)}]"
             if "error" in f:
                 print(f"{f['relay']:18}{pair:46}  error: {f['error']}")

@@ -63,7 +63,10 @@ RUNTIME = "agentmesh-python 5.0.0 (meshwire interop peer)"
 FRAME_VERSION = 1
 # Back-to-back sends yield to the writer after this many messages (set by
 # AGT_PEER_SEND_YIELD_EVERY; the figures use the fastest, see interop/README.md).
-SEND_YIELD_EVERY = max(1, int(os.environ.get("AGT_PEER_SEND_YIELD_EVERY", "16")))
+_SEND_YIELD_RAW = os.environ.get("AGT_PEER_SEND_YIELD_EVERY", "16")
+if not _SEND_YIELD_RAW.isdigit() or int(_SEND_YIELD_RAW) < 1:
+    sys.exit(f"AGT_PEER_SEND_YIELD_EVERY must be a positive integer, not {_SEND_YIELD_RAW[:40]!r}")
+SEND_YIELD_EVERY = int(_SEND_YIELD_RAW)
 ONE_TIME_KEYS = 20
 HEARTBEAT_S = 25.0
 RECONNECT_BASE_S = 1.0

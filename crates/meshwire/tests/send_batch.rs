@@ -76,6 +76,31 @@ impl Persistence for Counting {
     }
 }
 
+/// Alice on a [`Counting`] store and Bob on a memory store, each with at
+/// most `alice_window` / `bob_window` messages awaiting receipts.
+async fn counted_pair(
+    server: &RunningServer,
+    alice_window: usize,
+    bob_window: usize,
+) -> (Arc<Counting>, MeshClient, MeshClient) {
+    let counting = Arc::new(Counting::new());
+    let alice_store: Arc<dyn Persistence> = counting.clone();
+    let bob_store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
+    let alice = agent(
+        &Identity::generate(&mut OsRng),
+        config(server, "alice", alice_window),
+        &alice_store,
+    )
+    .await;
+    let bob = agent(
+        &Identity::generate(&mut OsRng),
+        config(server, "bob", bob_window),
+        &bob_store,
+    )
+    .await;
+    (counting, alice, bob)
+}
+
 fn rows(range: std::ops::Range<usize>) -> Vec<serde_json::Value> {
     range.map(|i| json!({"n": i})).collect()
 }
@@ -101,22 +126,8 @@ async fn receive(client: &MeshClient, count: usize) -> (Vec<usize>, Vec<String>)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_one_commit_in_order_and_waits_for_receipts_past_the_window() {
     let server = meshwire_server::start(Default::default()).await.unwrap();
-    let counting = Arc::new(Counting::new());
-    let alice_store: Arc<dyn Persistence> = counting.clone();
-    let bob_store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
     // Alice may have at most 40 messages awaiting Bob's receipts.
-    let alice = agent(
-        &Identity::generate(&mut OsRng),
-        config(&server, "alice", 40),
-        &alice_store,
-    )
-    .await;
-    let bob = agent(
-        &Identity::generate(&mut OsRng),
-        config(&server, "bob", 1000),
-        &bob_store,
-    )
-    .await;
+    let (counting, alice, bob) = counted_pair(&server, 40, 1000).await;
     alice.send(bob.did(), &json!({"n": 0})).await.unwrap();
     assert_eq!(receive(&bob, 1).await.0, vec![0]);
 
@@ -225,22 +236,8 @@ async fn concurrent_sends_leave_in_the_order_they_were_committed() {
     const TASKS: usize = 4;
     const EACH: usize = 300;
     let server = meshwire_server::start(Default::default()).await.unwrap();
-    let counting = Arc::new(Counting::new());
-    let alice_store: Arc<dyn Persistence> = counting.clone();
-    let bob_store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
     let window = TASKS * EACH + 1;
-    let alice = agent(
-        &Identity::generate(&mut OsRng),
-        config(&server, "alice", window),
-        &alice_store,
-    )
-    .await;
-    let bob = agent(
-        &Identity::generate(&mut OsRng),
-        config(&server, "bob", window),
-        &bob_store,
-    )
-    .await;
+    let (counting, alice, bob) = counted_pair(&server, window, window).await;
     alice.send(bob.did(), &json!({"n": 0})).await.unwrap();
     assert_eq!(receive(&bob, 1).await.0, vec![0]);
     counting.outbox_ids.lock().unwrap().clear();
@@ -283,21 +280,7 @@ async fn concurrent_sends_leave_in_the_order_they_were_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_idle_work_waits_for_quiet_after_commits() {
     let server = meshwire_server::start(Default::default()).await.unwrap();
-    let counting = Arc::new(Counting::new());
-    let alice_store: Arc<dyn Persistence> = counting.clone();
-    let bob_store: Arc<dyn Persistence> = Arc::new(MemoryPersistence::new());
-    let alice = agent(
-        &Identity::generate(&mut OsRng),
-        config(&server, "alice", 1000),
-        &alice_store,
-    )
-    .await;
-    let bob = agent(
-        &Identity::generate(&mut OsRng),
-        config(&server, "bob", 1000),
-        &bob_store,
-    )
-    .await;
+    let (counting, alice, bob) = counted_pair(&server, 1000, 1000).await;
     alice.send_batch(bob.did(), &rows(0..300)).await.unwrap();
     assert_eq!(receive(&bob, 300).await.0, (0..300).collect::<Vec<_>>());
     let deadline = tokio::time::Instant::now() + WAIT;

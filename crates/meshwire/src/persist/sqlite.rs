@@ -1191,22 +1191,32 @@ mod tests {
     use rusqlite::{Connection, StatementStatus};
     use zeroize::Zeroizing;
 
+    /// An empty directory for one test's store: (directory, database, WAL).
+    fn store_dir(name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("meshwire-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (dir.clone(), dir.join("agent.db"), dir.join("agent.db-wal"))
+    }
+
+    /// Commits the peer rows numbered `range` in one commit, 3,000 bytes
+    /// each (a page each).
+    fn put_peers(store: &SqliteStore, range: std::ops::Range<usize>) {
+        let mut c = Commit::new();
+        for i in range {
+            c.put_peer(format!("did:mesh:{i:032}"), Some(Zeroizing::new("x".repeat(3_000))));
+        }
+        store.commit(&c).expect("commit");
+    }
+
     /// After a checkpoint the WAL is cut back to nothing and the next
     /// commit appends from its start: no frame ever rewrites part of an
     /// older, possibly evicted, file page (see `WAL_SIZE_LIMIT`). Without
     /// the limit the file keeps its size and is rewritten from the start.
     #[test]
     fn the_wal_starts_over_empty_after_a_checkpoint() {
-        let dir = std::env::temp_dir().join(format!("meshwire-wal-limit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("agent.db");
-        let wal = dir.join("agent.db-wal");
+        let (dir, path, wal) = store_dir("wal-limit");
         let store = SqliteStore::open(&path).expect("open");
-        let mut c = Commit::new();
-        for i in 0..50 {
-            c.put_peer(format!("did:mesh:{i:032}"), Some(Zeroizing::new("x".repeat(3_000))));
-        }
-        store.commit(&c).expect("commit");
+        put_peers(&store, 0..50);
         let grown = std::fs::metadata(&wal).expect("wal").len();
         assert!(grown > 50 * 4_096, "50 pages of rows: {grown} bytes of WAL");
         let (busy, _, _): (i64, i64, i64) = store
@@ -1231,10 +1241,7 @@ mod tests {
     /// threshold, leaves a smaller one alone, and loses nothing.
     #[test]
     fn idle_checkpoints_a_large_wal_out_of_the_commit_path() {
-        let dir = std::env::temp_dir().join(format!("meshwire-wal-idle-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("agent.db");
-        let wal = dir.join("agent.db-wal");
+        let (dir, path, wal) = store_dir("wal-idle");
         let mut store = SqliteStore::open(&path).expect("open");
         let limit: i64 = store
             .lock()
@@ -1243,14 +1250,7 @@ mod tests {
             .expect("pragma");
         assert_eq!(limit, i64::from(WAL_CHECKPOINT_IN_COMMIT_PAGES));
         store.idle_checkpoint_pages = 40;
-        let put = |store: &SqliteStore, from: usize, to: usize| {
-            let mut c = Commit::new();
-            for i in from..to {
-                c.put_peer(format!("did:mesh:{i:032}"), Some(Zeroizing::new("x".repeat(3_000))));
-            }
-            store.commit(&c).expect("commit");
-        };
-        put(&store, 0, 10);
+        put_peers(&store, 0..10);
         let small = std::fs::metadata(&wal).expect("wal").len();
         assert!(small > 0 && small < 40 * WAL_FRAME_BYTES, "{small}");
         store.idle().expect("idle");
@@ -1260,7 +1260,7 @@ mod tests {
             "a small WAL is left alone"
         );
         assert_eq!(store.stats().idle_checkpoints, 0);
-        put(&store, 10, 60);
+        put_peers(&store, 10..60);
         assert!(std::fs::metadata(&wal).expect("wal").len() >= 40 * WAL_FRAME_BYTES);
         store.idle().expect("idle");
         assert_eq!(
@@ -1269,7 +1269,7 @@ mod tests {
             "checkpointed and cut back"
         );
         assert_eq!(store.stats().idle_checkpoints, 1);
-        put(&store, 60, 61);
+        put_peers(&store, 60..61);
         store.close();
         assert!(store.idle().is_err(), "a closed store refuses");
         drop(store);
